@@ -1,0 +1,202 @@
+"""Configuration of SimLAP models (SimLAP pretraining, classification and SimLAP-Fuse)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from transformers import PretrainedConfig
+
+GATE_KINDS = ("fused", "product", "open")
+PAIR_MODES = ("arbitrary", "identical", "distinct")
+
+
+def _check_choice(field: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"SimLAPConfig.{field}={value!r} is not valid; choose one of {', '.join(valid)}.")
+
+
+def _check_positive(field: str, value: float, strict: bool = True) -> None:
+    if value is None or (value <= 0 if strict else value < 0):
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"SimLAPConfig.{field}={value!r} is not valid; it must be {bound}.")
+
+
+def check_timm_model_name(name: str, field: str = "backbone") -> None:
+    """Raise a ValueError naming close matches when ``name`` is not a timm architecture."""
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models() for the valid names."
+    raise ValueError(f"SimLAPConfig.{field}={name!r} is not a timm model name.{hint}")
+
+
+class SimLAPConfig(PretrainedConfig):
+    r"""Configuration of :class:`SimLAPModel` and :class:`SimLAPForImageClassification`.
+
+    One object fully describes the model: the timm backbone, the projector, the label-conditioned feature filter
+    (gate), the online linear head, and the loss hyper-parameters.
+
+    Args:
+        backbone: timm architecture name (created with ``num_classes=0`` so that it returns pooled features).
+        backbone_kwargs: extra keyword arguments for ``timm.create_model`` (for example ``stem_type``,
+            ``output_stride``, ``in_chans``, ``drop_path_rate``).
+        num_classes: number of classes C (the same as ``num_labels``; ``id2label`` names them).
+        out_dim: projection size K.
+        mlp_dim: hidden size of the projector.
+        filter_embed_dim: size of the label embedding of the feature filter.
+        filter_hidden_dim: hidden size of the feature filter.
+        gate: ``"fused"`` (gate of the mean label embedding), ``"product"`` (product of the two single-class gates) or
+            ``"open"`` (no filter: supervised contrastive learning).
+        pair_mode: how the partner class y2 is drawn for each anchor: ``"arbitrary"`` (labels of a random permutation
+            of the batch), ``"identical"`` (y2 = y1) or ``"distinct"`` (a random different class).
+        temperature: softmax temperature of the gated cosine logits.
+        gate_penalty: weight of the mean Bernoulli entropy of the gates (pushes gates towards 0/1).
+        detach_head: train the online linear head on detached backbone features (a pure probe) when True.
+        image_size: input resolution the model was trained at (used by image processors and model cards).
+        num_channels: number of input channels (passed to timm as ``in_chans``).
+        classifier_dropout: dropout before the linear classifier of :class:`SimLAPForImageClassification`.
+    """
+
+    model_type = "simlap"
+
+    # Declared fields (transformers 5 treats configs as dataclasses; declaring ``temperature`` here also tells it that
+    # this is a loss temperature, not a text-generation parameter).
+    backbone: str = "resnet18"
+    backbone_kwargs: dict | None = None
+    out_dim: int = 256
+    mlp_dim: int = 2048
+    filter_embed_dim: int = 512
+    filter_hidden_dim: int = 1024
+    gate: str = "fused"
+    pair_mode: str = "arbitrary"
+    temperature: float = 0.1
+    gate_penalty: float = 0.0
+    detach_head: bool = True
+    image_size: int = 32
+    num_channels: int = 3
+    classifier_dropout: float = 0.0
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        out_dim: int = 256,
+        mlp_dim: int = 2048,
+        filter_embed_dim: int = 512,
+        filter_hidden_dim: int = 1024,
+        gate: str = "fused",
+        pair_mode: str = "arbitrary",
+        temperature: float = 0.1,
+        gate_penalty: float = 0.0,
+        detach_head: bool = True,
+        image_size: int = 32,
+        num_channels: int = 3,
+        classifier_dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if num_classes is not None and "id2label" not in kwargs and "num_labels" not in kwargs:
+            kwargs["num_labels"] = num_classes
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.out_dim = out_dim
+        self.mlp_dim = mlp_dim
+        self.filter_embed_dim = filter_embed_dim
+        self.filter_hidden_dim = filter_hidden_dim
+        self.gate = gate
+        self.pair_mode = pair_mode
+        self.temperature = temperature
+        self.gate_penalty = gate_penalty
+        self.detach_head = detach_head
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.classifier_dropout = classifier_dropout
+        self.validate()
+        if num_classes is not None and self.num_labels != num_classes:
+            raise ValueError(
+                f"SimLAPConfig.num_classes={num_classes} disagrees with the {self.num_labels} names in id2label."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C (alias of ``num_labels``)."""
+        return self.num_labels
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model`` (``in_chans`` from ``num_channels`` unless given)."""
+        kwargs = dict(self.backbone_kwargs)
+        kwargs.setdefault("in_chans", self.num_channels)
+        return kwargs
+
+    def validate(self) -> None:
+        """Check every field; raise a ValueError naming the field and the valid values."""
+        _check_choice("gate", self.gate, GATE_KINDS)
+        _check_choice("pair_mode", self.pair_mode, PAIR_MODES)
+        _check_positive("temperature", self.temperature)
+        _check_positive("gate_penalty", self.gate_penalty, strict=False)
+        for field in ("out_dim", "mlp_dim", "filter_embed_dim", "filter_hidden_dim", "image_size", "num_channels"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SimLAPConfig.{field}={value!r} is not valid; it must be a positive integer.")
+        if self.num_labels is None or self.num_labels < 1:
+            raise ValueError(f"SimLAPConfig.num_classes={self.num_labels!r} is not valid; it must be >= 1.")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"SimLAPConfig.classifier_dropout={self.classifier_dropout!r} must be in [0, 1).")
+        check_timm_model_name(self.backbone)
+
+
+class SimLAPFuseConfig(SimLAPConfig):
+    r"""Configuration of :class:`SimLAPFuseForImageClassification` (SimLAP-Fuse, supervised training regularised by
+    the SimLAP term).
+
+    Args (on top of :class:`SimLAPConfig`; projector and feature filter fields are unused):
+        head_dim: width of the margin head's output, compared by cosine to the class weights. The SimLAP term gates
+            backbone features with the class-weight signs, so it needs ``head_dim`` equal to the backbone width D.
+        head_hidden_mult: the margin head's hidden width is ``head_hidden_mult * head_dim``.
+        arc_scale: scale s of the ArcGrad logits ``s * (pi - arccos(cos))``.
+        iter_num: number of pair draws averaged in the SimLAP term.
+        simlap_weight: weight of the SimLAP term in the loss.
+        label_smoothing: label smoothing of the ArcGrad cross-entropy.
+    """
+
+    model_type = "simlap_fuse"
+
+    head_dim: int = 512
+    head_hidden_mult: int = 4
+    arc_scale: float = 10.0
+    iter_num: int = 1
+    simlap_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __init__(
+        self,
+        head_dim: int = 512,
+        head_hidden_mult: int = 4,
+        arc_scale: float = 10.0,
+        iter_num: int = 1,
+        simlap_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.head_dim = head_dim
+        self.head_hidden_mult = head_hidden_mult
+        self.arc_scale = arc_scale
+        self.iter_num = iter_num
+        self.simlap_weight = simlap_weight
+        self.label_smoothing = label_smoothing
+        super().__init__(**kwargs)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive("arc_scale", self.arc_scale)
+        _check_positive("simlap_weight", self.simlap_weight, strict=False)
+        for field in ("head_dim", "head_hidden_mult", "iter_num"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SimLAPFuseConfig.{field}={value!r} is not valid; it must be a positive integer.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"SimLAPFuseConfig.label_smoothing={self.label_smoothing!r} must be in [0, 1).")

@@ -1,0 +1,303 @@
+"""The SimLAP loss as plain functions, usable without the models.
+
+Notation: B anchors (the local batch), N keys (the local batch, or the batch gathered from every process), K
+embedding dimensions, C classes. ``labels`` are the anchors' classes y1, ``pair_labels`` the partner classes y2.
+
+The gated cosine between anchor b and key n is computed in the B x N form
+
+    cos(g_b * z_b, g_b * z_n) = ((z * g^2) @ z^T)[b, n] / (||g_b * z_b|| * sqrt(((g^2) @ (z^2)^T)[b, n]))
+
+so no B x N x K tensor is ever built, and always in float32 (also under autocast).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+PAIR_MODES = ("arbitrary", "identical", "distinct")
+POSITIVE_RULES = ("partner", "pair")
+_NORM_EPS = 1e-8
+
+
+def sample_pair_labels(
+    labels: Tensor, pair_mode: str, num_classes: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Draw the partner class y2 of every anchor.
+
+    Args:
+        labels: (B,) int64 anchor classes y1.
+        pair_mode: ``"arbitrary"``: labels of a random permutation of the batch (every y2 occurs in the batch);
+            ``"identical"``: y2 = y1; ``"distinct"``: (y1 + randint(1, C)) mod C, a different class that may be
+            absent from the batch.
+        num_classes: C.
+        generator: optional torch generator (defaults to the global RNG of ``labels``' device).
+
+    Returns:
+        (B,) int64 partner classes.
+    """
+    if pair_mode == "identical":
+        return labels.clone()
+    if pair_mode == "arbitrary":
+        order = torch.randperm(labels.shape[0], device=labels.device, generator=generator)
+        return labels[order]
+    if pair_mode == "distinct":
+        if num_classes < 2:
+            raise ValueError(f"pair_mode='distinct' needs at least 2 classes, got num_classes={num_classes}.")
+        shift = torch.randint(1, num_classes, labels.shape, device=labels.device, generator=generator)
+        return (labels + shift) % num_classes
+    raise ValueError(f"pair_mode={pair_mode!r} is not valid; choose one of {', '.join(PAIR_MODES)}.")
+
+
+def gated_cosine(queries: Tensor, keys: Tensor, gates: Tensor) -> Tensor:
+    """Cosine similarity of gated anchors and keys, each anchor with its own gate, in float32.
+
+    Args:
+        queries: (B, K) anchor embeddings z_b.
+        keys: (N, K) key embeddings z_n.
+        gates: (B, K) gate of each anchor, values in [0, 1].
+
+    Returns:
+        (B, N) float32 ``cos(g_b * z_b, g_b * z_n)``; 0 where a gated vector is zero.
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        queries, keys, gates = queries.float(), keys.float(), gates.float()
+        gates_sq = gates * gates
+        dots = (queries * gates_sq) @ keys.T  # (B, N)
+        query_norm_sq = (gates_sq * queries * queries).sum(dim=1, keepdim=True)  # (B, 1)
+        key_norm_sq = gates_sq @ (keys * keys).T  # (B, N)
+        # Clamping inside the square root keeps the gradient finite when a gated vector is all zeros.
+        denominator = (query_norm_sq.clamp_min(_NORM_EPS**2) * key_norm_sq.clamp_min(_NORM_EPS**2)).sqrt()
+        return dots / denominator
+
+
+def contrastive_masks(
+    labels: Tensor, pair_labels: Tensor, key_labels: Tensor, positives: str = "partner"
+) -> tuple[Tensor, Tensor]:
+    """Positive and negative masks of the anchors against the keys.
+
+    Args:
+        labels: (B,) anchor classes y1; pair_labels: (B,) partner classes y2; key_labels: (N,) key classes.
+        positives: ``"partner"`` (SimLAP): positives are keys of class y2, negatives are keys of neither y1 nor y2,
+            so the anchor's own class is neither unless y2 == y1. ``"pair"`` (SimLAP-Fuse): positives are keys of
+            class y1 or y2, negatives the rest.
+
+    Returns:
+        (positive, negative): two (B, N) bool masks.
+    """
+    partner = key_labels[None, :] == pair_labels[:, None]
+    own = key_labels[None, :] == labels[:, None]
+    if positives == "partner":
+        return partner, ~(partner | own)
+    if positives == "pair":
+        positive = partner | own
+        return positive, ~positive
+    raise ValueError(f"positives={positives!r} is not valid; choose one of {', '.join(POSITIVE_RULES)}.")
+
+
+def multi_positive_infonce(logits: Tensor, positive: Tensor, negative: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum and count of the multi-positive InfoNCE terms.
+
+    For every positive (b, p): ``l_bp = log(exp(logit_bp) + sum_{n in neg(b)} exp(logit_bn)) - logit_bp``,
+    with a stable log-sum-exp. Anchors without positives contribute nothing; anchors without negatives give 0.
+
+    Args:
+        logits: (B, N) float32 logits. positive, negative: (B, N) bool masks.
+
+    Returns:
+        (sum of l_bp over all positive pairs, number of positive pairs), both float32 scalars.
+    """
+    # A finite fill (not -inf) keeps the log-sum-exp and its gradient finite for rows without negatives.
+    very_negative = torch.finfo(logits.dtype).min
+    negative_lse = torch.logsumexp(logits.masked_fill(~negative, very_negative), dim=1, keepdim=True)  # (B, 1)
+    pair_terms = torch.logaddexp(logits, negative_lse) - logits  # (B, N)
+    positive = positive.to(logits.dtype)
+    return (pair_terms * positive).sum(), positive.sum()
+
+
+@dataclass
+class ContrastiveTerms:
+    """What :func:`simlap_contrastive_terms` returns.
+
+    Attributes:
+        loss_sum: scalar, sum of the InfoNCE terms of all positive pairs of the local anchors.
+        num_positives: scalar float32, number of those pairs.
+        cosine: (B, N) float32 gated cosines (for statistics).
+        positive, negative: (B, N) bool masks.
+    """
+
+    loss_sum: Tensor
+    num_positives: Tensor
+    cosine: Tensor
+    positive: Tensor
+    negative: Tensor
+
+
+def simlap_contrastive_terms(
+    embeddings: Tensor,
+    labels: Tensor,
+    pair_labels: Tensor,
+    gates: Tensor,
+    temperature: float = 0.1,
+    keys: Tensor | None = None,
+    key_labels: Tensor | None = None,
+    positives: str = "partner",
+) -> ContrastiveTerms:
+    """Unreduced SimLAP contrastive loss: the pieces needed for a global mean across processes.
+
+    Args:
+        embeddings: (B, K) anchor embeddings. labels, pair_labels: (B,) int64. gates: (B, K) in [0, 1].
+        temperature: logits are ``cos / temperature``.
+        keys: (N, K) key embeddings; defaults to ``embeddings``. key_labels: (N,); defaults to ``labels``.
+        positives: see :func:`contrastive_masks`.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} is not valid; it must be > 0.")
+    if keys is None:
+        keys, key_labels = embeddings, labels
+    elif key_labels is None:
+        raise ValueError("key_labels must be given together with keys.")
+    cosine = gated_cosine(embeddings, keys, gates)
+    positive, negative = contrastive_masks(labels, pair_labels, key_labels, positives)
+    loss_sum, num_positives = multi_positive_infonce(cosine / temperature, positive, negative)
+    return ContrastiveTerms(loss_sum, num_positives, cosine, positive, negative)
+
+
+def simlap_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    pair_labels: Tensor,
+    gates: Tensor,
+    temperature: float = 0.1,
+    keys: Tensor | None = None,
+    key_labels: Tensor | None = None,
+    positives: str = "partner",
+) -> Tensor:
+    """SimLAP multi-positive InfoNCE: the mean over all positive pairs of the batch (0 when there are none).
+
+    Shapes as in :func:`simlap_contrastive_terms`. Returns a float32 scalar.
+    """
+    terms = simlap_contrastive_terms(embeddings, labels, pair_labels, gates, temperature, keys, key_labels, positives)
+    return terms.loss_sum / terms.num_positives.clamp_min(1.0)
+
+
+def gate_entropy(gates: Tensor, eps: float = 1e-6) -> Tensor:
+    """Mean Bernoulli entropy (nats) of gate values: (B, K) -> scalar. 0 for hard gates, log 2 for g = 0.5."""
+    g = gates.float().clamp(eps, 1.0 - eps)
+    return -(g * g.log() + (1.0 - g) * (1.0 - g).log()).mean()
+
+
+@torch.no_grad()
+def pair_statistics(
+    terms: ContrastiveTerms, labels: Tensor, key_labels: Tensor, embeddings: Tensor, anchor_offset: int = 0
+) -> dict[str, Tensor]:
+    """Monitoring statistics of one batch (no gradient).
+
+    Args:
+        terms: output of :func:`simlap_contrastive_terms` for these anchors and keys.
+        labels: (B,) anchor classes. key_labels: (N,) key classes. embeddings: (B, K) anchor embeddings.
+        anchor_offset: index of the first anchor among the keys (its rank's slice when keys are gathered).
+
+    Returns:
+        ``cos_own`` (same class as the anchor, the anchor itself excluded), ``cos_partner`` (positive pairs),
+        ``cos_negative`` (negative pairs) as mean gated cosines (NaN-free: 0 when a set is empty), and
+        ``embedding_std``: mean over dimensions of the std of the L2-normalised embeddings.
+    """
+    own = key_labels[None, :] == labels[:, None]
+    anchors = torch.arange(labels.shape[0], device=labels.device)
+    own[anchors, anchors + anchor_offset] = False
+
+    def masked_mean(mask: Tensor) -> Tensor:
+        return (terms.cosine * mask).sum() / mask.sum().clamp_min(1)
+
+    normalised = F.normalize(embeddings.detach().float(), dim=1)
+    std = normalised.std(dim=0).mean() if normalised.shape[0] > 1 else normalised.new_zeros(())
+    return {
+        "cos_own": masked_mean(own),
+        "cos_partner": masked_mean(terms.positive),
+        "cos_negative": masked_mean(terms.negative),
+        "embedding_std": std,
+    }
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sends each process the gradient of its own slice, summed over
+    every process's loss (so each process's keys receive the gradients of all processes' anchors)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # noqa: D102
+        world_size = dist.get_world_size()
+        local_size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.int64)
+        sizes = [torch.zeros_like(local_size) for _ in range(world_size)]
+        dist.all_gather(sizes, local_size)
+        sizes = [int(s.item()) for s in sizes]
+        largest = max(sizes)
+        padded = tensor.new_zeros((largest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.zeros_like(padded) for _ in range(world_size)]
+        dist.all_gather(gathered, padded.contiguous())
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank()
+        return torch.cat([part[:size] for part, size in zip(gathered, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:  # noqa: D102
+        grad = grad_output.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (n_p, ...) of every process along dim 0 (sizes may differ), keeping gradients.
+
+    A no-op outside distributed training. Gradients flowing into the result are summed over processes and each
+    process receives its own slice, which is what data-parallel averaging expects when every process's loss is
+    scaled as in :func:`distributed_mean`.
+    """
+    if not is_distributed():
+        return tensor
+    return _GatherWithGradient.apply(tensor)
+
+
+def gather_labels(labels: Tensor) -> Tensor:
+    """Concatenate (n_p,) label tensors of every process (no gradient); a no-op outside distributed training."""
+    if not is_distributed():
+        return labels
+    with torch.no_grad():
+        return _GatherWithGradient.apply(labels)
+
+
+def distributed_mean(loss_sum: Tensor, count: Tensor, gathered: bool = True) -> Tensor:
+    """Per-process loss whose average over processes is ``global sum / global count``.
+
+    With W processes and keys gathered from all of them, returns ``W * loss_sum / all_reduce(count)``: data-parallel
+    training averages gradients over processes, so the parameters receive exactly the gradient of the global mean
+    over all positive pairs. Otherwise (one process, or keys not gathered) the local mean ``loss_sum / count``.
+    """
+    if not (gathered and is_distributed()):
+        return loss_sum / count.clamp_min(1.0)
+    total = count.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return loss_sum * dist.get_world_size() / total.clamp_min(1.0)
+
+
+def arcgrad_logits(cosine: Tensor, scale: float, eps: float = 1e-6) -> Tensor:
+    """ArcGrad logits ``scale * (pi - arccos(cos))`` computed in float32 with a clamp safe for the gradient.
+
+    The clamp to ``1 - eps`` is applied in float32: in float16 the reference's ``1 - 1e-7`` rounds to 1 and the
+    gradient of arccos becomes infinite. (B, C) -> (B, C) float32.
+    """
+    with torch.autocast(device_type=cosine.device.type, enabled=False):
+        clamped = cosine.float().clamp(-1.0 + eps, 1.0 - eps)
+        return scale * (math.pi - torch.arccos(clamped))

@@ -1,0 +1,444 @@
+"""SimLAP models: pretraining model, image classifier and SimLAP-Fuse, as transformers ``PreTrainedModel``s
+around a timm backbone.
+
+Shapes: B images, D backbone features, K projected embedding dimensions, C classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models._manipulate import group_with_matcher
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+
+from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
+from .losses import (
+    arcgrad_logits,
+    distributed_mean,
+    gate_entropy,
+    gather_labels,
+    gather_with_grad,
+    is_distributed,
+    pair_statistics,
+    sample_pair_labels,
+    simlap_contrastive_terms,
+)
+
+try:  # transformers >= 5: initialisers that skip tensors already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # transformers 4
+    init = nn.init
+
+
+def create_backbone(config: SimLAPConfig) -> nn.Module:
+    """timm backbone returning pooled (B, D) features (``num_classes=0``), never downloading weights."""
+    try:
+        return timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.timm_kwargs())
+    except TypeError as error:
+        raise ValueError(
+            f"timm could not build backbone {config.backbone!r} with backbone_kwargs={config.timm_kwargs()}: {error}"
+        ) from error
+
+
+def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
+    """Raise a ValueError when class indices fall outside [0, num_classes)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}); "
+            f"got values from {int(labels.min())} to {int(labels.max())}."
+        )
+
+
+class SimLAPProjector(nn.Sequential):
+    """Linear(D, mlp) -> BatchNorm1d -> ReLU -> Linear(mlp, K, no bias) -> LayerNorm(K): (B, D) -> (B, K)."""
+
+    def __init__(self, in_dim: int, mlp_dim: int, out_dim: int) -> None:
+        super().__init__(
+            nn.Linear(in_dim, mlp_dim),
+            nn.BatchNorm1d(mlp_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(mlp_dim, out_dim, bias=False),
+            nn.LayerNorm(out_dim),
+        )
+
+
+class SimLAPFeatureFilter(nn.Module):
+    """Label-conditioned feature filter: the gate g(y1, y2) in (0, 1)^K of a pair of classes.
+
+    Label embedding ``Embedding(C, E)`` then ReLU -> BatchNorm1d(E) -> Linear(E, H) -> ReLU -> BatchNorm1d(H) ->
+    Linear(H, K) -> sigmoid. ``fused``: gate of the mean embedding of y1 and y2; ``product``: product of the two
+    single-class gates.
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, hidden_dim: int, out_dim: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.label_embedding = nn.Embedding(num_classes, embed_dim)
+        self.mlp = nn.Sequential(
+            nn.ReLU(),
+            nn.BatchNorm1d(embed_dim),
+            nn.Linear(embed_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(hidden_dim),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, labels: Tensor, pair_labels: Tensor) -> Tensor:
+        """(B,), (B,) int64 -> (B, K) gates."""
+        if self.kind == "fused":
+            mean_embedding = (self.label_embedding(labels) + self.label_embedding(pair_labels)) / 2
+            return torch.sigmoid(self.mlp(mean_embedding))
+        # One pass over both label sets so that BatchNorm sees a single batch of 2B embeddings.
+        both = self.mlp(self.label_embedding(torch.cat([labels, pair_labels])))
+        first, second = torch.sigmoid(both).chunk(2)
+        return first * second
+
+
+class SimLAPPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading conventions shared by the SimLAP models.
+
+    The timm backbone keeps timm's own initialisation: its tensors are marked as initialised before ``post_init``.
+    """
+
+    config_class = SimLAPConfig
+    base_model_prefix = "simlap"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+
+    def _mark_initialised(self, module: nn.Module) -> None:
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            tensor._is_hf_initialized = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, (nn.BatchNorm1d, nn.LayerNorm)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+
+    def _build_backbone(self, config: SimLAPConfig) -> nn.Module:
+        backbone = create_backbone(config)
+        self._mark_initialised(backbone)
+        return backbone
+
+    def _backbone_group_matcher(self, head_names: tuple[str, ...]) -> Callable[[str], tuple[float, ...]]:
+        """Layer groups of the backbone (timm's ``group_matcher``: stem, each block), then one group for the heads.
+
+        Returns a callable for timm's ``param_groups_layer_decay``; parameter names are this model's.
+        """
+        backbone_groups = group_with_matcher(
+            self.backbone.named_parameters(), self.backbone.group_matcher(coarse=False), reverse=True
+        )
+        head_group = max(backbone_groups.values()) + 1
+
+        def matcher(name: str) -> tuple[float, ...]:
+            if name.startswith("backbone."):
+                return (float(backbone_groups[name[len("backbone.") :]]),)
+            if name.split(".")[0] in head_names:
+                return (float(head_group),)
+            raise KeyError(f"parameter {name!r} belongs to no layer group")
+
+        return matcher
+
+
+@dataclass
+class SimLAPModelOutput(ModelOutput):
+    """Output of :class:`SimLAPModel`.
+
+    Attributes:
+        loss: total loss (contrastive + head cross-entropy + gate penalty), when ``labels`` are given.
+        contrastive_loss, head_loss, gate_penalty_loss: its parts.
+        logits: (B, C) online-head logits.
+        embeddings: (B, K) projected embeddings.
+        pooler_output: (B, D) pooled backbone features.
+        pair_labels: (B,) partner classes drawn for the batch.
+        gate_activation: mean over anchors of the sum of the K gate values.
+        gate_entropy: mean Bernoulli entropy of the gates.
+        cos_own, cos_partner, cos_negative: mean gated cosine of own-class, partner-class and negative pairs.
+        embedding_std: mean per-dimension std of the L2-normalised embeddings (collapse monitor).
+    """
+
+    loss: Tensor | None = None
+    contrastive_loss: Tensor | None = None
+    head_loss: Tensor | None = None
+    gate_penalty_loss: Tensor | None = None
+    logits: Tensor | None = None
+    embeddings: Tensor | None = None
+    pooler_output: Tensor | None = None
+    pair_labels: Tensor | None = None
+    gate_activation: Tensor | None = None
+    gate_entropy: Tensor | None = None
+    cos_own: Tensor | None = None
+    cos_partner: Tensor | None = None
+    cos_negative: Tensor | None = None
+    embedding_std: Tensor | None = None
+
+
+class SimLAPModel(SimLAPPreTrainedModel):
+    """SimLAP pretraining model: timm backbone, projector, label-conditioned feature filter and online linear head.
+
+    Example::
+
+        config = SimLAPConfig(backbone="resnet18", backbone_kwargs={"stem_type": "deep", "output_stride": 8},
+                              num_classes=10)
+        model = SimLAPModel(config)
+        out = model(pixel_values, labels=labels)  # out.loss, out.logits (B, C), out.embeddings (B, K)
+        gates = model.gate(y1, y2)                # (B, K) in [0, 1]
+    """
+
+    def __init__(self, config: SimLAPConfig) -> None:
+        super().__init__(config)
+        self.backbone = self._build_backbone(config)
+        feature_dim = self.backbone.num_features
+        self.projector = SimLAPProjector(feature_dim, config.mlp_dim, config.out_dim)
+        # The open gate has no filter at all: unused parameters would break data-parallel training.
+        self.feature_filter = (
+            None
+            if config.gate == "open"
+            else SimLAPFeatureFilter(
+                config.num_classes, config.filter_embed_dim, config.filter_hidden_dim, config.out_dim, config.gate
+            )
+        )
+        self.online_head = nn.Linear(feature_dim, config.num_classes)
+        self.post_init()
+
+    @property
+    def feature_dim(self) -> int:
+        """Backbone width D."""
+        return self.backbone.num_features
+
+    def gate(self, labels: Tensor, pair_labels: Tensor) -> Tensor:
+        """Gate vectors g(y1, y2) of pairs of classes: (B,), (B,) int64 -> (B, K) in [0, 1] (ones for ``open``)."""
+        check_labels(labels, self.config.num_classes)
+        check_labels(pair_labels, self.config.num_classes, "pair_labels")
+        if self.feature_filter is None:
+            return torch.ones(labels.shape[0], self.config.out_dim, device=labels.device)
+        return self.feature_filter(labels, pair_labels)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        labels: Tensor | None = None,
+        pair_labels: Tensor | None = None,
+        gather_keys: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SimLAPModelOutput | tuple:
+        """Encode (B, C_in, H, W) images; with ``labels`` (B,) also compute the SimLAP loss and its statistics.
+
+        Args:
+            pixel_values: (B, C_in, H, W) normalised images.
+            labels: (B,) int64 classes; enables the loss.
+            pair_labels: (B,) partner classes; drawn with ``config.pair_mode`` when omitted.
+            gather_keys: use the embeddings of every process as keys (default: when training distributed).
+        """
+        features = self.backbone(pixel_values)  # (B, D)
+        embeddings = self.projector(features)  # (B, K)
+        logits = self.online_head(features.detach() if self.config.detach_head else features)  # (B, C)
+        output = SimLAPModelOutput(logits=logits, embeddings=embeddings, pooler_output=features)
+        if labels is not None:
+            self._add_loss(output, labels, pair_labels, gather_keys)
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    def _add_loss(
+        self, output: SimLAPModelOutput, labels: Tensor, pair_labels: Tensor | None, gather_keys: bool | None
+    ) -> None:
+        config = self.config
+        check_labels(labels, config.num_classes)
+        if pair_labels is None:
+            pair_labels = sample_pair_labels(labels, config.pair_mode, config.num_classes)
+        gates = self.gate(labels, pair_labels)  # (B, K)
+        embeddings = output.embeddings
+        if gather_keys is None:
+            gather_keys = self.training and is_distributed()
+        keys, key_labels, offset = embeddings, labels, 0
+        if gather_keys:
+            keys, key_labels = gather_with_grad(embeddings), gather_labels(labels)
+            offset = torch.distributed.get_rank() * embeddings.shape[0]
+        terms = simlap_contrastive_terms(embeddings, labels, pair_labels, gates, config.temperature, keys, key_labels)
+        contrastive = distributed_mean(terms.loss_sum, terms.num_positives, gathered=gather_keys)
+        head_loss = F.cross_entropy(output.logits.float(), labels)
+        entropy = gate_entropy(gates)
+        penalty = config.gate_penalty * entropy
+        output.loss = contrastive + head_loss + penalty
+        output.contrastive_loss = contrastive
+        output.head_loss = head_loss
+        output.gate_penalty_loss = penalty
+        output.pair_labels = pair_labels
+        output.gate_activation = gates.detach().float().sum(dim=1).mean()
+        output.gate_entropy = entropy.detach()
+        for name, value in pair_statistics(terms, labels, key_labels, embeddings, offset).items():
+            setattr(output, name, value)
+
+
+class SimLAPForImageClassification(SimLAPPreTrainedModel):
+    """The SimLAP backbone with a linear classifier, for fine-tuning.
+
+    ``from_pretrained`` on a :class:`SimLAPModel` checkpoint takes over the backbone and starts a new classifier
+    (pass ``num_labels``/``id2label`` for another label set); the projector, filter and online head are dropped.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^projector\.", r"^feature_filter\.", r"^online_head\."]
+
+    def __init__(self, config: SimLAPConfig) -> None:
+        super().__init__(config)
+        self.backbone = self._build_backbone(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(self.backbone.num_features, config.num_labels)
+        self.post_init()
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm-style layer groups for layer-wise lr decay: the backbone's (stem, each block), then the head."""
+        return self._backbone_group_matcher(("classifier", "dropout"))
+
+    def forward(
+        self, pixel_values: Tensor, labels: Tensor | None = None, return_dict: bool | None = None, **kwargs
+    ) -> ImageClassifierOutput | tuple:
+        """(B, C_in, H, W) -> logits (B, C). ``labels``: (B,) class indices, or (B, C) soft targets (mixup)."""
+        features = self.backbone(pixel_values)  # (B, D)
+        logits = self.classifier(self.dropout(features))  # (B, C)
+        loss = classification_loss(logits, labels) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=None)
+        output["pooler_output"] = features
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+
+def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy in float32 for (B,) class indices or (B, C) soft targets (mixup/cutmix)."""
+    if labels.dim() == 2:
+        return torch.sum(-labels.float() * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+class CosineClassifier(nn.Module):
+    """Cosine against C unit-norm class weights (weight norm with the magnitude frozen at 1): (B, E) -> (B, C)."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def unit_weight(self) -> Tensor:
+        """(C, E) class directions of unit norm."""
+        return F.normalize(self.weight, dim=1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        cosine = F.normalize(features.float(), dim=1) @ self.unit_weight().float().T
+        return cosine.clamp(-1.0, 1.0)
+
+
+class SimLAPFuseForImageClassification(SimLAPPreTrainedModel):
+    """SimLAP-Fuse: supervised training with a margin (ArcGrad) head, regularised by a SimLAP term.
+
+    Margin head: Linear(D, m*E, no bias) -> ReLU -> BatchNorm1d -> Linear(m*E, E, no bias) ->
+    BatchNorm1d(affine=False) -> cosine against the C unit-norm class weights. Training logits are
+    ``s * (pi - arccos(cos))``, evaluation logits the plain cosine. The SimLAP term gates the backbone features with
+    ``1[w_y1 * w_y2 > 0]`` (dimensions where the two class weights agree in sign, no gradient), positives being the
+    samples of class y1 or y2; it needs E == D.
+    """
+
+    config_class = SimLAPFuseConfig
+
+    def __init__(self, config: SimLAPFuseConfig) -> None:
+        super().__init__(config)
+        self.backbone = self._build_backbone(config)
+        feature_dim = self.backbone.num_features
+        if feature_dim != config.head_dim:
+            raise ValueError(
+                f"SimLAP-Fuse gates backbone features with the class weights, so the backbone width must equal "
+                f"head_dim: backbone {config.backbone!r} has {feature_dim} features but head_dim={config.head_dim}. "
+                f"Set head_dim={feature_dim}."
+            )
+        hidden = config.head_hidden_mult * config.head_dim
+        self.margin_head = nn.Sequential(
+            nn.Linear(feature_dim, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(hidden),
+            nn.Linear(hidden, config.head_dim, bias=False),
+            nn.BatchNorm1d(config.head_dim, affine=False),
+        )
+        self.classifier = CosineClassifier(config.head_dim, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, CosineClassifier):
+            init.normal_(module.weight, std=0.02)
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm-style layer groups: the backbone's, then the margin head and classifier."""
+        return self._backbone_group_matcher(("margin_head", "classifier"))
+
+    def class_gate(self, labels: Tensor, pair_labels: Tensor) -> Tensor:
+        """(B,), (B,) -> (B, D) float gates ``1[w_y1 * w_y2 > 0]`` from the class weights, without gradient."""
+        with torch.no_grad():
+            weight = self.classifier.weight
+            return (weight[labels] * weight[pair_labels] > 0).float()
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        labels: Tensor | None = None,
+        soft_labels: Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """(B, C_in, H, W) -> logits (B, C): ArcGrad logits in training, cosines in evaluation.
+
+        Args:
+            labels: (B,) classes: enable the loss (ArcGrad cross-entropy + SimLAP term).
+            soft_labels: (B, C) optional soft targets (mixup/label smoothing) for the cross-entropy part.
+        """
+        features = self.backbone(pixel_values)  # (B, D)
+        cosine = self.classifier(self.margin_head(features))  # (B, C)
+        logits = arcgrad_logits(cosine, self.config.arc_scale) if self.training else cosine
+        loss = None
+        if labels is not None:
+            check_labels(labels, self.config.num_labels)
+            targets = soft_labels if soft_labels is not None else labels
+            loss = classification_loss(logits, targets, self.config.label_smoothing)
+            if self.config.simlap_weight > 0:
+                loss = loss + self.config.simlap_weight * self.simlap_term(features, labels)
+        output = ImageClassifierOutput(loss=loss, logits=logits)
+        output["pooler_output"] = features
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    def simlap_term(self, features: Tensor, labels: Tensor) -> Tensor:
+        """Mean over ``iter_num`` pair draws of the pair-positive SimLAP loss on (B, D) backbone features."""
+        config = self.config
+        gather = self.training and is_distributed()
+        keys = gather_with_grad(features) if gather else features
+        key_labels = gather_labels(labels) if gather else labels
+        total = features.new_zeros((), dtype=torch.float32)
+        for _ in range(config.iter_num):
+            pair_labels = sample_pair_labels(labels, config.pair_mode, config.num_labels)
+            gates = self.class_gate(labels, pair_labels)
+            terms = simlap_contrastive_terms(
+                features, labels, pair_labels, gates, config.temperature, keys, key_labels, positives="pair"
+            )
+            total = total + distributed_mean(terms.loss_sum, terms.num_positives, gathered=gather)
+        return total / config.iter_num
