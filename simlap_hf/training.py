@@ -1,0 +1,660 @@
+"""Training machinery shared by ``train_pretrain.py``, ``train_finetune.py`` and ``train_fuse.py``.
+
+- argument parsing: dataclasses read by ``transformers.HfArgumentParser`` from an optional YAML file followed by
+  flags that override it;
+- ``Accelerator`` setup (mixed precision, gradient accumulation, seeding, trackers);
+- timm optimizer and per-iteration scheduler factories;
+- :func:`fit`: the train loop with a progress bar, periodic evaluation, atomic checkpoints and resumption;
+- :func:`save_final_outputs`: ``save_pretrained``, ``all_results.json``, model card.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+logger = logging.getLogger("simlap_hf")
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "lars", "lamb")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation, schedule, evaluation, checkpointing, tracking and Hub options shared by the three scripts."""
+
+    output_dir: str = field(default="outputs/simlap", metadata={"help": "Where the model, results and checkpoints go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds another run."}
+    )
+    num_train_epochs: int = field(default=50, metadata={"help": "Number of training epochs."})
+    per_device_train_batch_size: int = field(
+        default=256, metadata={"help": "Images per process and step, repeated-augmentation copies included."}
+    )
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per process in evaluation."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (after warmup)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (none on biases and 1-D parameters)."})
+    opt: str = field(default="adam", metadata={"help": f"timm optimizer name: {', '.join(OPTIMIZERS)} or any timm opt."})
+    momentum: float = field(default=0.9, metadata={"help": "Momentum of SGD-type optimizers."})
+    opt_eps: float | None = field(default=None, metadata={"help": "Optimizer epsilon (timm default when unset)."})
+    opt_betas: list[float] | None = field(default=None, metadata={"help": "Adam-type betas (timm default when unset)."})
+    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise lr decay (e.g. 0.65), off if unset."})
+    sched: str = field(default="cosine", metadata={"help": "timm scheduler name, updated every iteration."})
+    warmup_epochs: float = field(default=2, metadata={"help": "Linear warmup epochs from warmup_lr."})
+    warmup_lr: float = field(default=1e-5, metadata={"help": "Learning rate at the start of warmup."})
+    min_lr: float = field(default=1e-6, metadata={"help": "Final learning rate of the cosine schedule."})
+    clip_grad: float | None = field(default=None, metadata={"help": "Clip the gradient norm to this value."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer update."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "no, fp16 or bf16 (fp16 falls back to bf16 on CPU, where it is not supported)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of every random number generator and of the data order."})
+    eval_every: int = field(default=2, metadata={"help": "Evaluate every N epochs (and always after the last)."})
+    checkpointing_epochs: int = field(default=1, metadata={"help": "Save a checkpoint every N epochs (0: never)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept too)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder: continue that run where it stopped."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log training statistics every N optimizer steps."})
+    with_tracking: bool = field(default=False, metadata={"help": "Log to experiment trackers (see report_to)."})
+    report_to: str = field(
+        default="all", metadata={"help": "Tracker(s) for accelerate: all, tensorboard, wandb, ... (comma-separated)."}
+    )
+    sync_bn: bool = field(default=False, metadata={"help": "Convert BatchNorm to SyncBatchNorm in multi-process runs."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN evaluation."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the cosine-weighted kNN vote."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model and card to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id (user/name)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / saved login)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument parsing
+
+
+def _parser_destinations(parser: HfArgumentParser) -> list[str]:
+    return [action.dest for action in parser._actions if action.dest != "help"]
+
+
+def _close_matches_message(unknown: Sequence[str], known: Sequence[str], what: str) -> str:
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        parts.append(f"{name}{hint}")
+    return f"Unknown {what}: {'; '.join(parts)}. Run with --help for the list of options."
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
+
+    Values of the YAML file become defaults that flags override. Unknown YAML keys or flags raise a ValueError that
+    lists close matches.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(list(dataclass_types))
+    known = _parser_destinations(parser)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        config_path = Path(argv.pop(0))
+        if not config_path.is_file():
+            raise FileNotFoundError(f"Config file {str(config_path)!r} does not exist.")
+        values = yaml.safe_load(config_path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"Config file {str(config_path)!r} must hold a mapping of option: value.")
+        unknown = [key for key in values if key not in known]
+        if unknown:
+            raise ValueError(_close_matches_message(unknown, known, f"keys in {config_path}"))
+        parser.set_defaults(**values)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        flags = [item.split("=")[0].lstrip("-") for item in remaining if item.startswith("-")] or remaining
+        raise ValueError(_close_matches_message(flags, known, "flags"))
+    return tuple(parsed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def validate_training_args(args: TrainingArguments) -> None:
+    """Checks that need no data and no model; each error names the flag and the valid values."""
+    if args.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"--mixed_precision={args.mixed_precision!r} is not valid; choose one of no, fp16, bf16.")
+    for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "eval_every", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)!r} is not valid; it must be >= 1.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate={args.learning_rate!r} is not valid; it must be > 0.")
+    if args.save_total_limit < 1:
+        raise ValueError(f"--save_total_limit={args.save_total_limit!r} is not valid; it must be >= 1.")
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint is None and not args.overwrite_output_dir and output_dir.is_dir():
+        previous = [name for name in ("all_results.json", "checkpoints", "model.safetensors")
+                    if (output_dir / name).exists()]
+        if previous:
+            raise ValueError(
+                f"--output_dir {str(output_dir)!r} already holds a run ({', '.join(previous)}). Pass "
+                "--overwrite_output_dir to replace it, --resume_from_checkpoint latest to continue it, or choose "
+                "another --output_dir."
+            )
+    if args.resume_from_checkpoint is not None:
+        find_checkpoint(args.output_dir, args.resume_from_checkpoint)  # fails early when there is none
+
+
+def create_accelerator(args: TrainingArguments) -> Accelerator:
+    """Accelerator with mixed precision, gradient accumulation and trackers; seeds every process."""
+    mixed_precision = args.mixed_precision
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("fp16 mixed precision needs a GPU; using bf16 autocast on CPU instead.")
+        mixed_precision = "bf16"
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=[name.strip() for name in args.report_to.split(",")] if args.with_tracking else None,
+        project_dir=args.output_dir,
+    )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
+    )
+    set_seed(args.seed)
+    return accelerator
+
+
+def create_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+    """timm optimizer; no weight decay on biases and 1-D parameters; layer-wise lr decay when asked."""
+    kwargs: dict[str, Any] = {}
+    if args.opt_eps is not None:
+        kwargs["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs["betas"] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(
+            model,
+            opt=args.opt,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            layer_decay=args.layer_decay,
+            filter_bias_and_bn=True,
+            **kwargs,
+        )
+    except (AssertionError, ValueError) as error:
+        raise ValueError(f"--opt={args.opt!r} is not a usable timm optimizer ({error}).") from error
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, updates_per_epoch: int):
+    """timm scheduler: linear warmup over ``warmup_epochs`` then ``sched`` down to ``min_lr``, per iteration."""
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        num_epochs=args.num_train_epochs,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
+
+
+def prepare_model(model: torch.nn.Module, args: TrainingArguments, accelerator: Accelerator) -> torch.nn.Module:
+    """Optionally convert BatchNorm to SyncBatchNorm (multi-process runs only)."""
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class TrainerState:
+    """Progress saved with every checkpoint (``trainer_state.json``)."""
+
+    epoch: int = 0  # epochs fully completed
+    step_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
+    global_step: int = 0  # optimizer updates
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    best_checkpoint: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_images: int = 0
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (holding a readable trainer state), oldest first. Incomplete ones are skipped with a
+    warning: a checkpoint is written under a temporary name and renamed only once complete."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    complete = []
+    for path in sorted(root.iterdir()):
+        if not path.name.startswith(CHECKPOINT_PREFIX):
+            if path.name.startswith(".tmp"):
+                logger.warning("Ignoring incomplete checkpoint %s (the run stopped while writing it).", path)
+            continue
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            logger.warning("Ignoring checkpoint %s: its %s is missing or unreadable.", path, STATE_FILE)
+            continue
+        complete.append((state.get("global_step", 0), state.get("step_in_epoch", 0), path))
+    return [path for *_, path in sorted(complete)]
+
+
+def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
+    """Resolve ``--resume_from_checkpoint``: 'latest' (newest complete checkpoint of output_dir) or a folder."""
+    if which == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no complete checkpoint under {str(checkpoint_root(output_dir))!r}. "
+                "Start the run without --resume_from_checkpoint."
+            )
+        return checkpoints[-1]
+    path = Path(which)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {which!r} is not a complete checkpoint folder (no {STATE_FILE}). Use 'latest' "
+            f"or one of: {[str(p) for p in list_checkpoints(output_dir)]}."
+        )
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, state: TrainerState, args: TrainingArguments) -> Path:
+    """Write model, optimizer, scheduler, scaler and RNG states plus the trainer state, atomically.
+
+    Everything goes to a temporary folder that is renamed to ``checkpoint-<step>`` only when complete, so a run
+    killed while saving never leaves a checkpoint that looks good. Old checkpoints beyond ``save_total_limit`` are
+    removed (the best one is kept).
+    """
+    root = checkpoint_root(args.output_dir)
+    name = f"{CHECKPOINT_PREFIX}{state.global_step:08d}" + (f"-{state.step_in_epoch}" if state.step_in_epoch else "")
+    final = root / name
+    temporary = root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary), safe_serialization=True)
+        if accelerator.is_main_process:
+            (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    except OSError as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        previous = list_checkpoints(args.output_dir)
+        raise OSError(
+            f"Could not write checkpoint {str(final)!r}: {error}. The previous checkpoint "
+            f"{str(previous[-1]) if previous else '(none)'} is intact; free space and resume with "
+            "--resume_from_checkpoint latest."
+        ) from error
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        _rotate_checkpoints(args, keep={final.name, Path(state.best_checkpoint).name if state.best_checkpoint else ""})
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _rotate_checkpoints(args: TrainingArguments, keep: set[str]) -> None:
+    checkpoints = list_checkpoints(args.output_dir)
+    excess = len(checkpoints) - args.save_total_limit
+    for path in checkpoints:
+        if excess <= 0:
+            break
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            excess -= 1
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
+    """Restore every state saved by :func:`save_checkpoint`; returns the trainer state."""
+    accelerator.load_state(str(path))
+    values = json.loads((path / STATE_FILE).read_text())
+    return TrainerState(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class StopRequested:
+    """SIGINT/SIGTERM handler: asks the loop to checkpoint at the next step boundary and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequested:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Received signal %d: saving a checkpoint at the next step, then stopping.", signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a checkpoint was saved because of SIGINT/SIGTERM."""
+
+
+LossFunction = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+EvaluateFunction = Callable[[torch.nn.Module], dict[str, float]]
+
+
+@dataclass
+class TrainingResult:
+    state: TrainerState
+    final_metrics: dict[str, float]
+
+
+def _append_log(args: TrainingArguments, record: dict[str, Any]) -> None:
+    with open(Path(args.output_dir) / "training_log.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    if not values:
+        return {}
+    names = sorted(values)
+    stacked = torch.stack([values[name].detach().float().reshape(()) for name in names]).to(accelerator.device)
+    averaged = accelerator.reduce(stacked, reduction="mean")
+    return {name: float(value) for name, value in zip(names, averaged.tolist())}
+
+
+def fit(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_dataloader: torch.utils.data.DataLoader,
+    args: TrainingArguments,
+    compute_loss: LossFunction,
+    evaluate: EvaluateFunction,
+    metric_for_best: str = "eval_top1",
+    on_step_end: Callable[[torch.nn.Module], None] | None = None,
+) -> TrainingResult:
+    """Train ``model`` (already prepared by ``accelerator``) for ``args.num_train_epochs`` epochs.
+
+    Args:
+        compute_loss: ``(model, batch) -> (loss, {name: scalar tensor})``; the dict is logged.
+        evaluate: ``(model) -> {name: float}``; called every ``eval_every`` epochs and after the last one, on every
+            process (it must gather across processes itself).
+        metric_for_best: the evaluation metric whose maximum defines the best epoch.
+        on_step_end: called after every optimizer update (for example to update an EMA of the weights).
+
+    Checkpoints every ``checkpointing_epochs`` epochs, resumes from ``args.resume_from_checkpoint``, and on
+    SIGINT/SIGTERM saves a checkpoint and raises :class:`TrainingInterrupted`.
+    """
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    scheduler = create_scheduler(optimizer, args, updates_per_epoch)
+    accelerator.register_for_checkpointing(scheduler)
+    state = TrainerState()
+    if args.resume_from_checkpoint is not None:
+        path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        state = load_checkpoint(accelerator, path)
+        logger.info("Resumed from %s (epoch %d, step %d).", path, state.epoch, state.global_step)
+    scheduler.step_update(state.global_step)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if state.global_step == 0:
+            (Path(args.output_dir) / "training_log.jsonl").unlink(missing_ok=True)
+
+    total_batches = len(train_dataloader) * args.num_train_epochs
+    done_batches = len(train_dataloader) * state.epoch + state.step_in_epoch
+    progress = tqdm(total=total_batches, initial=done_batches, disable=not accelerator.is_local_main_process,
+                    desc="train", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    world_images = args.per_device_train_batch_size * accelerator.num_processes
+    with StopRequested() as stop:
+        for epoch in range(state.epoch, args.num_train_epochs):
+            model.train()
+            train_dataloader.set_epoch(epoch)
+            skip = state.step_in_epoch
+            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            epoch_start = time.perf_counter()
+            pending_logs: dict[str, torch.Tensor] = {}
+            for step, batch in enumerate(batches, start=skip):
+                with accelerator.accumulate(model):
+                    loss, logs = compute_loss(model, batch)
+                    if not torch.isfinite(loss.detach()):
+                        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+                        raise FloatingPointError(
+                            f"Non-finite loss {float(loss):.4g} at epoch {epoch}, step {step} ({parts}). The last "
+                            f"checkpoint under {str(checkpoint_root(args.output_dir))!r} is unchanged; lower the "
+                            "learning rate or disable mixed precision and resume with --resume_from_checkpoint latest."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.clip_grad is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.step_in_epoch = step + 1
+                state.train_images += world_images
+                pending_logs = {"loss": loss.detach(), **logs}
+                progress.update(1)
+                if accelerator.sync_gradients:
+                    state.global_step += 1
+                    scheduler.step_update(state.global_step)
+                    if on_step_end is not None:
+                        on_step_end(model)
+                    lr = optimizer.param_groups[0]["lr"]
+                    if state.global_step % args.logging_steps == 0:
+                        record = _mean_over_processes(accelerator, pending_logs)
+                        record.update(lr=lr, epoch=epoch + state.step_in_epoch / len(train_dataloader))
+                        accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.global_step)
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                        if accelerator.is_main_process:
+                            _append_log(args, {"step": state.global_step, **record})
+                if stop.requested:
+                    state.train_seconds += time.perf_counter() - epoch_start
+                    path = save_checkpoint(accelerator, state, args)
+                    progress.close()
+                    message = (
+                        f"Stopped at epoch {epoch}, step {state.step_in_epoch}; checkpoint saved to {path}. Resume "
+                        "with the same command plus --resume_from_checkpoint latest."
+                    )
+                    accelerator.print(message)
+                    raise TrainingInterrupted(message)
+            state.train_seconds += time.perf_counter() - epoch_start
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            is_last = state.epoch == args.num_train_epochs
+            if state.epoch % args.eval_every == 0 or is_last:
+                metrics = evaluate(model)
+                record = {"epoch": state.epoch, "step": state.global_step, **metrics}
+                state.history.append(record)
+                accelerator.log(metrics, step=state.global_step)
+                accelerator.print(f"epoch {state.epoch}: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+                if accelerator.is_main_process:
+                    _append_log(args, record)
+                if metric_for_best in metrics and (
+                    state.best_metric is None or metrics[metric_for_best] > state.best_metric
+                ):
+                    state.best_metric, state.best_epoch = metrics[metric_for_best], state.epoch
+                    state.best_checkpoint = None
+            due = args.checkpointing_epochs > 0 and state.epoch % args.checkpointing_epochs == 0
+            if due or is_last:
+                path = save_checkpoint(accelerator, state, args)
+                if state.best_epoch == state.epoch:
+                    state.best_checkpoint = str(path)
+    progress.close()
+    if not metrics:  # resumed a run that had already finished
+        metrics = evaluate(model)
+    return TrainingResult(state=state, final_metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Final outputs
+
+
+def build_results(result: TrainingResult, metric_names: Sequence[str]) -> dict[str, Any]:
+    """``all_results.json`` content: final and best metrics, epochs, wall time and images per second."""
+    state = result.state
+    results: dict[str, Any] = {name: result.final_metrics[name] for name in metric_names if name in result.final_metrics}
+    best_record = next((r for r in state.history if r.get("epoch") == state.best_epoch), None)
+    if best_record is not None:
+        results.update({f"best_{name}": best_record[name] for name in metric_names if name in best_record})
+        results["best_epoch"] = state.best_epoch
+    results["epochs"] = state.epoch
+    results["global_step"] = state.global_step
+    results["train_seconds"] = round(state.train_seconds, 2)
+    results["train_images_per_second"] = round(state.train_images / max(state.train_seconds, 1e-9), 2)
+    return results
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def arguments_as_dict(*arguments: Any) -> dict[str, Any]:
+    """Flatten argument dataclasses into one dict (hub token removed) for trackers and model cards."""
+    flat: dict[str, Any] = {}
+    for item in arguments:
+        flat.update(asdict(item))
+    flat.pop("hub_token", None)
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and end-of-run steps shared by the scripts
+
+
+@dataclass
+class DataBundle:
+    """Loaders of one run: ``train`` (augmented, repeated), ``validation`` and ``train_eval`` (train images with the
+    eval transform, for kNN) — the latter two sequential and unaugmented."""
+
+    label_names: list[str]
+    train: torch.utils.data.DataLoader
+    validation: torch.utils.data.DataLoader
+    train_eval: torch.utils.data.DataLoader
+
+
+def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> DataBundle:
+    """Load the data set of ``data_args`` and build the three loaders (see :class:`DataBundle`)."""
+    from datasets import DatasetDict
+
+    from .data import create_eval_dataloader, create_train_dataloader, get_label_names, load_image_dataset
+    from .data import with_image_transforms
+
+    if args.per_device_train_batch_size % data_args.ra:
+        raise ValueError(
+            f"--per_device_train_batch_size={args.per_device_train_batch_size} is not a multiple of "
+            f"--ra={data_args.ra}: every image must appear ra times in the same batch."
+        )
+    dataset = load_image_dataset(data_args, seed=args.seed)
+    views = with_image_transforms(
+        DatasetDict(train=dataset["train"], validation=dataset["validation"], train_eval=dataset["train"]),
+        data_args,
+        num_channels,
+    )
+    workers = data_args.dataloader_num_workers
+    return DataBundle(
+        label_names=get_label_names(dataset),
+        train=create_train_dataloader(views["train"], data_args, args.per_device_train_batch_size, seed=args.seed),
+        validation=create_eval_dataloader(views["validation"], args.per_device_eval_batch_size, workers),
+        train_eval=create_eval_dataloader(views["train_eval"], args.per_device_eval_batch_size, workers),
+    )
+
+
+def label_mappings(label_names: Sequence[str]) -> dict[str, dict]:
+    """``id2label`` / ``label2id`` keyword arguments for a config."""
+    return {
+        "id2label": {i: str(name) for i, name in enumerate(label_names)},
+        "label2id": {str(name): i for i, name in enumerate(label_names)},
+    }
+
+
+def start_hub_repo(args: TrainingArguments) -> str | None:
+    """Create the Hub repository before training when ``--push_to_hub`` (fails early on a bad id or token)."""
+    if not args.push_to_hub:
+        return None
+    from .hub import create_hub_repo
+
+    return create_hub_repo(args.hub_model_id, args.hub_token, args.hub_private_repo)
+
+
+def save_final_outputs(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    result: TrainingResult,
+    args: TrainingArguments,
+    task: str,
+    metric_names: Sequence[str],
+    hyperparameters: dict[str, Any],
+    dataset_name: str | None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    extra_files: Callable[[Path], None] | None = None,
+    extra_card_sections: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Save the final model (``save_pretrained``), ``all_results.json`` and the model card on the main process, then
+    push the folder to the Hub when ``repo_id`` is set. Returns the results."""
+    results = build_results(result, metric_names)
+    output_dir = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(output_dir, safe_serialization=True)
+        if extra_files is not None:
+            extra_files(output_dir)
+        write_json(output_dir / "all_results.json", results)
+        from .hub import build_model_card
+
+        card = build_model_card(output_dir, task, unwrapped.config, results, hyperparameters, dataset_name,
+                                repo_id=repo_id, base_model=base_model, extra_sections=extra_card_sections)
+        card.save(output_dir / "README.md")
+        accelerator.print("results: " + json.dumps(results))
+        if repo_id is not None:
+            from .hub import push_output_dir
+
+            accelerator.print(f"pushed: {push_output_dir(output_dir, repo_id, args.hub_token, 'End of training')}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""SimLAP pretraining with accelerate: the reference protocol (SPEC section 5) on any image data set.
+
+    accelerate launch train_pretrain.py configs/pretrain_cifar10_resnet18.yaml
+    accelerate launch train_pretrain.py --dataset_name digits --output_dir outputs/digits --num_train_epochs 2
+    python train_pretrain.py configs/quickstart_digits.yaml --num_train_epochs 1
+
+Reports the online linear head's top-1/top-5 and the kNN top-1 of frozen backbone features on the validation
+split, and saves a ``SimLAPModel`` folder (config, safetensors weights, model card, results, checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from simlap_hf import SimLAPConfig, SimLAPModel
+from simlap_hf.data import DataArguments
+from simlap_hf.evaluation import classification_metrics, extract_features, knn_accuracy
+from simlap_hf.training import (
+    TrainingArguments,
+    arguments_as_dict,
+    create_accelerator,
+    create_optimizer,
+    fit,
+    label_mappings,
+    parse_args,
+    prepare_data,
+    prepare_model,
+    save_final_outputs,
+    start_hub_repo,
+    validate_training_args,
+)
+
+LOGGED_OUTPUTS = ("contrastive_loss", "head_loss", "gate_penalty_loss", "gate_activation", "gate_entropy",
+                  "cos_own", "cos_partner", "cos_negative", "embedding_std")
+METRICS = ("eval_top1", "eval_top5", "eval_knn_top1")
+
+
+@dataclass
+class PretrainModelArguments:
+    """The SimLAP model: timm backbone, projector, feature filter and loss."""
+
+    model_name: str = field(default="resnet18", metadata={"help": "timm backbone architecture."})
+    stem_type: str | None = field(default="deep", metadata={"help": "timm ResNet stem ('', 'deep', 'deep_tiered')."})
+    output_stride: int | None = field(default=8, metadata={"help": "timm output stride (8 for 32x32 inputs)."})
+    model_kwargs: str | None = field(
+        default=None, metadata={"help": "Extra timm.create_model kwargs as JSON, e.g. '{\"drop_path_rate\": 0.1}'."}
+    )
+    num_channels: int = field(default=3, metadata={"help": "Input channels (grayscale data is converted)."})
+    gate: str = field(default="fused", metadata={"help": "Feature filter: fused, product or open (SupCon)."})
+    pair_mode: str = field(default="arbitrary", metadata={"help": "Partner classes: arbitrary, identical, distinct."})
+    temperature: float = field(default=0.1, metadata={"help": "Temperature of the gated cosine logits."})
+    out_dim: int = field(default=256, metadata={"help": "Projection size K."})
+    mlp_dim: int = field(default=2048, metadata={"help": "Hidden size of the projector."})
+    gate_penalty: float = field(default=0.0, metadata={"help": "Weight of the gate entropy penalty."})
+    sup_loss: bool = field(
+        default=False, metadata={"help": "Let the online head's cross-entropy train the backbone (not detached)."}
+    )
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = json.loads(self.model_kwargs) if self.model_kwargs else {}
+        if self.stem_type:
+            kwargs["stem_type"] = self.stem_type
+        if self.output_stride:
+            kwargs["output_stride"] = self.output_stride
+        return kwargs
+
+
+def build_config(model_args: PretrainModelArguments, data_args: DataArguments, label_names: Sequence[str]):
+    return SimLAPConfig(
+        backbone=model_args.model_name,
+        backbone_kwargs=model_args.backbone_kwargs(),
+        out_dim=model_args.out_dim,
+        mlp_dim=model_args.mlp_dim,
+        gate=model_args.gate,
+        pair_mode=model_args.pair_mode,
+        temperature=model_args.temperature,
+        gate_penalty=model_args.gate_penalty,
+        detach_head=not model_args.sup_loss,
+        image_size=data_args.input_size,
+        num_channels=model_args.num_channels,
+        **label_mappings(label_names),
+    )
+
+
+def simlap_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """One forward pass with labels: the total loss and the statistics to log."""
+    out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+    return out.loss, {name: getattr(out, name) for name in LOGGED_OUTPUTS}
+
+
+def make_evaluator(accelerator, data, args: TrainingArguments, num_classes: int):
+    """Online-head top-1/top-5 on the validation split and kNN top-1 of backbone features, across processes."""
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        val_features, val_labels = extract_features(model, data.validation, accelerator)
+        train_features, train_labels = extract_features(model, data.train_eval, accelerator)
+        head = accelerator.unwrap_model(model).online_head
+        with torch.no_grad():
+            logits = head(val_features.to(head.weight.device)).float().cpu()
+        metrics = classification_metrics(logits, val_labels)
+        knn = knn_accuracy(train_features, train_labels, val_features, val_labels, num_classes,
+                           k=args.knn_k, temperature=args.knn_temperature)
+        return {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_knn_top1": knn}
+
+    return evaluate
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, args = parse_args((PretrainModelArguments, DataArguments, TrainingArguments), argv)
+    validate_training_args(args)
+    repo_id = start_hub_repo(args)
+    accelerator = create_accelerator(args)
+    data = prepare_data(data_args, args, model_args.num_channels)
+    config = build_config(model_args, data_args, data.label_names)
+    model = prepare_model(SimLAPModel(config), args, accelerator)
+    optimizer = create_optimizer(model, args)
+    model, optimizer, train_loader, val_loader, train_eval_loader = accelerator.prepare(
+        model, optimizer, data.train, data.validation, data.train_eval
+    )
+    data.train, data.validation, data.train_eval = train_loader, val_loader, train_eval_loader
+    hyperparameters = arguments_as_dict(model_args, data_args, args)
+    if args.with_tracking:
+        accelerator.init_trackers("simlap_pretrain", {k: str(v) for k, v in hyperparameters.items()})
+    result = fit(accelerator, model, optimizer, train_loader, args, simlap_step,
+                 make_evaluator(accelerator, data, args, config.num_classes))
+    return save_final_outputs(accelerator, model, result, args, "pretrain", METRICS, hyperparameters,
+                              data_args.dataset_name, repo_id=repo_id)
+
+
+if __name__ == "__main__":
+    main()
