@@ -111,7 +111,8 @@ def make_evaluator(accelerator, data, args: TrainingArguments, num_classes: int)
     return evaluate
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]:
+    """Parse ``argv`` (YAML file and/or flags), train, save; returns the trained model and the results."""
     model_args, data_args, args = parse_args((PretrainModelArguments, DataArguments, TrainingArguments), argv)
     validate_training_args(args)
     repo_id = start_hub_repo(args)
@@ -129,8 +130,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         accelerator.init_trackers("simlap_pretrain", {k: str(v) for k, v in hyperparameters.items()})
     result = fit(accelerator, model, optimizer, train_loader, args, simlap_step,
                  make_evaluator(accelerator, data, args, config.num_classes))
-    return save_final_outputs(accelerator, model, result, args, "pretrain", METRICS, hyperparameters,
-                              data_args.dataset_name, repo_id=repo_id)
+    results = save_final_outputs(accelerator, model, result, args, "pretrain", METRICS, hyperparameters,
+                                 data_args.dataset_name, repo_id=repo_id)
+    return accelerator.unwrap_model(model), results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(argv)
 
 
 if __name__ == "__main__":

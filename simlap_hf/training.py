@@ -115,7 +115,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     lists close matches.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(list(dataclass_types))
+    parser = HfArgumentParser(list(dataclass_types), allow_abbrev=False)
     known = _parser_destinations(parser)
     if argv and argv[0].endswith((".yaml", ".yml")):
         config_path = Path(argv.pop(0))
@@ -171,7 +171,10 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 mixed precision needs a GPU; using bf16 autocast on CPU instead.")
         mixed_precision = "bf16"
+    # Without a GPU, accelerate only forms a multi-process (gloo) group when told to run on the CPU.
+    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=multi_process_cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=[name.strip() for name in args.report_to.split(",")] if args.with_tracking else None,

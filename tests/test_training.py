@@ -1,0 +1,189 @@
+"""train_pretrain.py end to end on tiny on-disk data: training, evaluation, checkpoints, resume, saving, errors."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import simlap_hf.training as training
+import train_pretrain
+from simlap_hf import SimLAPModel
+from simlap_hf.data import DataArguments
+from simlap_hf.training import TrainingArguments, parse_args
+from train_pretrain import PretrainModelArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_flags(train_dir: str, output_dir: Path, epochs: int = 2) -> list[str]:
+    return [
+        "--train_dir", train_dir, "--train_val_split", "0.25", "--output_dir", str(output_dir),
+        "--model_name", "resnet10t", "--stem_type", "deep", "--output_stride", "8", "--out_dim", "16",
+        "--mlp_dim", "32", "--input_size", "16", "--aa", "none", "--reprob", "0",
+        "--per_device_train_batch_size", "12", "--per_device_eval_batch_size", "16", "--ra", "3",
+        "--num_train_epochs", str(epochs), "--warmup_epochs", "1", "--eval_every", "1",
+        "--checkpointing_epochs", "1", "--learning_rate", "0.002", "--seed", "7", "--logging_steps", "1",
+    ]
+
+
+def test_end_to_end_trains_evaluates_checkpoints_and_saves(tiny_image_folder, tmp_path):
+    output_dir = tmp_path / "run"
+    model, results = train_pretrain.run(tiny_flags(tiny_image_folder, output_dir))
+    for name in ("config.json", "model.safetensors", "README.md", "all_results.json", "training_log.jsonl"):
+        assert (output_dir / name).is_file(), name
+    saved = json.loads((output_dir / "all_results.json").read_text())
+    assert saved == results
+    for name in ("eval_top1", "eval_top5", "eval_knn_top1", "best_eval_top1", "train_images_per_second"):
+        assert name in saved
+    assert 0 <= saved["eval_top1"] <= 100 and saved["epochs"] == 2
+    checkpoints = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-00000009", "checkpoint-00000018"]
+    log = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    logged = set().union(*log)
+    for name in ("loss", "contrastive_loss", "head_loss", "gate_activation", "gate_entropy", "cos_own",
+                 "cos_partner", "cos_negative", "embedding_std", "lr", "eval_knn_top1"):
+        assert name in logged, name
+
+    reloaded = SimLAPModel.from_pretrained(output_dir).eval()
+    assert reloaded.config.id2label == {0: "blue", 1: "gray", 2: "green", 3: "red"}
+    model.eval()
+    data = training.prepare_data(
+        parse_args((PretrainModelArguments, DataArguments, TrainingArguments),
+                   tiny_flags(tiny_image_folder, tmp_path / "unused"))[1],
+        TrainingArguments(per_device_train_batch_size=12, per_device_eval_batch_size=16, seed=7),
+        num_channels=3,
+    )
+    correct = total = 0
+    with torch.no_grad():
+        for batch in data.validation:
+            logits = reloaded(batch["pixel_values"]).logits
+            assert torch.equal(logits, model(batch["pixel_values"]).logits)
+            correct += int((logits.argmax(1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    assert 100.0 * correct / total == pytest.approx(saved["eval_top1"], abs=1e-6)
+
+
+def test_resume_after_epoch_one_matches_uninterrupted_run(tiny_image_folder, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train_pretrain.run(tiny_flags(tiny_image_folder, straight, epochs=3))
+
+    interrupted = tmp_path / "interrupted"
+    original_save = training.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = original_save(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_pretrain.run(tiny_flags(tiny_image_folder, interrupted, epochs=3))
+    monkeypatch.setattr(training, "save_checkpoint", original_save)
+    assert not (interrupted / "model.safetensors").exists()
+    train_pretrain.run(tiny_flags(tiny_image_folder, interrupted, epochs=3) + ["--resume_from_checkpoint", "latest"])
+
+    expected = load_file(straight / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+    first = json.loads((straight / "all_results.json").read_text())
+    second = json.loads((interrupted / "all_results.json").read_text())
+    assert first["eval_top1"] == second["eval_top1"] and first["global_step"] == second["global_step"]
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    good = root / "checkpoint-00000010"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    (root / ".tmp-checkpoint-00000020").mkdir()
+    broken = root / "checkpoint-00000030"
+    broken.mkdir()
+    assert training.find_checkpoint(tmp_path, "latest") == good
+
+
+def test_seed_config_parses_to_spec_values():
+    model_args, data_args, args = parse_args(
+        (PretrainModelArguments, DataArguments, TrainingArguments), [str(ROOT / "configs/pretrain_cifar10_resnet18.yaml")]
+    )
+    assert (model_args.model_name, model_args.stem_type, model_args.output_stride) == ("resnet18", "deep", 8)
+    assert (model_args.gate, model_args.pair_mode, model_args.temperature) == ("fused", "arbitrary", 0.1)
+    assert (model_args.out_dim, model_args.mlp_dim, model_args.gate_penalty) == (256, 2048, 0.0)
+    assert data_args.dataset_name == "cifar10" and data_args.input_size == 32
+    assert data_args.scale == [0.7, 1.0] and data_args.ra == 3 and data_args.reprob == 0.1
+    assert data_args.aa == "rand-m9-mstd0.5-inc1" and data_args.interpolation == "bicubic"
+    assert data_args.mean == [0.4914, 0.4822, 0.4465] and data_args.std == [0.2470, 0.2435, 0.2616]
+    assert data_args.crop_pct == 0.875
+    assert (args.opt, args.learning_rate, args.weight_decay) == ("adam", 0.001, 0.0005)
+    assert (args.num_train_epochs, args.warmup_epochs, args.warmup_lr, args.min_lr) == (50, 2, 1e-5, 1e-6)
+    assert args.per_device_train_batch_size == 256 and args.eval_every == 2 and args.checkpointing_epochs == 2
+    assert args.sched == "cosine" and args.mixed_precision == "fp16"
+
+
+def test_flag_overrides_yaml_value():
+    _, _, args = parse_args(
+        (PretrainModelArguments, DataArguments, TrainingArguments),
+        [str(ROOT / "configs/pretrain_cifar10_resnet18.yaml"), "--num_train_epochs", "1", "--opt", "sgd"],
+    )
+    assert args.num_train_epochs == 1 and args.opt == "sgd" and args.learning_rate == 0.001
+
+
+def test_unknown_flag_and_yaml_key_list_close_matches(tmp_path):
+    types = (PretrainModelArguments, DataArguments, TrainingArguments)
+    with pytest.raises(ValueError, match=r"Unknown flags: num_train_epoch \(did you mean num_train_epochs"):
+        parse_args(types, ["--num_train_epoch", "3"])
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"learning_rat \(did you mean learning_rate"):
+        parse_args(types, [str(config)])
+
+
+def test_bad_input_fails_before_training(tiny_image_folder, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_pretrain, "fit", no_training)
+    flags = tiny_flags(tiny_image_folder, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"--per_device_train_batch_size=10 is not a multiple of --ra=3"):
+        train_pretrain.run(flags + ["--per_device_train_batch_size", "10"])
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train_pretrain.run(flags + ["--resume_from_checkpoint", "latest"])
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint folder"):
+        train_pretrain.run(flags + ["--resume_from_checkpoint", str(tmp_path)])
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "all_results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a run \(all_results.json\).*--overwrite_output_dir"):
+        train_pretrain.run(tiny_flags(tiny_image_folder, occupied))
+    with pytest.raises(ValueError, match=r"gate='sigmoid' is not valid"):
+        train_pretrain.run(flags + ["--gate", "sigmoid"])
+
+
+def test_two_processes_gather_loss_and_train_identically(tiny_image_folder, tmp_path):
+    """torchrun with 2 CPU processes (gloo): see tests/distributed_check.py for what is compared."""
+    if shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists():
+        pytest.skip("torchrun is not installed")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    with socket.socket() as probe:  # a free local port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+        str(ROOT / "tests" / "distributed_check.py"), tiny_image_folder, str(tmp_path / "ddp"),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    reports = [json.loads((tmp_path / "ddp" / f"distributed_report_{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["world_size"] == 2
+        assert report["loss_error"] < 1e-5
+        assert report["embedding_grad_error"] < 1e-5 and report["param_grad_error"] < 1e-5
+    # 36 training images x ra 3 = 108 samples: 9 batches of 12; each process takes 4 (accelerate drops the incomplete last round, like drop_last).
+    assert reports[0]["trained_steps"] == reports[1]["trained_steps"] == 4
+    assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
