@@ -1,0 +1,133 @@
+"""Throughput of the SimLAP-HF training input pipeline (decode + augment + collate).
+
+Builds a synthetic data set of random 32x32 RGB PNG images (saved with ``save_to_disk`` into a temporary
+directory and memory-mapped back, like a real local data set), attaches the training transform with
+``simlap_hf.data.with_image_transforms`` and iterates ``simlap_hf.data.create_train_dataloader`` (repeated
+augmentation sampler, batch ``--batch-size``, ``--ra`` copies per image) with 0, 1, 2, ... loader workers.
+
+Images/s counts augmented samples (``ra`` copies of an image count ``ra`` times) that reach the collated
+batch ``{"pixel_values": FloatTensor(B, 3, 32, 32), "labels": LongTensor(B)}``. The first batch of every
+run is a warm-up (worker start-up) and is not timed.
+
+Prints a markdown table: workers, images/s, ratio vs 0 workers.
+
+Example::
+
+    python benchmarks/bench_data.py            # 2,048 images, batch 255 (256 rounded to ra=3), 1 epoch each
+    python benchmarks/bench_data.py --quick    # 768 images, for a smoke test
+"""
+
+import argparse
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from simlap_hf.data import DataArguments, create_train_dataloader, with_image_transforms  # noqa: E402
+
+
+def build_dataset(num_images: int, size: int, num_classes: int, seed: int, folder: str) -> datasets.DatasetDict:
+    """Random RGB PNG images (size x size) with random labels, saved to ``folder`` and loaded memory-mapped."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(num_images, size, size, 3), dtype=np.uint8)
+    encoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(num_classes)])}
+    )
+    labels = rng.integers(0, num_classes, size=num_images).tolist()
+    split = datasets.Dataset.from_dict({"image": encoded, "label": labels}, features=features)
+    datasets.DatasetDict({"train": split}).save_to_disk(folder)
+    return datasets.load_from_disk(folder)
+
+
+def measure(dataset: datasets.Dataset, args: DataArguments, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Iterate the training loader for ``epochs`` epochs; return (images per second, timed images)."""
+    loader = create_train_dataloader(dataset, args, batch_size=batch_size, seed=0)
+    timed_images = 0
+    elapsed = 0.0
+    for epoch in range(epochs):
+        loader.batch_sampler.sampler.set_epoch(epoch)
+        iterator = iter(loader)
+        first = next(iterator)  # warm-up: worker start-up and first decode
+        assert first["pixel_values"].shape[0] == batch_size
+        start = time.perf_counter()
+        for batch in iterator:
+            timed_images += batch["pixel_values"].shape[0]
+        elapsed += time.perf_counter() - start
+        del iterator
+    return timed_images / max(elapsed, 1e-9), timed_images
+
+
+def main() -> None:
+    """Parse the options, build the data set, time every worker count, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=2048, help="distinct images in the data set (2048)")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the stored images in pixels (32)")
+    parser.add_argument("--input-size", type=int, default=32, help="network input size after augmentation (32)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="batch size (256); rounded down to a multiple of --ra as the loader requires (256 -> 255 for ra 3)",
+    )
+    parser.add_argument("--ra", type=int, default=3, help="repeated augmentation count (3)")
+    parser.add_argument("--workers", type=str, default="0,1,2", help="comma-separated worker counts (0,1,2)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per setting; one epoch = ra passes (1)")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy or 'none'")
+    parser.add_argument("--quick", action="store_true", help="short run: 768 images, batch 96 (before rounding)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (0)")
+    options = parser.parse_args()
+    if options.quick:
+        options.num_images, options.batch_size = 768, 96
+    requested = options.batch_size
+    options.batch_size = max(options.ra, requested - requested % options.ra)
+    workers = [int(w) for w in options.workers.split(",") if w.strip()]
+    args = DataArguments(dataset_name="bench", input_size=options.input_size, ra=options.ra, aa=options.aa)
+
+    print(
+        f"# bench_data: {options.num_images} images {options.image_size}x{options.image_size} RGB PNG, "
+        f"batch {options.batch_size}"
+        + (f" (requested {requested}, rounded to a multiple of ra)" if requested != options.batch_size else "")
+        + f", ra {options.ra}, input {options.input_size}, aa {options.aa}"
+    )
+    print(
+        f"# python {platform.python_version()}, torch {torch.__version__}, cores {os.cpu_count()}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    with tempfile.TemporaryDirectory(prefix="simlap_bench_") as folder:
+        start = time.perf_counter()
+        data = build_dataset(options.num_images, options.image_size, 10, options.seed, folder)
+        print(f"# built and saved the data set in {time.perf_counter() - start:.1f} s")
+        train = with_image_transforms(data, args)["train"]
+        rows = []
+        for count in workers:
+            args.dataloader_num_workers = count
+            speed, images = measure(train, args, options.batch_size, options.epochs)
+            rows.append((count, speed, images))
+            print(f"# workers={count}: {images} images timed, {speed:.0f} images/s", flush=True)
+    base = next((speed for count, speed, _ in rows if count == 0), rows[0][1])
+    print()
+    print("| workers | images/s | ratio vs 0 workers |")
+    print("|--------:|---------:|-------------------:|")
+    for count, speed, _ in rows:
+        print(f"| {count} | {speed:,.0f} | {speed / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
