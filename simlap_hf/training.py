@@ -89,6 +89,9 @@ class TrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id (user/name)."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / saved login)."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    push_checkpoints: bool = field(
+        default=False, metadata={"help": "With --push_to_hub, also upload every saved checkpoint."}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,6 +421,7 @@ def fit(
     evaluate: EvaluateFunction,
     metric_for_best: str = "eval_top1",
     on_step_end: Callable[[torch.nn.Module], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainingResult:
     """Train ``model`` (already prepared by ``accelerator``) for ``args.num_train_epochs`` epochs.
 
@@ -427,6 +431,7 @@ def fit(
             process (it must gather across processes itself).
         metric_for_best: the evaluation metric whose maximum defines the best epoch.
         on_step_end: called after every optimizer update (for example to update an EMA of the weights).
+        on_checkpoint: called on the main process with the folder of every checkpoint saved at an epoch end.
 
     Checkpoints every ``checkpointing_epochs`` epochs, resumes from ``args.resume_from_checkpoint``, and on
     SIGINT/SIGTERM saves a checkpoint and raises :class:`TrainingInterrupted`.
@@ -522,6 +527,8 @@ def fit(
                 path = save_checkpoint(accelerator, state, args)
                 if state.best_epoch == state.epoch:
                     state.best_checkpoint = str(path)
+                if on_checkpoint is not None and accelerator.is_main_process:
+                    on_checkpoint(path)
     progress.close()
     if not metrics:  # resumed a run that had already finished
         metrics = evaluate(model)
