@@ -25,14 +25,11 @@ from simlap_hf.training import (
     TrainingArguments,
     arguments_as_dict,
     create_accelerator,
-    create_optimizer,
-    fit,
     label_mappings,
     parse_args,
     prepare_data,
-    prepare_model,
-    save_final_outputs,
     start_hub_repo,
+    train_and_save,
     validate_training_args,
 )
 
@@ -94,18 +91,20 @@ def simlap_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return out.loss, {name: getattr(out, name) for name in LOGGED_OUTPUTS}
 
 
-def make_evaluator(accelerator, data, args: TrainingArguments, num_classes: int):
+def make_evaluator(accelerator, data, ema=None):
     """Online-head top-1/top-5 on the validation split and kNN top-1 of backbone features, across processes."""
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         val_features, val_labels = extract_features(model, data.validation, accelerator)
         train_features, train_labels = extract_features(model, data.train_eval, accelerator)
-        head = accelerator.unwrap_model(model).online_head
+        unwrapped = accelerator.unwrap_model(model)
+        head = unwrapped.online_head
         with torch.no_grad():
             logits = head(val_features.to(head.weight.device)).float().cpu()
         metrics = classification_metrics(logits, val_labels)
-        knn = knn_accuracy(train_features, train_labels, val_features, val_labels, num_classes,
-                           k=args.knn_k, temperature=args.knn_temperature)
+        training = data.training_args
+        knn = knn_accuracy(train_features, train_labels, val_features, val_labels, unwrapped.config.num_classes,
+                           k=training.knn_k, temperature=training.knn_temperature)
         return {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_knn_top1": knn}
 
     return evaluate
@@ -119,20 +118,11 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]
     accelerator = create_accelerator(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     config = build_config(model_args, data_args, data.label_names)
-    model = prepare_model(SimLAPModel(config), args, accelerator)
-    optimizer = create_optimizer(model, args)
-    model, optimizer, train_loader, val_loader, train_eval_loader = accelerator.prepare(
-        model, optimizer, data.train, data.validation, data.train_eval
+    model, results = train_and_save(
+        accelerator, SimLAPModel(config), data, args, simlap_step, make_evaluator, "pretrain", METRICS,
+        arguments_as_dict(model_args, data_args, args), data_args.dataset_name, repo_id=repo_id,
     )
-    data.train, data.validation, data.train_eval = train_loader, val_loader, train_eval_loader
-    hyperparameters = arguments_as_dict(model_args, data_args, args)
-    if args.with_tracking:
-        accelerator.init_trackers("simlap_pretrain", {k: str(v) for k, v in hyperparameters.items()})
-    result = fit(accelerator, model, optimizer, train_loader, args, simlap_step,
-                 make_evaluator(accelerator, data, args, config.num_classes))
-    results = save_final_outputs(accelerator, model, result, args, "pretrain", METRICS, hyperparameters,
-                                 data_args.dataset_name, repo_id=repo_id)
-    return accelerator.unwrap_model(model), results
+    return model, results
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -488,7 +488,7 @@ def fit(
                     scheduler.step_update(state.global_step)
                     if on_step_end is not None:
                         on_step_end(model)
-                    lr = optimizer.param_groups[0]["lr"]
+                    lr = max(group["lr"] for group in optimizer.param_groups)
                     if state.global_step % args.logging_steps == 0:
                         record = _mean_over_processes(accelerator, pending_logs)
                         record.update(lr=lr, epoch=epoch + state.step_in_epoch / len(train_dataloader))
@@ -584,14 +584,20 @@ class DataBundle:
     train: torch.utils.data.DataLoader
     validation: torch.utils.data.DataLoader
     train_eval: torch.utils.data.DataLoader
+    training_args: TrainingArguments
 
 
 def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> DataBundle:
     """Load the data set of ``data_args`` and build the three loaders (see :class:`DataBundle`)."""
     from datasets import DatasetDict
 
-    from .data import create_eval_dataloader, create_train_dataloader, get_label_names, load_image_dataset
-    from .data import with_image_transforms
+    from .data import (
+        create_eval_dataloader,
+        create_train_dataloader,
+        get_label_names,
+        load_image_dataset,
+        with_image_transforms,
+    )
 
     if args.per_device_train_batch_size % data_args.ra:
         raise ValueError(
@@ -610,6 +616,7 @@ def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> 
         train=create_train_dataloader(views["train"], data_args, args.per_device_train_batch_size, seed=args.seed),
         validation=create_eval_dataloader(views["validation"], args.per_device_eval_batch_size, workers),
         train_eval=create_eval_dataloader(views["train_eval"], args.per_device_eval_batch_size, workers),
+        training_args=args,
     )
 
 
@@ -641,7 +648,7 @@ def save_final_outputs(
     dataset_name: str | None,
     repo_id: str | None = None,
     base_model: str | None = None,
-    extra_files: Callable[[Path], None] | None = None,
+    extra_files: Callable[[Path, torch.nn.Module], None] | None = None,
     extra_card_sections: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Save the final model (``save_pretrained``), ``all_results.json`` and the model card on the main process, then
@@ -653,7 +660,7 @@ def save_final_outputs(
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(output_dir, safe_serialization=True)
         if extra_files is not None:
-            extra_files(output_dir)
+            extra_files(output_dir, unwrapped)
         write_json(output_dir / "all_results.json", results)
         from .hub import build_model_card
 
@@ -668,3 +675,150 @@ def save_final_outputs(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classification recipe (fine-tuning and SimLAP-Fuse)
+
+
+@dataclass
+class ClassificationArguments:
+    """Regularisation of supervised training: mixup/cutmix, label smoothing, EMA of the weights, timm export."""
+
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 disables)."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 disables)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of applying mixup or cutmix to a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of cutmix instead of mixup."})
+    mixup_mode: str = field(default="batch", metadata={"help": "timm mixup mode: batch, pair or elem."})
+    smoothing: float = field(default=0.1, metadata={"help": "Label smoothing."})
+    model_ema_decay: float | None = field(
+        default=None, metadata={"help": "Keep an EMA of the weights with this decay (e.g. 0.9998); it is evaluated "
+                                        "and saved instead of the raw weights."}
+    )
+    export_timm: str | None = field(
+        default=None, metadata={"help": "Also export the classifier as a timm model folder here."}
+    )
+
+
+def create_mixup(args: ClassificationArguments, num_classes: int):
+    """timm ``Mixup`` producing soft targets (with label smoothing), or None when mixup and cutmix are off."""
+    from timm.data import Mixup
+
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def create_classification_criterion(mixup_active: bool, smoothing: float) -> torch.nn.Module:
+    """timm's soft-target cross-entropy with mixup, label-smoothing cross-entropy with smoothing, else plain."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def create_model_ema(model: torch.nn.Module, decay: float | None):
+    """timm ``ModelEmaV3`` of the weights (on the model's device), or None."""
+    if decay is None:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"--model_ema_decay={decay!r} is not valid; it must be in (0, 1), e.g. 0.9998.")
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def make_classification_evaluator(
+    accelerator: Accelerator, data: DataBundle, ema: torch.nn.Module | None = None
+) -> EvaluateFunction:
+    """Top-1/top-5 of the model's ``logits`` on the validation split (of the EMA weights when given)."""
+    from .evaluation import classification_metrics, extract_features
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        evaluated = ema.module if ema is not None else model
+        logits, labels = extract_features(evaluated, data.validation, accelerator, output_key="logits")
+        metrics = classification_metrics(logits, labels)
+        return {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"]}
+
+    return evaluate
+
+
+def save_image_processor(output_dir: Path, data_args: Any, num_channels: int) -> None:
+    """An image processor equal to the eval transform (resize to input/crop_pct, centre crop, normalise), so that
+    ``pipeline("image-classification", model=output_dir)`` preprocesses like evaluation."""
+    from transformers import ConvNextImageProcessor
+
+    from .data import resolve_mean_std
+
+    mean, std = resolve_mean_std(data_args)
+    processor = ConvNextImageProcessor(
+        size={"shortest_edge": data_args.input_size},
+        crop_pct=data_args.crop_pct,
+        resample=3,  # bicubic, as the eval transform
+        image_mean=list(mean)[:num_channels],
+        image_std=list(std)[:num_channels],
+    )
+    processor.save_pretrained(output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One job, from a built model to saved outputs
+
+
+def train_and_save(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    data: DataBundle,
+    args: TrainingArguments,
+    compute_loss: LossFunction,
+    make_evaluator: Callable[[Accelerator, DataBundle, torch.nn.Module | None], EvaluateFunction],
+    task: str,
+    metric_names: Sequence[str],
+    hyperparameters: dict[str, Any],
+    dataset_name: str | None,
+    repo_id: str | None = None,
+    model_ema_decay: float | None = None,
+    base_model: str | None = None,
+    extra_files: Callable[[Path, torch.nn.Module], None] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The part of every script after the model is built: optimizer, ``accelerator.prepare``, optional EMA, trackers,
+    :func:`fit`, and :func:`save_final_outputs`. Returns the trained (unwrapped) model and the results."""
+    model = prepare_model(model, args, accelerator)
+    optimizer = create_optimizer(model, args)
+    model, optimizer, data.train, data.validation, data.train_eval = accelerator.prepare(
+        model, optimizer, data.train, data.validation, data.train_eval
+    )
+    ema = create_model_ema(accelerator.unwrap_model(model), model_ema_decay)
+    on_step_end = None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+        def on_step_end(trained: torch.nn.Module) -> None:
+            ema.update(accelerator.unwrap_model(trained))
+
+    on_checkpoint = None
+    if repo_id is not None and args.push_checkpoints:
+        from .hub import push_checkpoint
+
+        def on_checkpoint(path: Path) -> None:
+            push_checkpoint(path, repo_id, args.hub_token)
+
+    if args.with_tracking:
+        accelerator.init_trackers(f"simlap_{task}", {k: str(v) for k, v in hyperparameters.items()})
+    result = fit(accelerator, model, optimizer, data.train, args, compute_loss,
+                 make_evaluator(accelerator, data, ema), on_step_end=on_step_end, on_checkpoint=on_checkpoint)
+    final = ema.module if ema is not None else model
+    results = save_final_outputs(accelerator, final, result, args, task, metric_names, hyperparameters,
+                                 dataset_name, repo_id=repo_id, base_model=base_model, extra_files=extra_files)
+    return accelerator.unwrap_model(final), results

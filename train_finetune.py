@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Fine-tune a pretrained SimLAP backbone for image classification (the seed's second job), or train the supervised
+cross-entropy baseline from scratch under the same recipe.
+
+    accelerate launch train_finetune.py configs/finetune_cifar10_resnet18.yaml --model_name_or_path outputs/simlap/...
+    accelerate launch train_finetune.py --model_name resnet18 --from_scratch --dataset_name digits --output_dir OUT
+
+The saved folder loads with ``AutoModelForImageClassification`` (after ``import simlap_hf``) and in
+``pipeline("image-classification", model=OUT)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simlap_hf import SimLAPConfig, SimLAPForImageClassification
+from simlap_hf.data import DataArguments
+from simlap_hf.training import (
+    ClassificationArguments,
+    TrainingArguments,
+    arguments_as_dict,
+    create_accelerator,
+    create_classification_criterion,
+    create_mixup,
+    label_mappings,
+    make_classification_evaluator,
+    parse_args,
+    prepare_data,
+    save_image_processor,
+    start_hub_repo,
+    train_and_save,
+    validate_training_args,
+)
+
+METRICS = ("eval_top1", "eval_top5")
+
+
+@dataclass
+class FinetuneModelArguments:
+    """Where the backbone comes from: a pretrained SimLAP folder or Hub id, or a timm architecture from scratch."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained SimLAPModel (or classifier) folder or Hub id."}
+    )
+    model_name: str | None = field(
+        default=None, metadata={"help": "timm architecture; with --from_scratch, the supervised baseline."}
+    )
+    from_scratch: bool = field(default=False, metadata={"help": "Start from random weights (needs --model_name)."})
+    stem_type: str | None = field(default="deep", metadata={"help": "timm ResNet stem (from scratch only)."})
+    output_stride: int | None = field(default=8, metadata={"help": "timm output stride (from scratch only)."})
+    model_kwargs: str | None = field(default=None, metadata={"help": "Extra timm kwargs as JSON (from scratch)."})
+    num_channels: int = field(default=3, metadata={"help": "Input channels (from scratch only)."})
+    classifier_dropout: float = field(default=0.0, metadata={"help": "Dropout before the linear classifier."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a pretrained classifier whose class count differs."}
+    )
+
+
+def scratch_backbone_kwargs(model_args: FinetuneModelArguments) -> dict[str, Any]:
+    kwargs: dict[str, Any] = json.loads(model_args.model_kwargs) if model_args.model_kwargs else {}
+    if model_args.stem_type:
+        kwargs["stem_type"] = model_args.stem_type
+    if model_args.output_stride:
+        kwargs["output_stride"] = model_args.output_stride
+    return kwargs
+
+
+def build_model(model_args: FinetuneModelArguments, data_args: DataArguments, label_names: Sequence[str]):
+    """A SimLAPForImageClassification for the data's classes: from a pretrained checkpoint (backbone taken over,
+    new head) or from scratch."""
+    labels = label_mappings(label_names)
+    if model_args.from_scratch:
+        if not model_args.model_name:
+            raise ValueError("--from_scratch needs --model_name (a timm architecture such as resnet18).")
+        config = SimLAPConfig(backbone=model_args.model_name, backbone_kwargs=scratch_backbone_kwargs(model_args),
+                              image_size=data_args.input_size, num_channels=model_args.num_channels,
+                              classifier_dropout=model_args.classifier_dropout, **labels)
+        return SimLAPForImageClassification(config)
+    if not model_args.model_name_or_path:
+        raise ValueError("Pass --model_name_or_path (a pretrained SimLAP model) or --model_name NAME --from_scratch.")
+    pretrained = SimLAPConfig.from_pretrained(model_args.model_name_or_path)
+    if model_args.model_name and model_args.model_name != pretrained.backbone:
+        raise ValueError(
+            f"--model_name {model_args.model_name!r} differs from the backbone of {model_args.model_name_or_path!r} "
+            f"({pretrained.backbone!r}). Drop --model_name to fine-tune the checkpoint's backbone."
+        )
+    return SimLAPForImageClassification.from_pretrained(
+        model_args.model_name_or_path,
+        classifier_dropout=model_args.classifier_dropout,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **labels,
+    )
+
+
+def classification_step_factory(mixup, criterion):
+    """``(model, batch) -> (loss, logs)`` with mixup/cutmix soft targets when enabled."""
+
+    def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        pixel_values, targets = batch["pixel_values"], batch["labels"]
+        if mixup is not None:
+            pixel_values, targets = mixup(pixel_values, targets)
+        logits = model(pixel_values=pixel_values).logits
+        loss = criterion(logits.float(), targets)
+        return loss, {}
+
+    return step
+
+
+def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification, dict[str, Any]]:
+    """Parse ``argv`` (YAML file and/or flags), fine-tune, save; returns the trained model and the results."""
+    model_args, recipe, data_args, args = parse_args(
+        (FinetuneModelArguments, ClassificationArguments, DataArguments, TrainingArguments), argv
+    )
+    validate_training_args(args)
+    repo_id = start_hub_repo(args)
+    accelerator = create_accelerator(args)
+    num_channels = (
+        model_args.num_channels
+        if model_args.from_scratch or not model_args.model_name_or_path
+        else SimLAPConfig.from_pretrained(model_args.model_name_or_path).num_channels
+    )
+    data = prepare_data(data_args, args, num_channels)
+    model = build_model(model_args, data_args, data.label_names)
+    mixup = create_mixup(recipe, model.config.num_labels)
+    step = classification_step_factory(mixup, create_classification_criterion(mixup is not None, recipe.smoothing))
+
+    def extra_files(output_dir: Path, trained: SimLAPForImageClassification) -> None:
+        save_image_processor(output_dir, data_args, num_channels)
+        if recipe.export_timm:
+            from simlap_hf.export import export_timm
+
+            export_timm(trained, recipe.export_timm)
+
+    base_model = None if model_args.from_scratch else model_args.model_name_or_path
+    return train_and_save(
+        accelerator, model, data, args, step, make_classification_evaluator, "finetune", METRICS,
+        arguments_as_dict(model_args, recipe, data_args, args), data_args.dataset_name, repo_id=repo_id,
+        model_ema_decay=recipe.model_ema_decay, base_model=base_model, extra_files=extra_files,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()
