@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# torch and torchvision are installed first, as a matched pair, before the package pulls anything else.
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+OUTPUT_DIR ?= outputs/quickstart_digits
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet $(TORCH_PACKAGES)
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		train_pretrain.py configs/quickstart_digits.yaml --output_dir $(OUTPUT_DIR)
+	@echo "metrics ($(OUTPUT_DIR)/all_results.json):"
+	@cat $(OUTPUT_DIR)/all_results.json
+	@echo "load it:"
+	@echo "  from simlap_hf import SimLAPModel"
+	@echo "  model = SimLAPModel.from_pretrained(\"$(OUTPUT_DIR)\")"
+	$(PYTHON) -c "from simlap_hf import SimLAPModel; model = SimLAPModel.from_pretrained('$(OUTPUT_DIR)'); print(type(model).__name__, model.config.backbone, model.config.id2label)"
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	bash benchmarks/run_all.sh
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
