@@ -135,7 +135,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification
         if recipe.export_timm:
             from simlap_hf.export import export_timm
 
-            export_timm(trained, recipe.export_timm)
+            export_timm(trained, recipe.export_timm, source_dir=output_dir)
 
     base_model = None if model_args.from_scratch else model_args.model_name_or_path
     return train_and_save(

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from simlap_hf import SimLAPConfig, SimLAPModel
+from simlap_hf.analysis import analyze_model, summary_markdown
 from simlap_hf.data import DataArguments
 from simlap_hf.evaluation import classification_metrics, extract_features, knn_accuracy
 from simlap_hf.training import (
@@ -31,6 +33,7 @@ from simlap_hf.training import (
     start_hub_repo,
     train_and_save,
     validate_training_args,
+    write_json,
 )
 
 LOGGED_OUTPUTS = ("contrastive_loss", "head_loss", "gate_penalty_loss", "gate_activation", "gate_entropy",
@@ -57,6 +60,10 @@ class PretrainModelArguments:
     gate_penalty: float = field(default=0.0, metadata={"help": "Weight of the gate entropy penalty."})
     sup_loss: bool = field(
         default=False, metadata={"help": "Let the online head's cross-entropy train the backbone (not detached)."}
+    )
+    analyze: bool = field(
+        default=False, metadata={"help": "After training, analyse collapse and gates (analysis.json) and add the "
+                                         "summary to the model card."}
     )
 
     def backbone_kwargs(self) -> dict[str, Any]:
@@ -118,11 +125,19 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]
     accelerator = create_accelerator(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     config = build_config(model_args, data_args, data.label_names)
-    model, results = train_and_save(
+
+    def analysis_sections(model: torch.nn.Module) -> dict[str, str]:
+        report = analyze_model(model, data.train_eval, data.validation, data.label_names, accelerator,
+                               knn_k=args.knn_k, knn_temperature=args.knn_temperature)
+        if accelerator.is_main_process:
+            write_json(Path(args.output_dir) / "analysis.json", report)
+        return {"Representation analysis": summary_markdown(report)}
+
+    return train_and_save(
         accelerator, SimLAPModel(config), data, args, simlap_step, make_evaluator, "pretrain", METRICS,
         arguments_as_dict(model_args, data_args, args), data_args.dataset_name, repo_id=repo_id,
+        card_sections=analysis_sections if model_args.analyze else None,
     )
-    return model, results
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -61,6 +61,9 @@ class SimLAPConfig(PretrainedConfig):
     """
 
     model_type = "simlap"
+    # save_pretrained copies this file (and the modeling code) next to the weights and writes auto_map, so that
+    # AutoConfig/AutoModel load the folder with trust_remote_code=True where simlap_hf is not installed.
+    _auto_class = "AutoConfig"
 
     # Declared fields (transformers 5 treats configs as dataclasses; declaring ``temperature`` here also tells it that
     # this is a loss temperature, not a text-generation parameter).

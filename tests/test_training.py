@@ -148,7 +148,7 @@ def test_bad_input_fails_before_training(tiny_image_folder, tmp_path, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train_pretrain, "fit", no_training)
+    monkeypatch.setattr(training, "fit", no_training)
     flags = tiny_flags(tiny_image_folder, tmp_path / "a")
     with pytest.raises(ValueError, match=r"--per_device_train_batch_size=10 is not a multiple of --ra=3"):
         train_pretrain.run(flags + ["--per_device_train_batch_size", "10"])

@@ -1,0 +1,366 @@
+"""Export a SimLAP classifier as a plain timm model folder.
+
+The folder (``config.json`` in timm's format, ``model.safetensors`` with timm's own parameter names, ``README.md``)
+loads without SimLAP-HF and without remote code:
+
+    timm.create_model("local-dir:OUT_DIR", pretrained=True)
+    transformers.AutoModelForImageClassification.from_pretrained("OUT_DIR")  # TimmWrapperForImageClassification
+    transformers.pipeline("image-classification", model="OUT_DIR")
+
+and ``timm.create_model("hf-hub:USER/NAME", pretrained=True)`` once the folder is uploaded. Its ``pretrained_cfg``
+holds the real preprocessing (input size, resize/crop ratio, interpolation, mean and std) rather than timm's
+ImageNet defaults.
+
+Command line::
+
+    python -m simlap_hf.export MODEL_DIR OUT_DIR [--mean M M M --std S S S --crop_pct 0.875 --interpolation bicubic]
+
+A :class:`~simlap_hf.SimLAPForImageClassification` exports its backbone and ``classifier``; a
+:class:`~simlap_hf.SimLAPModel` (pretraining) its backbone and online linear head. SimLAP-Fuse classifies with a
+cosine margin head that timm models do not have, so it cannot be exported this way.
+
+Note: timm 1.0.31's ``save_for_hf`` writes ``num_classes`` into ``model_args``, which makes transformers' TimmWrapper
+fail with "got multiple values for keyword argument 'num_classes'"; the configuration is therefore written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+logger = logging.getLogger("simlap_hf")
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# PIL resampling codes used by transformers image processors -> timm interpolation names.
+PIL_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+DEFAULT_CROP_PCT = 0.875
+DEFAULT_INTERPOLATION = "bicubic"
+# Fields of the architecture's default pretrained_cfg that describe the network (kept); the rest (URLs, ImageNet
+# preprocessing, licence of the ImageNet weights, test sizes) describes other weights and is dropped.
+_KEPT_CFG_FIELDS = ("first_conv", "fixed_input_size")
+
+
+def _classifier_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, Any]:
+    """(backbone, linear head, config) of a SimLAP model, or a ValueError saying what can be exported."""
+    config = getattr(model, "config", None)
+    backbone = getattr(model, "backbone", None)
+    if config is None or backbone is None:
+        raise ValueError(f"export_timm needs a SimLAP model (SimLAPForImageClassification); got {type(model).__name__}.")
+    if getattr(config, "model_type", None) == "simlap_fuse" or hasattr(model, "margin_head"):
+        raise ValueError(
+            "SimLAP-Fuse models classify with a cosine margin head, which has no timm equivalent: export a "
+            "SimLAPForImageClassification (fine-tuned) or a SimLAPModel (its online linear head) instead."
+        )
+    head = getattr(model, "classifier", None)
+    if head is None:
+        head = getattr(model, "online_head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear classifier to export.")
+    return backbone, head, config
+
+
+def _size_from(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping) and value:
+        for key in ("shortest_edge", "height", "width"):
+            if value.get(key):
+                return int(value[key])
+    return None
+
+
+
+def preprocessing_from_processor(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Read a transformers ``preprocessor_config.json`` (a file or the folder holding it) into timm data-config
+    fields: ``mean``, ``std``, ``crop_pct``, ``interpolation`` and ``img_size`` (the centre-crop side). None when
+    there is no such file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PREPROCESSOR_FILE
+    if not path.is_file():
+        return None
+    values = json.loads(path.read_text())
+    found: dict[str, Any] = {}
+    if values.get("image_mean") is not None:
+        found["mean"] = [float(v) for v in values["image_mean"]]
+    if values.get("image_std") is not None:
+        found["std"] = [float(v) for v in values["image_std"]]
+    if values.get("resample") in PIL_INTERPOLATION:
+        found["interpolation"] = PIL_INTERPOLATION[values["resample"]]
+    size = _size_from(values.get("size"))
+    crop = _size_from(values.get("crop_size")) if values.get("do_center_crop", True) else None
+    if values.get("crop_pct") is not None and isinstance(values.get("size"), dict) and "shortest_edge" in values["size"]:
+        # ConvNext-style: resize the short side to shortest_edge / crop_pct, then centre-crop shortest_edge.
+        found["crop_pct"] = float(values["crop_pct"])
+        found["img_size"] = size
+    elif crop and size:
+        found["crop_pct"] = min(1.0, crop / size)
+        found["img_size"] = crop
+    elif size:
+        found["crop_pct"] = 1.0
+        found["img_size"] = size
+    return found
+
+
+def _stats(name: str, values: Sequence[float], channels: int) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) == 1 and channels > 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"{name} has {len(values)} values but the model takes {channels} input channels.")
+    return values
+
+
+def resolve_preprocessing(
+    config: Any,
+    source_dir: str | os.PathLike | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> dict[str, Any]:
+    """timm preprocessing of the exported model: explicit arguments first, then ``source_dir``'s
+    ``preprocessor_config.json``; the input size always comes from ``config`` (``num_channels``, ``image_size``)."""
+    found = preprocessing_from_processor(source_dir) if source_dir is not None else None
+    found = found or {}
+    if found.get("img_size") and found["img_size"] != config.image_size:
+        logger.warning(
+            "%s crops %s pixels but the model was trained at image_size=%s; exporting input size %s.",
+            PREPROCESSOR_FILE, found["img_size"], config.image_size, config.image_size,
+        )
+    mean = mean if mean is not None else found.get("mean")
+    std = std if std is not None else found.get("std")
+    if mean is None or std is None:
+        raise ValueError(
+            "The exported timm model needs the normalisation the SimLAP model was trained with: pass mean= and std= "
+            f"(--mean/--std), or source_dir= a folder holding the {PREPROCESSOR_FILE} saved by the training script."
+        )
+    channels = config.num_channels
+    return {
+        "input_size": [channels, config.image_size, config.image_size],
+        "interpolation": interpolation or found.get("interpolation") or DEFAULT_INTERPOLATION,
+        "crop_pct": float(crop_pct if crop_pct is not None else found.get("crop_pct", DEFAULT_CROP_PCT)),
+        "crop_mode": "center",
+        "mean": _stats("mean", mean, channels),
+        "std": _stats("std", std, channels),
+    }
+
+
+def build_timm_classifier(model: nn.Module) -> tuple[nn.Module, str]:
+    """A timm model of the SimLAP backbone's architecture with a C-class head, holding the SimLAP backbone and
+    classifier weights. Returns the timm model (eval mode) and the name of its classifier module."""
+    backbone, head, config = _classifier_parts(model)
+    net = timm.create_model(config.backbone, pretrained=False, num_classes=head.out_features, **config.timm_kwargs())
+    timm_head = net.get_classifier()
+    head_name = next((name for name, module in net.named_modules() if module is timm_head), None)
+    if not isinstance(timm_head, nn.Linear) or head_name is None:
+        raise ValueError(
+            f"timm's {config.backbone!r} has a {type(timm_head).__name__} classifier, not a Linear layer: its head "
+            "cannot hold the SimLAP linear classifier."
+        )
+    if timm_head.in_features != head.in_features or (timm_head.bias is None) != (head.bias is None):
+        raise ValueError(
+            f"timm's {config.backbone!r} classifier takes {timm_head.in_features} features but the SimLAP classifier "
+            f"takes {head.in_features}."
+        )
+    head_keys = {f"{head_name}.{name}" for name, _ in timm_head.named_parameters()}
+    missing, unexpected = net.load_state_dict(backbone.state_dict(), strict=False)
+    if set(missing) != head_keys or unexpected:
+        raise ValueError(
+            f"The SimLAP backbone does not map onto timm's {config.backbone!r} with a classifier: missing "
+            f"{sorted(set(missing) - head_keys)}, unexpected {sorted(unexpected)}."
+        )
+    with torch.no_grad():
+        timm_head.weight.copy_(head.weight)
+        if head.bias is not None:
+            timm_head.bias.copy_(head.bias)
+    return net.eval(), head_name
+
+
+def _timm_config(
+    net: nn.Module, config: Any, head_name: str, preprocessing: dict[str, Any], model_args: dict[str, Any]
+) -> dict[str, Any]:
+    default_cfg = dict(getattr(net, "pretrained_cfg", {}) or {})
+    pretrained_cfg: dict[str, Any] = {key: default_cfg[key] for key in _KEPT_CFG_FIELDS if key in default_cfg}
+    pretrained_cfg.update(preprocessing)
+    pretrained_cfg.update(
+        architecture=config.backbone, tag="simlap", custom_load=False, num_classes=net.num_classes,
+        classifier=head_name, pool_size=None,
+    )
+    label_names = [str(config.id2label[i]) for i in range(net.num_classes)]
+    return {
+        "architecture": config.backbone,
+        "num_classes": net.num_classes,
+        "num_features": net.num_features,
+        "global_pool": getattr(getattr(net, "global_pool", None), "pool_type", None) or "avg",
+        "label_names": label_names,
+        # timm reconstruction arguments; never num_classes (TimmWrapper passes it itself).
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+    }
+
+
+def _export_card(config: Any, out_dir: Path, preprocessing: dict[str, Any], repo: str | None) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    where = repo or str(out_dir)
+    card_data = ModelCardData(
+        library_name="timm",
+        license="apache-2.0",
+        tags=["simlap", "contrastive-learning", "image-classification", config.backbone, "timm"],
+        pipeline_tag="image-classification",
+    )
+    size = config.image_size
+    body = f"""# {Path(where).name}
+
+A `{config.backbone}` image classifier ({config.num_labels} classes) trained with SimLAP-HF
+([Rethinking positive pairs in contrastive learning](https://arxiv.org/abs/2410.18200)), exported as a plain timm
+model: no SimLAP code is needed to use it.
+
+Preprocessing: {size} x {size} input, resize by crop_pct {preprocessing['crop_pct']} then centre crop,
+{preprocessing['interpolation']} interpolation, mean {preprocessing['mean']}, std {preprocessing['std']}.
+
+## How to use
+
+```python
+import timm
+import torch
+
+model = timm.create_model("{'hf-hub:' + repo if repo else 'local-dir:' + str(out_dir)}", pretrained=True).eval()
+data_config = timm.data.resolve_data_config(model=model)
+transform = timm.data.create_transform(**data_config)  # PIL image -> normalised tensor
+with torch.no_grad():
+    logits = model(torch.randn(1, *data_config["input_size"]))
+```
+
+or with transformers:
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{where}")
+```
+"""
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").content
+
+
+def export_timm(
+    model: nn.Module | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    repo_id: str | None = None,
+    check: bool = True,
+) -> Path:
+    """Write ``model``'s backbone and linear classifier as a timm model folder (see the module docstring).
+
+    Args:
+        model: a SimLAPForImageClassification or SimLAPModel, or the folder it was saved to.
+        output_dir: the folder to write (created; files of the same names are replaced).
+        source_dir: a folder holding the ``preprocessor_config.json`` saved with the model (default: ``model``
+            when it is a folder), read for mean, std, crop_pct and interpolation.
+        mean, std, crop_pct, interpolation: explicit preprocessing (override ``source_dir``'s).
+        repo_id: Hub id the folder will be uploaded to (used in the card's snippet).
+        check: compare the exported model's logits with the SimLAP model's on a random batch.
+
+    Returns:
+        ``output_dir`` as a Path.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        source_dir = model if source_dir is None else source_dir
+        model = load_simlap_classifier(model)
+    model = model.eval()
+    backbone, head, config = _classifier_parts(model)
+    preprocessing = resolve_preprocessing(config, source_dir, mean, std, crop_pct, interpolation)
+    model_args = dict(config.timm_kwargs())
+    model_args.pop("num_classes", None)
+    try:
+        json.dumps(model_args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"backbone_kwargs {model_args} are not JSON-serialisable: {error}") from error
+    net, head_name = build_timm_classifier(model)
+    if check:
+        probe = torch.randn(2, *preprocessing["input_size"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = head(backbone(probe.to(head.weight.device))).float().cpu()
+            got = net(probe).float()
+        error = (expected - got).abs().max().item()
+        if not error <= 1e-4 * max(1.0, expected.abs().max().item()):
+            raise RuntimeError(f"The exported timm model's logits differ from the SimLAP model's by {error:.3g}.")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in net.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    timm_config = _timm_config(net, config, head_name, preprocessing, model_args)
+    (out / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+    (out / "README.md").write_text(_export_card(config, out, preprocessing, repo_id))
+    logger.info("Exported a timm %s classifier to %s", config.backbone, out)
+    return out
+
+
+def load_simlap_classifier(model_dir: str | os.PathLike) -> nn.Module:
+    """Load a saved SimLAPForImageClassification (or SimLAPModel, for its online head) from ``model_dir``."""
+    from .configuration_simlap import SimLAPConfig
+    from .modeling_simlap import SimLAPForImageClassification, SimLAPModel
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(model_dir)!r} holds no config.json: it is not a saved SimLAP model folder.")
+    values = json.loads(config_file.read_text())
+    if values.get("model_type") not in ("simlap", "simlap_fuse"):
+        raise ValueError(f"{str(model_dir)!r} is not a SimLAP model folder (model_type={values.get('model_type')!r}).")
+    if values.get("model_type") == "simlap_fuse":
+        raise ValueError(
+            "SimLAP-Fuse models classify with a cosine margin head, which has no timm equivalent: export a "
+            "SimLAPForImageClassification (fine-tuned) or a SimLAPModel (its online linear head) instead."
+        )
+    architectures = values.get("architectures") or []
+    model_class = SimLAPModel if "SimLAPModel" in architectures else SimLAPForImageClassification
+    config = SimLAPConfig.from_pretrained(model_dir)
+    return model_class.from_pretrained(model_dir, config=config).eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simlap_hf.export",
+        description="Export a saved SimLAP classifier (or the online head of a pretrained SimLAP model) as a timm "
+        "model folder that timm ('local-dir:OUT_DIR') and transformers load without SimLAP-HF.",
+    )
+    parser.add_argument("model_dir", help="Saved SimLAPForImageClassification / SimLAPModel folder.")
+    parser.add_argument("out_dir", help="Folder to write the timm model to.")
+    parser.add_argument("--mean", type=float, nargs="+", help="Normalisation mean (default: preprocessor_config.json).")
+    parser.add_argument("--std", type=float, nargs="+", help="Normalisation std (default: preprocessor_config.json).")
+    parser.add_argument("--crop_pct", type=float, help="Resize to input_size / crop_pct before the centre crop.")
+    parser.add_argument("--interpolation", help="Resize interpolation (bicubic, bilinear, ...).")
+    parser.add_argument("--hub_model_id", help="Hub id the export will be pushed to (for the card's snippet).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_timm(
+            args.model_dir, args.out_dir, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
+            interpolation=args.interpolation, repo_id=args.hub_model_id,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported: {out}  (timm.create_model('local-dir:{out}', pretrained=True))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
