@@ -42,6 +42,13 @@ From the repository root, with the package importable (for example inside its vi
     python benchmarks/bench_loss.py                  # full run, a few minutes on 2 cores
     python benchmarks/bench_loss.py --quick          # fewer repetitions
     python benchmarks/bench_loss.py --batch-sizes 256 768 --threads 2 --json loss.json
+    python benchmarks/bench_loss.py --device cuda --batch-sizes 1024 4096 16384 --max-baseline-gib 120
+
+On a GPU (``--device cuda``) everything runs in this process: the times synchronise the device, and the extra
+peak memory is ``torch.cuda.max_memory_allocated`` during one forward + backward minus the memory allocated
+before it. The baseline's cap is the smaller of ``--max-baseline-gib`` and 85% of the free GPU memory; an
+estimate above it is reported as out of memory without running, and a ``torch.cuda.OutOfMemoryError`` is caught
+and reported the same way.
 """
 
 from __future__ import annotations
@@ -121,13 +128,18 @@ LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]] = {
 }
 
 
-def make_inputs(batch: int, dim: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Random (embeddings, labels, pair_labels, gate_logits); labels of a random permutation are the partners."""
+def make_inputs(
+    batch: int, dim: int, num_classes: int, seed: int, device: str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random (embeddings, labels, pair_labels, gate_logits) on ``device`` (drawn on the CPU, so the same for every
+    device); labels of a random permutation are the partners."""
     generator = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(batch, dim, generator=generator)
     labels = torch.randint(0, num_classes, (batch,), generator=generator)
     pair_labels = labels[torch.randperm(batch, generator=generator)]
     gate_logits = torch.randn(batch, dim, generator=generator)
+    if device != "cpu":
+        return embeddings.to(device), labels.to(device), pair_labels.to(device), gate_logits.to(device)
     return embeddings, labels, pair_labels, gate_logits
 
 
@@ -242,6 +254,41 @@ def child_measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cuda_measure(args: argparse.Namespace, method: str, batch: int, cap_gib: float) -> dict[str, Any]:
+    """GPU version of the memory measurement, in this process: ``torch.cuda.max_memory_allocated`` during one
+    forward + backward minus the memory allocated before it (inputs included in the base). ``cap_gib`` is unused
+    here (the estimate gate in ``main`` applies); an out-of-memory error is caught and reported."""
+    device = torch.device(args.device)
+    forward_backward(method, *make_inputs(8, args.dim, args.num_classes, args.seed + 1, args.device), args.temperature)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    inputs = make_inputs(batch, args.dim, args.num_classes, args.seed, args.device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        loss, _, _ = forward_backward(method, *inputs, args.temperature)
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError as error:
+        return {"method": method, "batch": batch, "ok": False, "error": f"OutOfMemoryError: {error}"[:300]}
+    finally:
+        peak = torch.cuda.max_memory_allocated(device)
+        del inputs
+        torch.cuda.empty_cache()
+    return {
+        "method": method,
+        "batch": batch,
+        "ok": True,
+        "loss": float(loss),
+        "base_allocated_bytes": base,
+        "extra_peak_bytes": max(peak - base, 0),
+    }
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def run_child(args: argparse.Namespace, method: str, batch: int, cap_gib: float) -> dict[str, Any]:
     """Measure one (method, B) in a fresh interpreter running this script with the hidden child flags."""
     command = [
@@ -279,20 +326,22 @@ def run_child(args: argparse.Namespace, method: str, batch: int, cap_gib: float)
 
 def time_method(args: argparse.Namespace, method: str, batch: int, repeats: int, warmup: int) -> dict[str, float]:
     """Median (and min/max) wall time in ms of forward + backward over ``repeats`` runs after ``warmup`` runs."""
-    inputs = make_inputs(batch, args.dim, args.num_classes, args.seed)
+    inputs = make_inputs(batch, args.dim, args.num_classes, args.seed, args.device)
     for _ in range(warmup):
         forward_backward(method, *inputs, args.temperature)
     times = []
     for _ in range(repeats):
+        synchronize(args.device)
         start = time.perf_counter()
         forward_backward(method, *inputs, args.temperature)
+        synchronize(args.device)
         times.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
 
 
 def check_agreement(args: argparse.Namespace, batch: int) -> dict[str, float]:
     """Largest absolute differences between ours and the baseline: loss, gradient of z, gradient of the gates."""
-    inputs = make_inputs(batch, args.dim, args.num_classes, args.seed)
+    inputs = make_inputs(batch, args.dim, args.num_classes, args.seed, args.device)
     loss_a, grad_z_a, grad_g_a = forward_backward("ours", *inputs, args.temperature)
     loss_b, grad_z_b, grad_g_b = forward_backward("baseline", *inputs, args.temperature)
     return {
@@ -371,6 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     # Hidden flags of the memory-measuring child process.
     parser.add_argument("--child-method", choices=METHODS, default=None, help=argparse.SUPPRESS)
@@ -392,14 +442,20 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child_measure(args)), flush=True)
         return
 
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but CUDA is not available")
     torch.set_num_threads(args.threads)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     print(f"command: {command}")
+    hardware = torch.cuda.get_device_name(args.device) if on_gpu else platform.processor() or platform.machine()
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, {f'device {args.device} ({hardware})' if on_gpu else hardware}, "
+        f"threads {torch.get_num_threads()}, "
         f"K={args.dim}, C={args.num_classes}, T={args.temperature}, pairs: arbitrary, N = B, forward + backward"
     )
-    available = available_memory_bytes()
+    available = torch.cuda.mem_get_info(args.device)[0] if on_gpu else available_memory_bytes()
+    measure_memory = cuda_measure if on_gpu else run_child
     cap_bytes = args.max_baseline_gib * GIB
     if available is not None:
         cap_bytes = min(cap_bytes, 0.85 * available)
@@ -423,18 +479,19 @@ def main(argv: list[str] | None = None) -> None:
         if not baseline_fits:
             row["baseline_failure"] = f"estimated {estimate / GIB:.1f} GiB > cap {cap_bytes / GIB:.1f} GiB, not run"
         if not args.no_memory:
-            ours_mem = run_child(args, "ours", batch, 0.0)
+            ours_mem = measure_memory(args, "ours", batch, 0.0)
             if not ours_mem["ok"]:
                 raise RuntimeError(f"our loss failed at B={batch}: {ours_mem['error']}")
             row["ours_extra_peak_bytes"] = ours_mem["extra_peak_bytes"]
             if baseline_fits:  # measured first, under the cap, so that this process never runs out of memory
-                base_mem = run_child(args, "baseline", batch, cap_bytes / GIB)
+                base_mem = measure_memory(args, "baseline", batch, cap_bytes / GIB)
                 if base_mem["ok"]:
                     row["baseline_extra_peak_bytes"] = base_mem["extra_peak_bytes"]
                     bytes_per_element = base_mem["extra_peak_bytes"] / (batch * batch * args.dim)
                 else:
                     row["baseline_failure"] = (
-                        f"child failed under the {cap_bytes / GIB:.1f} GiB cap: {base_mem['error']}"
+                        f"{'run' if on_gpu else 'child'} failed under the {cap_bytes / GIB:.1f} GiB cap: "
+                        f"{base_mem['error']}"
                     )
                     row["baseline_needs"] = f"needs > {cap_bytes / GIB:.1f} GiB"
                     baseline_fits = False
@@ -470,7 +527,12 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(rows))
     print(
         f"\nTimes: median of forward + backward ({args.repeats} repetitions for ours, up to "
-        f"{args.max_baseline_repeats} for the baseline). Extra peak: RSS above the child process's baseline."
+        f"{args.max_baseline_repeats} for the baseline). Extra peak: "
+        + (
+            "torch.cuda.max_memory_allocated above the memory allocated before the step."
+            if on_gpu
+            else "RSS above the child process's baseline."
+        )
     )
     print(f"load average at end: {load_average()}")
     target_row = next((row for row in rows if row["batch"] == TARGET_BATCH and row["baseline_ok"]), None)
@@ -493,6 +555,8 @@ def main(argv: list[str] | None = None) -> None:
         payload = {
             "command": command,
             "torch": torch.__version__,
+            "device": args.device,
+            "device_name": hardware,
             "threads": torch.get_num_threads(),
             "dim": args.dim,
             "num_classes": args.num_classes,
