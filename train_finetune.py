@@ -11,7 +11,6 @@ The saved folder loads with ``AutoModelForImageClassification`` (after ``import 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,10 @@ from simlap_hf.training import (
     make_classification_evaluator,
     parse_args,
     prepare_data,
+    run_main,
     save_image_processor,
     start_hub_repo,
+    timm_backbone_kwargs,
     train_and_save,
     validate_training_args,
 )
@@ -62,15 +63,6 @@ class FinetuneModelArguments:
     )
 
 
-def scratch_backbone_kwargs(model_args: FinetuneModelArguments) -> dict[str, Any]:
-    kwargs: dict[str, Any] = json.loads(model_args.model_kwargs) if model_args.model_kwargs else {}
-    if model_args.stem_type:
-        kwargs["stem_type"] = model_args.stem_type
-    if model_args.output_stride:
-        kwargs["output_stride"] = model_args.output_stride
-    return kwargs
-
-
 def build_model(model_args: FinetuneModelArguments, data_args: DataArguments, label_names: Sequence[str]):
     """A SimLAPForImageClassification for the data's classes: from a pretrained checkpoint (backbone taken over,
     new head) or from scratch."""
@@ -78,7 +70,8 @@ def build_model(model_args: FinetuneModelArguments, data_args: DataArguments, la
     if model_args.from_scratch:
         if not model_args.model_name:
             raise ValueError("--from_scratch needs --model_name (a timm architecture such as resnet18).")
-        config = SimLAPConfig(backbone=model_args.model_name, backbone_kwargs=scratch_backbone_kwargs(model_args),
+        config = SimLAPConfig(backbone=model_args.model_name, backbone_kwargs=timm_backbone_kwargs(
+                                  model_args.stem_type, model_args.output_stride, model_args.model_kwargs),
                               image_size=data_args.input_size, num_channels=model_args.num_channels,
                               classifier_dropout=model_args.classifier_dropout, **labels)
         return SimLAPForImageClassification(config)
@@ -145,9 +138,10 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: 0 when finished, 130/143 after Ctrl-C/SIGTERM (a checkpoint was saved to resume from)."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

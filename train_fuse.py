@@ -10,7 +10,6 @@ The saved folder classifies through ``AutoModelForImageClassification`` and ``pi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,10 @@ from simlap_hf.training import (
     make_classification_evaluator,
     parse_args,
     prepare_data,
+    run_main,
     save_image_processor,
     start_hub_repo,
+    timm_backbone_kwargs,
     train_and_save,
     validate_training_args,
 )
@@ -63,11 +64,7 @@ class FuseModelArguments:
 
 def build_config(model_args: FuseModelArguments, data_args: DataArguments, label_smoothing: float,
                  label_names: Sequence[str]) -> SimLAPFuseConfig:
-    backbone_kwargs: dict[str, Any] = json.loads(model_args.model_kwargs) if model_args.model_kwargs else {}
-    if model_args.stem_type:
-        backbone_kwargs["stem_type"] = model_args.stem_type
-    if model_args.output_stride:
-        backbone_kwargs["output_stride"] = model_args.output_stride
+    backbone_kwargs = timm_backbone_kwargs(model_args.stem_type, model_args.output_stride, model_args.model_kwargs)
     head_dim = model_args.head_dim
     if head_dim is None:  # the backbone's width, read from its timm default config without building it
         probe = timm.create_model(model_args.model_name, pretrained=False, num_classes=0, **backbone_kwargs)
@@ -126,9 +123,10 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPFuseForImageClassifica
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: 0 when finished, 130/143 after Ctrl-C/SIGTERM (a checkpoint was saved to resume from)."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

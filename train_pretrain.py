@@ -11,7 +11,6 @@ split, and saves a ``SimLAPModel`` folder (config, safetensors weights, model ca
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ from simlap_hf.training import (
     label_mappings,
     parse_args,
     prepare_data,
+    run_main,
     start_hub_repo,
+    timm_backbone_kwargs,
     train_and_save,
     validate_training_args,
     write_json,
@@ -66,19 +67,11 @@ class PretrainModelArguments:
                                          "summary to the model card."}
     )
 
-    def backbone_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = json.loads(self.model_kwargs) if self.model_kwargs else {}
-        if self.stem_type:
-            kwargs["stem_type"] = self.stem_type
-        if self.output_stride:
-            kwargs["output_stride"] = self.output_stride
-        return kwargs
-
 
 def build_config(model_args: PretrainModelArguments, data_args: DataArguments, label_names: Sequence[str]):
     return SimLAPConfig(
         backbone=model_args.model_name,
-        backbone_kwargs=model_args.backbone_kwargs(),
+        backbone_kwargs=timm_backbone_kwargs(model_args.stem_type, model_args.output_stride, model_args.model_kwargs),
         out_dim=model_args.out_dim,
         mlp_dim=model_args.mlp_dim,
         gate=model_args.gate,
@@ -140,9 +133,10 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: 0 when finished, 130/143 after Ctrl-C/SIGTERM (a checkpoint was saved to resume from)."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

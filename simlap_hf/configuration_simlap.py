@@ -129,6 +129,10 @@ class SimLAPConfig(PretrainedConfig):
         """Number of classes C (alias of ``num_labels``)."""
         return self.num_labels
 
+    @num_classes.setter
+    def num_classes(self, value: int) -> None:
+        self.num_labels = value
+
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (``in_chans`` from ``num_channels`` unless given)."""
         kwargs = dict(self.backbone_kwargs)

@@ -624,6 +624,20 @@ def _load_imagefolder(args: DataArguments) -> _RawSource:
                 f"{flag} {directory!r} contains no image files (looked for .png, .jpg, .jpeg, ... in "
                 f"<dir>/<class_name>/); point it at an imagefolder tree."
             )
+        # The imagefolder builder takes class names from the images' folders, so an empty class folder would vanish
+        # from the label set without a word (and shift every later class index): refuse it instead.
+        used = {path.relative_to(root).parts[0] for path in files if len(path.relative_to(root).parts) > 1}
+        empty = sorted(
+            entry.name
+            for entry in root.iterdir()
+            if entry.is_dir() and not entry.name.startswith((".", "__")) and entry.name not in used
+        )
+        if empty:
+            raise ValueError(
+                f"{flag} {directory!r}: class folder(s) {', '.join(repr(name) for name in empty)} hold no image "
+                f"files, so these classes would silently be missing from the label set. Add images to them or "
+                f"remove them."
+            )
         if not args.skip_corrupt_images:
             _check_image_files(files, directory)
         data_files[split] = os.path.join(glob.escape(str(root.resolve())), "**")

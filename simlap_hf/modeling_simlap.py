@@ -7,12 +7,14 @@ Shapes: B images, D backbone features, K projected embedding dimensions, C class
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from timm.models._manipulate import group_with_matcher
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -45,6 +47,16 @@ def create_backbone(config: SimLAPConfig) -> nn.Module:
         raise ValueError(
             f"timm could not build backbone {config.backbone!r} with backbone_kwargs={config.timm_kwargs()}: {error}"
         ) from error
+
+
+def _weights_file(source) -> str:
+    """Name the weights of ``from_pretrained``'s source for messages: the file in a local folder, else the source."""
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
+    if os.path.isdir(text):
+        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(text, name)):
+                return repr(os.path.join(text, name))
+    return repr(text)
 
 
 def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
@@ -112,6 +124,59 @@ class SimLAPPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` whose failures name the file or folder and the fix.
+
+        - A local folder without ``config.json`` (and no ``config=``): OSError (transformers would build a default
+          configuration and then fail on the shapes of the weights).
+        - A path that does not exist: OSError naming it (instead of a complaint about Hub repository ids).
+        - A truncated or corrupt safetensors file: OSError naming the file.
+        - Weights whose shapes do not fit the configuration, e.g. a classifier saved with 3 classes loaded with
+          ``num_labels=5`` or an ``id2label`` of 5 classes, without ``ignore_mismatched_sizes=True``: ValueError
+          listing every such tensor with both shapes, and the two ways out.
+        """
+        source = pretrained_model_name_or_path
+        if isinstance(source, (str, os.PathLike)):
+            text = os.fspath(source)
+            if text.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(text)):
+                raise OSError(f"Cannot load {cls.__name__}: {text!r} does not exist.")
+            if (
+                os.path.isdir(text)
+                and kwargs.get("config") is None
+                and not os.path.isfile(os.path.join(text, "config.json"))
+            ):
+                raise OSError(
+                    f"Cannot load {cls.__name__} from {text!r}: the folder has no config.json, so the architecture "
+                    f"(backbone, sizes, classes) is unknown. Load a folder written by save_pretrained (config.json + "
+                    f"model.safetensors), or pass config=... explicitly."
+                )
+        check_sizes = not kwargs.get("ignore_mismatched_sizes", False)
+        wants_info = kwargs.get("output_loading_info", False)
+        if check_sizes:  # load leniently, then report the mismatches ourselves (with shapes and file)
+            kwargs.update(ignore_mismatched_sizes=True, output_loading_info=True)
+        try:
+            loaded = super().from_pretrained(source, *model_args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"Cannot load {cls.__name__}: the weights file {_weights_file(source)} is truncated or corrupt "
+                f"({error}). Save, copy or download it again."
+            ) from error
+        if not check_sizes:
+            return loaded
+        model, info = loaded
+        mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: item[0])
+        if mismatched:
+            shapes = "; ".join(f"{name}: {tuple(saved)} in the file, {tuple(wanted)} in the model"
+                               for name, saved, wanted in mismatched)
+            raise ValueError(
+                f"Cannot load {cls.__name__} from {_weights_file(source)}: the weights do not fit the configuration "
+                f"({shapes}). This happens when num_labels/id2label (number of classes) differs from the checkpoint's. "
+                f"Pass ignore_mismatched_sizes=True to start these tensors anew (a new head for another label set), "
+                f"or load with the checkpoint's own number of classes."
+            )
+        return (model, info) if wants_info else model
 
     def _mark_initialised(self, module: nn.Module) -> None:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
@@ -203,6 +268,8 @@ class SimLAPModel(SimLAPPreTrainedModel):
         out = model(pixel_values, labels=labels)  # out.loss, out.logits (B, C), out.embeddings (B, K)
         gates = model.gate(y1, y2)                # (B, K) in [0, 1]
     """
+
+    _auto_class = "AutoModel"  # saved folders carry this code (remote code, see SimLAPConfig)
 
     def __init__(self, config: SimLAPConfig) -> None:
         super().__init__(config)
@@ -298,6 +365,8 @@ class SimLAPForImageClassification(SimLAPPreTrainedModel):
     (pass ``num_labels``/``id2label`` for another label set); the projector, filter and online head are dropped.
     """
 
+    _auto_class = "AutoModelForImageClassification"  # saved folders carry this code (remote code, see SimLAPConfig)
+
     _keys_to_ignore_on_load_unexpected = [r"^projector\.", r"^feature_filter\.", r"^online_head\."]
 
     def __init__(self, config: SimLAPConfig) -> None:
@@ -358,6 +427,8 @@ class SimLAPFuseForImageClassification(SimLAPPreTrainedModel):
     ``1[w_y1 * w_y2 > 0]`` (dimensions where the two class weights agree in sign, no gradient), positives being the
     samples of class y1 or y2; it needs E == D.
     """
+
+    _auto_class = "AutoModelForImageClassification"  # saved folders carry this code (remote code, see SimLAPConfig)
 
     config_class = SimLAPFuseConfig
 

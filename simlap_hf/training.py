@@ -275,7 +275,9 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         except (OSError, ValueError):
             logger.warning("Ignoring checkpoint %s: its %s is missing or unreadable.", path, STATE_FILE)
             continue
-        complete.append((state.get("global_step", 0), state.get("step_in_epoch", 0), path))
+        # Progress order; the epoch breaks the tie between a checkpoint taken after the last step of an epoch (on a
+        # stop request) and the epoch-end checkpoint of the same step, which comes later.
+        complete.append((state.get("global_step", 0), state.get("epoch", 0), state.get("step_in_epoch", 0), path))
     return [path for *_, path in sorted(complete)]
 
 
@@ -317,18 +319,18 @@ def save_checkpoint(accelerator: Accelerator, state: TrainerState, args: Trainin
         accelerator.save_state(str(temporary), safe_serialization=True)
         if accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    except OSError as error:
+    except Exception as error:  # a full disk shows as OSError, SafetensorError (safetensors) or RuntimeError (torch)
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
         previous = list_checkpoints(args.output_dir)
         raise OSError(
-            f"Could not write checkpoint {str(final)!r}: {error}. The previous checkpoint "
-            f"{str(previous[-1]) if previous else '(none)'} is intact; free space and resume with "
-            "--resume_from_checkpoint latest."
+            f"Could not write checkpoint {str(final)!r}: {type(error).__name__}: {error}. The previous checkpoint "
+            f"{str(previous[-1]) if previous else '(none)'} is intact; free disk space (or fix the cause above) and "
+            "resume with the same command plus --resume_from_checkpoint latest."
         ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
+        _remove_checkpoint(final)
         os.replace(temporary, final)
         _rotate_checkpoints(args, keep={final.name, Path(state.best_checkpoint).name if state.best_checkpoint else ""})
     accelerator.wait_for_everyone()
@@ -342,15 +344,38 @@ def _rotate_checkpoints(args: TrainingArguments, keep: set[str]) -> None:
         if excess <= 0:
             break
         if path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_checkpoint(path)
             excess -= 1
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder such that a kill midway never leaves a half-deleted folder that still looks like a
+    checkpoint: it is renamed away (atomically) first, then removed."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore every state saved by :func:`save_checkpoint`; returns the trainer state."""
-    accelerator.load_state(str(path))
-    values = json.loads((path / STATE_FILE).read_text())
-    return TrainerState(**values)
+    """Restore every state saved by :func:`save_checkpoint`; returns the trainer state.
+
+    A checkpoint that cannot be read (a file damaged after it was written) raises an OSError naming the folder and
+    the other checkpoints to resume from instead."""
+    try:
+        accelerator.load_state(str(path))
+        values = json.loads((path / STATE_FILE).read_text())
+        return TrainerState(**values)
+    except Exception as error:
+        others = [str(p) for p in list_checkpoints(Path(path).parent.parent) if p.resolve() != Path(path).resolve()]
+        raise OSError(
+            f"Could not load checkpoint {str(path)!r}: {type(error).__name__}: {error}. Either a file of it is "
+            "damaged or missing, or this command's model/optimizer flags differ from the run that saved it. Resume with "
+            f"the run's original flags, or from another checkpoint with --resume_from_checkpoint <folder> (available: "
+            f"{others or 'none'})."
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,6 +387,7 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
@@ -376,6 +402,7 @@ class StopRequested:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         logger.warning("Received signal %d: saving a checkpoint at the next step, then stopping.", signum)
 
     def __exit__(self, *exc: Any) -> None:
@@ -384,7 +411,52 @@ class StopRequested:
 
 
 class TrainingInterrupted(Exception):
-    """Raised after a checkpoint was saved because of SIGINT/SIGTERM."""
+    """Raised after a checkpoint was saved because of SIGINT/SIGTERM.
+
+    ``signum`` is the signal that asked for the stop (SIGTERM when it reached another process of the run);
+    ``exit_code`` is what a command line returns for it: 128 + signum, i.e. 130 for SIGINT and 143 for SIGTERM, the
+    codes a shell reports for a process ended by that signal.
+    """
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = int(signum) if signum is not None else int(signal.SIGTERM)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def run_main(run: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point around a script's ``run(argv)``: returns the process exit code.
+
+    0 when the run finished. After SIGINT/SIGTERM, :func:`fit` has saved a checkpoint and printed how to resume;
+    this returns :attr:`TrainingInterrupted.exit_code` (130 for SIGINT, 143 for SIGTERM) without a traceback. A
+    second Ctrl-C (stop at once, no new checkpoint) or one before training started also returns 130, with a message
+    saying that a resume continues from the last complete checkpoint. Every other error propagates (traceback, exit
+    code 1). Use as ``raise SystemExit(run_main(run, argv))``.
+    """
+    try:
+        run(argv)
+    except TrainingInterrupted as stop:
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(
+            "Interrupted before a checkpoint could be saved; a resume (the same command plus "
+            "--resume_from_checkpoint latest) continues from the last complete checkpoint, if any.",
+            file=sys.stderr,
+        )
+        return 128 + int(signal.SIGINT)
+    return 0
+
+
+def _stop_everywhere(accelerator: Accelerator, requested: bool) -> bool:
+    """Whether any process was asked to stop. Every process takes part (one tiny all-reduce per step when there are
+    several), so that all of them save the same mid-epoch checkpoint together instead of waiting on each other."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 LossFunction = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -400,6 +472,24 @@ class TrainingResult:
 def _append_log(args: TrainingArguments, record: dict[str, Any]) -> None:
     with open(Path(args.output_dir) / "training_log.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(args: TrainingArguments, last_step: int) -> None:
+    """Keep the records of ``training_log.jsonl`` up to ``last_step`` (atomically); unreadable lines are dropped."""
+    path = Path(args.output_dir) / "training_log.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
 
 
 def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -449,6 +539,8 @@ def fit(
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         if state.global_step == 0:
             (Path(args.output_dir) / "training_log.jsonl").unlink(missing_ok=True)
+        else:  # drop what the interrupted run logged after its checkpoint: those steps are trained again
+            _truncate_log(args, state.global_step)
 
     total_batches = len(train_dataloader) * args.num_train_epochs
     done_batches = len(train_dataloader) * state.epoch + state.step_in_epoch
@@ -456,7 +548,7 @@ def fit(
                     desc="train", dynamic_ncols=True)
     metrics: dict[str, float] = {}
     world_images = args.per_device_train_batch_size * accelerator.num_processes
-    with StopRequested() as stop:
+    with StopRequested() as stop, progress:  # the bar is closed on errors too
         for epoch in range(state.epoch, args.num_train_epochs):
             model.train()
             train_dataloader.set_epoch(epoch)
@@ -468,11 +560,14 @@ def fit(
                 with accelerator.accumulate(model):
                     loss, logs = compute_loss(model, batch)
                     if not torch.isfinite(loss.detach()):
-                        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+                        parts = ", ".join(f"{k}={float(torch.as_tensor(v).detach()):.4g}" for k, v in logs.items())
+                        good = list_checkpoints(args.output_dir)
                         raise FloatingPointError(
-                            f"Non-finite loss {float(loss):.4g} at epoch {epoch}, step {step} ({parts}). The last "
-                            f"checkpoint under {str(checkpoint_root(args.output_dir))!r} is unchanged; lower the "
-                            "learning rate or disable mixed precision and resume with --resume_from_checkpoint latest."
+                            f"Non-finite loss {float(loss.detach()):.4g} in epoch {epoch + 1}/{args.num_train_epochs}, batch "
+                            f"{step + 1}/{len(train_dataloader)} (loss parts: {parts}); training stopped before this "
+                            f"update. The last good checkpoint, {str(good[-1]) if good else '(none yet)'}, stays the "
+                            "latest; lower the learning rate or disable mixed precision and resume with "
+                            "--resume_from_checkpoint latest."
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.clip_grad is not None:
@@ -496,16 +591,18 @@ def fit(
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                         if accelerator.is_main_process:
                             _append_log(args, {"step": state.global_step, **record})
-                if stop.requested:
+                # Stop only at an optimizer-step boundary: gradients accumulated so far are not part of a checkpoint.
+                if accelerator.sync_gradients and _stop_everywhere(accelerator, stop.requested):
                     state.train_seconds += time.perf_counter() - epoch_start
                     path = save_checkpoint(accelerator, state, args)
                     progress.close()
                     message = (
-                        f"Stopped at epoch {epoch}, step {state.step_in_epoch}; checkpoint saved to {path}. Resume "
-                        "with the same command plus --resume_from_checkpoint latest."
+                        f"Stopped in epoch {epoch + 1}/{args.num_train_epochs} after batch {state.step_in_epoch}/"
+                        f"{len(train_dataloader)} (global step {state.global_step}); checkpoint saved to {path}. "
+                        "Resume with the same command plus --resume_from_checkpoint latest."
                     )
                     accelerator.print(message)
-                    raise TrainingInterrupted(message)
+                    raise TrainingInterrupted(message, stop.signum)
             state.train_seconds += time.perf_counter() - epoch_start
             state.epoch, state.step_in_epoch = epoch + 1, 0
             is_last = state.epoch == args.num_train_epochs
@@ -605,6 +702,16 @@ def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> 
             f"--ra={data_args.ra}: every image must appear ra times in the same batch."
         )
     dataset = load_image_dataset(data_args, seed=args.seed)
+    train_classes = dataset["train"].unique("label")
+    if len(train_classes) < 2:
+        names = get_label_names(dataset)
+        present = [names[i] for i in train_classes]
+        raise ValueError(
+            f"The training split holds a single class ({', '.join(map(repr, present))}; classes named by the data: "
+            f"{names}). Training needs at least 2 classes: the contrastive loss has no negatives and the "
+            "cross-entropy nothing to separate, so nothing would be learned. Check --train_dir / --dataset_name and "
+            "--label_column_name."
+        )
     views = with_image_transforms(
         DatasetDict(train=dataset["train"], validation=dataset["validation"], train_eval=dataset["train"]),
         data_args,
@@ -618,6 +725,19 @@ def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> 
         train_eval=create_eval_dataloader(views["train_eval"], args.per_device_eval_batch_size, workers),
         training_args=args,
     )
+
+
+def timm_backbone_kwargs(stem_type: str | None, output_stride: int | None, model_kwargs: str | None) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments from the scripts' ``--stem_type``, ``--output_stride`` and
+    ``--model_kwargs`` (a JSON object) flags; empty or zero values leave timm's defaults."""
+    kwargs: dict[str, Any] = json.loads(model_kwargs) if model_kwargs else {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model_kwargs={model_kwargs!r} must be a JSON object such as '{{\"drop_path_rate\": 0.1}}'.")
+    if stem_type:
+        kwargs["stem_type"] = stem_type
+    if output_stride:
+        kwargs["output_stride"] = output_stride
+    return kwargs
 
 
 def label_mappings(label_names: Sequence[str]) -> dict[str, dict]:
@@ -655,6 +775,7 @@ def save_final_outputs(
     push the folder to the Hub when ``repo_id`` is set. Returns the results."""
     results = build_results(result, metric_names)
     output_dir = Path(args.output_dir)
+    push_error: Exception | None = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -669,11 +790,17 @@ def save_final_outputs(
         card.save(output_dir / "README.md")
         accelerator.print("results: " + json.dumps(results))
         if repo_id is not None:
-            from .hub import push_output_dir
+            from .hub import HubPushError, push_output_dir
 
-            accelerator.print(f"pushed: {push_output_dir(output_dir, repo_id, args.hub_token, 'End of training')}")
+            try:
+                url = push_output_dir(output_dir, repo_id, args.hub_token, "End of training")
+                accelerator.print(f"pushed: {url}")
+            except HubPushError as error:  # raised after every process is past the barrier below
+                push_error = error
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if push_error is not None:
+        raise push_error
     return results
 
 
@@ -791,9 +918,11 @@ def train_and_save(
     model_ema_decay: float | None = None,
     base_model: str | None = None,
     extra_files: Callable[[Path, torch.nn.Module], None] | None = None,
+    card_sections: Callable[[torch.nn.Module], dict[str, str]] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The part of every script after the model is built: optimizer, ``accelerator.prepare``, optional EMA, trackers,
-    :func:`fit`, and :func:`save_final_outputs`. Returns the trained (unwrapped) model and the results."""
+    :func:`fit`, and :func:`save_final_outputs`. ``card_sections(model)`` may add sections to the model card.
+    Returns the trained (unwrapped) model and the results."""
     model = prepare_model(model, args, accelerator)
     optimizer = create_optimizer(model, args)
     model, optimizer, data.train, data.validation, data.train_eval = accelerator.prepare(
@@ -819,6 +948,9 @@ def train_and_save(
     result = fit(accelerator, model, optimizer, data.train, args, compute_loss,
                  make_evaluator(accelerator, data, ema), on_step_end=on_step_end, on_checkpoint=on_checkpoint)
     final = ema.module if ema is not None else model
+    # Run on every process (it may gather across processes); only the main process writes the card.
+    sections = card_sections(final) if card_sections is not None else None
     results = save_final_outputs(accelerator, final, result, args, task, metric_names, hyperparameters,
-                                 dataset_name, repo_id=repo_id, base_model=base_model, extra_files=extra_files)
+                                 dataset_name, repo_id=repo_id, base_model=base_model, extra_files=extra_files,
+                                 extra_card_sections=sections)
     return accelerator.unwrap_model(final), results

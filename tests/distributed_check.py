@@ -20,6 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from test_training import tiny_flags  # noqa: E402
+
 import train_pretrain  # noqa: E402
 from simlap_hf.losses import (  # noqa: E402
     distributed_mean,
@@ -29,7 +31,6 @@ from simlap_hf.losses import (  # noqa: E402
     simlap_contrastive_terms,
     simlap_loss,
 )
-from test_training import tiny_flags  # noqa: E402
 
 
 def check_gathered_loss() -> dict[str, float]:

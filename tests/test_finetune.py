@@ -12,7 +12,7 @@ from transformers import AutoModelForImageClassification, pipeline
 import simlap_hf  # noqa: F401  (registers the auto classes)
 import train_finetune
 import train_fuse
-from simlap_hf import SimLAPConfig, SimLAPForImageClassification, SimLAPModel, SimLAPFuseForImageClassification
+from simlap_hf import SimLAPConfig, SimLAPForImageClassification, SimLAPFuseForImageClassification, SimLAPModel
 from simlap_hf.data import DataArguments
 from simlap_hf.training import (
     ClassificationArguments,

@@ -77,7 +77,7 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tiny_image_folder, tmp
     original_save = training.save_checkpoint
 
     def save_then_die(*args, **kwargs):
-        path = original_save(*args, **kwargs)
+        original_save(*args, **kwargs)
         raise KeyboardInterrupt("killed after the first checkpoint")
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
