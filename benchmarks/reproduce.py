@@ -1,0 +1,271 @@
+#!/usr/bin/env python
+"""Reproduce the paper's comparison (SimLAP vs supervised contrastive learning vs cross-entropy) on real data.
+
+The seed's table is on CIFAR-10 (SimLAP 90.86, SupCon 89.9, SupCon fed arbitrary pairs 25.3). CIFAR-10 cannot be
+downloaded here; Fashion-MNIST (Debian package ``dataset-fashion-mnist``) and scikit-learn's digits can. Every
+variant is trained with one backbone and one CPU budget (a YAML file in ``benchmarks/configs/``), then evaluated on
+the full 10,000-image Fashion-MNIST test set (online-head, kNN and linear-probe top-1, effective rank of the
+embeddings) and transferred to digits (kNN and linear probe on frozen backbone features).
+
+    python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu.yaml --output_dir outputs/reproduce
+
+Finished variants are skipped when the command is run again (a killed reproduction continues where it stopped).
+Writes ``results.json``, ``results.md`` and ``results.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datasets import DatasetDict  # noqa: E402
+
+import train_finetune  # noqa: E402
+import train_pretrain  # noqa: E402
+from simlap_hf import SimLAPForImageClassification, SimLAPModel  # noqa: E402
+from simlap_hf.data import (  # noqa: E402
+    DataArguments,
+    create_eval_dataloader,
+    load_image_dataset,
+    with_image_transforms,
+)
+from simlap_hf.evaluation import (  # noqa: E402
+    effective_rank,
+    extract_features,
+    knn_accuracy,
+    linear_probe,
+    singular_values,
+)
+
+# name: (script, flags). The rows of the paper's comparison.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "simlap_fused_arbitrary": ("pretrain", ["--gate", "fused", "--pair_mode", "arbitrary"]),
+    "simlap_fused_identical": ("pretrain", ["--gate", "fused", "--pair_mode", "identical"]),
+    "simlap_fused_distinct": ("pretrain", ["--gate", "fused", "--pair_mode", "distinct"]),
+    "supcon_open_identical": ("pretrain", ["--gate", "open", "--pair_mode", "identical"]),
+    "supcon_open_arbitrary": ("pretrain", ["--gate", "open", "--pair_mode", "arbitrary"]),
+    "cross_entropy": ("finetune", ["--from_scratch", "--mixup", "0", "--cutmix", "0", "--smoothing", "0"]),
+}
+LABELS = {
+    "simlap_fused_arbitrary": "SimLAP, fused gate, arbitrary pairs",
+    "simlap_fused_identical": "SimLAP, fused gate, identical pairs",
+    "simlap_fused_distinct": "SimLAP, fused gate, distinct pairs",
+    "supcon_open_identical": "open gate, identical pairs (SupCon)",
+    "supcon_open_arbitrary": "open gate, arbitrary pairs",
+    "cross_entropy": "supervised cross-entropy",
+}
+METRICS = ("online_top1", "knn_top1", "probe_top1", "effective_rank", "transfer_knn_top1", "transfer_probe_top1")
+
+
+def budget_flags(budget: dict[str, Any], script: str) -> list[str]:
+    """Flags shared by every variant, from the budget file (the model flags of pretraining are renamed)."""
+    flags = []
+    for key, value in budget["train"].items():
+        if script == "finetune" and key in ("out_dim", "mlp_dim", "temperature", "gate", "pair_mode"):
+            continue
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{key}", *[str(v) for v in values]]
+    return flags
+
+
+def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: dict[str, Any], seed: int):
+    """Sequential loaders (eval transform) of a data set's train and validation splits."""
+    train_cfg = budget["train"]
+    data_args = DataArguments(
+        dataset_name=dataset_name,
+        input_size=train_cfg["input_size"],
+        mean=train_cfg.get("mean"),
+        std=train_cfg.get("std"),
+        max_train_samples=split_limit.get("train"),
+        max_eval_samples=split_limit.get("validation"),
+    )
+    dataset = load_image_dataset(data_args, seed=seed)
+    views = with_image_transforms(
+        DatasetDict(validation=dataset["validation"], train_eval=dataset["train"]), data_args,
+        num_channels=train_cfg["num_channels"],
+    )
+    return (create_eval_dataloader(views["train_eval"], 256), create_eval_dataloader(views["validation"], 256),
+            len(dataset["train"].features["label"].names))
+
+
+def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Online head, kNN, linear probe, effective rank on Fashion-MNIST; kNN and probe transfer to digits."""
+    model.eval()
+    results: dict[str, Any] = {}
+    source_train, source_test, num_classes = loaders["source"]
+    train_out = extract_features(model, source_train, output_key="pooler_output", show_progress=False)
+    test_out = extract_features(model, source_test, output_key="pooler_output", show_progress=False)
+    embeddings = test_out[0]
+    if isinstance(model, SimLAPModel):  # projector and online head are applied to the pooled features
+        with torch.no_grad():
+            embeddings = model.projector(test_out[0])
+            logits = model.online_head(test_out[0])
+        results["online_top1"] = 100.0 * float((logits.argmax(1) == test_out[1]).float().mean())
+    results["knn_top1"] = knn_accuracy(*train_out, *test_out, num_classes)
+    results["probe_top1"] = linear_probe(*train_out, *test_out, seed=seed)["top1"]
+    results["effective_rank"] = effective_rank(embeddings)
+    results["spectrum"] = singular_values(embeddings).tolist()
+    transfer_train, transfer_test, transfer_classes = loaders["transfer"]
+    transfer_train_out = extract_features(model, transfer_train, show_progress=False)
+    transfer_test_out = extract_features(model, transfer_test, show_progress=False)
+    results["transfer_knn_top1"] = knn_accuracy(*transfer_train_out, *transfer_test_out, transfer_classes)
+    results["transfer_probe_top1"] = linear_probe(*transfer_train_out, *transfer_test_out, seed=seed)["top1"]
+    return results
+
+
+def run_variant(name: str, seed: int, budget: dict[str, Any], output_dir: Path, loaders: dict[str, Any]):
+    """Train one variant with one seed (or reuse a finished run) and evaluate it."""
+    run_dir = output_dir / f"{name}_seed{seed}"
+    result_file = run_dir / "reproduce_metrics.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    script, variant_flags = VARIANTS[name]
+    flags = [*budget_flags(budget, script), *variant_flags, "--seed", str(seed), "--output_dir", str(run_dir)]
+    if any(run_dir.glob("checkpoints/checkpoint-*")):
+        flags += ["--resume_from_checkpoint", "latest"]
+    else:
+        flags += ["--overwrite_output_dir"]
+    start = time.perf_counter()
+    if script == "pretrain":
+        train_pretrain.run(flags)
+        model = SimLAPModel.from_pretrained(run_dir)
+    else:
+        train_finetune.run(flags)
+        model = SimLAPForImageClassification.from_pretrained(run_dir)
+    train_seconds = time.perf_counter() - start
+    metrics = evaluate_model(model, loaders, seed)
+    metrics.update(variant=name, seed=seed, wall_seconds=round(train_seconds, 1))
+    result_file.write_text(json.dumps(metrics))
+    return metrics
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation over seeds of every metric, per variant."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in VARIANTS:
+        rows = [r for r in runs if r["variant"] == name]
+        if not rows:
+            continue
+        entry: dict[str, Any] = {"label": LABELS[name], "seeds": [r["seed"] for r in rows]}
+        for metric in METRICS:
+            values = [r[metric] for r in rows if metric in r]
+            if values:
+                entry[metric] = {"mean": statistics.fmean(values),
+                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        entry["spectrum"] = rows[0]["spectrum"]
+        summary[name] = entry
+    return summary
+
+
+def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+    header = ("| variant | online head | kNN | linear probe | effective rank | digits kNN | digits probe |\n"
+              "|---|---|---|---|---|---|---|")
+    lines = [header]
+    for entry in summary.values():
+        cells = []
+        for metric in METRICS:
+            value = entry.get(metric)
+            if value is None:
+                cells.append("-")
+            elif metric == "effective_rank":
+                cells.append(f"{value['mean']:.1f} ± {value['std']:.1f}")
+            else:
+                cells.append(f"{value['mean']:.2f} ± {value['std']:.2f}")
+        lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy bars with their spread, and the embedding spectra overlaid (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(summary)
+    metrics = [("knn_top1", "kNN"), ("probe_top1", "linear probe"), ("transfer_knn_top1", "digits kNN"),
+               ("transfer_probe_top1", "digits probe")]
+    figure, (bars, spectra) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(names)
+    positions = np.arange(len(metrics))
+    for index, name in enumerate(names):
+        means = [summary[name].get(m, {}).get("mean", np.nan) for m, _ in metrics]
+        errors = [summary[name].get(m, {}).get("std", 0.0) for m, _ in metrics]
+        bars.bar(positions + index * width, means, width, yerr=errors, capsize=3, label=summary[name]["label"])
+    bars.set_xticks(positions + width * (len(names) - 1) / 2, [label for _, label in metrics])
+    bars.set_ylabel("top-1 accuracy (%)")
+    bars.set_ylim(0, 100)
+    bars.set_title("Fashion-MNIST test and transfer to digits (mean ± std over seeds)")
+    bars.legend(fontsize=8, loc="lower left")
+    for name in names:
+        spectrum = np.asarray(summary[name]["spectrum"])
+        spectra.semilogy(np.arange(1, len(spectrum) + 1), spectrum / spectrum[0], label=summary[name]["label"])
+    spectra.set_xlabel("singular value index")
+    spectra.set_ylabel("singular value / largest (log)")
+    spectra.set_title("Embedding spectra on the test set")
+    spectra.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("budget", help="budget YAML file (benchmarks/configs/reproduce_*.yaml)")
+    parser.add_argument("--output_dir", default="outputs/reproduce")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
+    parser.add_argument("--threads", type=int, help="override the budget's torch threads (e.g. 1 per process when "
+                        "several reproduce.py processes share the cores, each with its own --variants)")
+    options = parser.parse_args(argv)
+    budget = yaml.safe_load(Path(options.budget).read_text())
+    seeds = options.seeds or budget["seeds"]
+    output_dir = Path(options.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(options.threads or budget.get("threads", torch.get_num_threads()))
+    evaluation = budget["evaluation"]
+    loaders = {
+        "source": eval_loader(budget["train"]["dataset_name"],
+                              {"train": budget["train"].get("max_train_samples"), "validation": None}, budget, 0),
+        "transfer": eval_loader(evaluation["transfer_dataset_name"], {}, budget, 0),
+    }
+    start = time.perf_counter()
+    runs = []
+    for seed in seeds:
+        for name in options.variants:
+            print(f"=== {name} seed {seed} ===", flush=True)
+            runs.append(run_variant(name, seed, budget, output_dir, loaders))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "spectrum"}), flush=True)
+    summary = summarise(runs)
+    report = {
+        "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "budget": budget,
+        "date": date.today().isoformat(),
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "total_wall_seconds": round(time.perf_counter() - start, 1),
+        "summary": summary,
+        "runs": runs,
+    }
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(summary)
+    (output_dir / "results.md").write_text(table + "\n")
+    plot(summary, output_dir / "results.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
