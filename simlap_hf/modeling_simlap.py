@@ -60,7 +60,11 @@ def _weights_file(source) -> str:
 
 
 def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
-    """Raise a ValueError when class indices fall outside [0, num_classes)."""
+    """Raise a ValueError when class indices fall outside [0, num_classes).
+
+    Skipped while ``torch.compile`` traces the model (the check needs the values on the host)."""
+    if torch.compiler.is_compiling():
+        return
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}); "
