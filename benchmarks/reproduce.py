@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         "date": date.today().isoformat(),
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
         "total_wall_seconds": round(time.perf_counter() - start, 1),
+        # Finished runs are reused, so the training time of every run is summed separately.
+        "training_wall_seconds_of_all_runs": round(sum(r["wall_seconds"] for r in runs), 1),
         "summary": summary,
         "runs": runs,
     }
