@@ -187,6 +187,9 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
     )
+    # accelerate logs every file of every checkpoint at INFO; our own checkpoint messages are enough.
+    for name in ("accelerate.checkpointing", "accelerate.accelerator"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     set_seed(args.seed)
     return accelerator
 
