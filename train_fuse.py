@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from simlap_hf import SimLAPFuseForImageClassification
@@ -65,16 +64,12 @@ class FuseModelArguments:
 def build_config(model_args: FuseModelArguments, data_args: DataArguments, label_smoothing: float,
                  label_names: Sequence[str]) -> SimLAPFuseConfig:
     backbone_kwargs = timm_backbone_kwargs(model_args.stem_type, model_args.output_stride, model_args.model_kwargs)
-    head_dim = model_args.head_dim
-    if head_dim is None:  # the backbone's width, read from its timm default config without building it
-        probe = timm.create_model(model_args.model_name, pretrained=False, num_classes=0, **backbone_kwargs)
-        head_dim = probe.num_features
     return SimLAPFuseConfig(
         backbone=model_args.model_name,
         backbone_kwargs=backbone_kwargs,
         num_channels=model_args.num_channels,
         image_size=data_args.input_size,
-        head_dim=head_dim,
+        head_dim=model_args.head_dim,
         head_hidden_mult=model_args.head_hidden_mult,
         arc_scale=model_args.arc_scale,
         iter_num=model_args.iter_num,

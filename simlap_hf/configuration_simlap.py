@@ -162,7 +162,8 @@ class SimLAPFuseConfig(SimLAPConfig):
 
     Args (on top of :class:`SimLAPConfig`; projector and feature filter fields are unused):
         head_dim: width of the margin head's output, compared by cosine to the class weights. The SimLAP term gates
-            backbone features with the class-weight signs, so it needs ``head_dim`` equal to the backbone width D.
+            backbone features with the class-weight signs, so it needs ``head_dim`` equal to the backbone width D;
+            ``None`` (default) takes D when the model is built.
         head_hidden_mult: the margin head's hidden width is ``head_hidden_mult * head_dim``.
         arc_scale: scale s of the ArcGrad logits ``s * (pi - arccos(cos))``.
         iter_num: number of pair draws averaged in the SimLAP term.
@@ -172,7 +173,7 @@ class SimLAPFuseConfig(SimLAPConfig):
 
     model_type = "simlap_fuse"
 
-    head_dim: int = 512
+    head_dim: int | None = None
     head_hidden_mult: int = 4
     arc_scale: float = 10.0
     iter_num: int = 1
@@ -181,7 +182,7 @@ class SimLAPFuseConfig(SimLAPConfig):
 
     def __init__(
         self,
-        head_dim: int = 512,
+        head_dim: int | None = None,
         head_hidden_mult: int = 4,
         arc_scale: float = 10.0,
         iter_num: int = 1,
@@ -203,6 +204,8 @@ class SimLAPFuseConfig(SimLAPConfig):
         _check_positive("simlap_weight", self.simlap_weight, strict=False)
         for field in ("head_dim", "head_hidden_mult", "iter_num"):
             value = getattr(self, field)
+            if field == "head_dim" and value is None:
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SimLAPFuseConfig.{field}={value!r} is not valid; it must be a positive integer.")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -440,6 +440,8 @@ class SimLAPFuseForImageClassification(SimLAPPreTrainedModel):
         super().__init__(config)
         self.backbone = self._build_backbone(config)
         feature_dim = self.backbone.num_features
+        if config.head_dim is None:
+            config.head_dim = feature_dim
         if feature_dim != config.head_dim:
             raise ValueError(
                 f"SimLAP-Fuse gates backbone features with the class weights, so the backbone width must equal "
