@@ -24,7 +24,6 @@ from simlap_hf.training import (
     ClassificationArguments,
     TrainingArguments,
     arguments_as_dict,
-    create_accelerator,
     create_classification_criterion,
     create_mixup,
     label_mappings,
@@ -33,10 +32,9 @@ from simlap_hf.training import (
     prepare_data,
     run_main,
     save_image_processor,
-    start_hub_repo,
+    start_run,
     timm_backbone_kwargs,
     train_and_save,
-    validate_training_args,
 )
 
 METRICS = ("eval_top1", "eval_top5")
@@ -110,9 +108,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification
     model_args, recipe, data_args, args = parse_args(
         (FinetuneModelArguments, ClassificationArguments, DataArguments, TrainingArguments), argv
     )
-    validate_training_args(args)
-    repo_id = start_hub_repo(args)
-    accelerator = create_accelerator(args)
+    accelerator, repo_id = start_run(args)
     num_channels = (
         model_args.num_channels
         if model_args.from_scratch or not model_args.model_name_or_path

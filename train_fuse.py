@@ -24,7 +24,6 @@ from simlap_hf.training import (
     ClassificationArguments,
     TrainingArguments,
     arguments_as_dict,
-    create_accelerator,
     create_mixup,
     label_mappings,
     make_classification_evaluator,
@@ -32,10 +31,9 @@ from simlap_hf.training import (
     prepare_data,
     run_main,
     save_image_processor,
-    start_hub_repo,
+    start_run,
     timm_backbone_kwargs,
     train_and_save,
-    validate_training_args,
 )
 
 METRICS = ("eval_top1", "eval_top5")
@@ -100,9 +98,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPFuseForImageClassifica
     model_args, recipe, data_args, args = parse_args(
         (FuseModelArguments, ClassificationArguments, DataArguments, TrainingArguments), argv
     )
-    validate_training_args(args)
-    repo_id = start_hub_repo(args)
-    accelerator = create_accelerator(args)
+    accelerator, repo_id = start_run(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     mixup = create_mixup(recipe, len(data.label_names))
     # Mixup targets already carry the smoothing; otherwise the model's cross-entropy applies it.

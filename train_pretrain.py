@@ -25,15 +25,13 @@ from simlap_hf.evaluation import classification_metrics, extract_features, knn_a
 from simlap_hf.training import (
     TrainingArguments,
     arguments_as_dict,
-    create_accelerator,
     label_mappings,
     parse_args,
     prepare_data,
     run_main,
-    start_hub_repo,
+    start_run,
     timm_backbone_kwargs,
     train_and_save,
-    validate_training_args,
     write_json,
 )
 
@@ -113,9 +111,7 @@ def make_evaluator(accelerator, data, ema=None):
 def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]:
     """Parse ``argv`` (YAML file and/or flags), train, save; returns the trained model and the results."""
     model_args, data_args, args = parse_args((PretrainModelArguments, DataArguments, TrainingArguments), argv)
-    validate_training_args(args)
-    repo_id = start_hub_repo(args)
-    accelerator = create_accelerator(args)
+    accelerator, repo_id = start_run(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     config = build_config(model_args, data_args, data.label_names)
 

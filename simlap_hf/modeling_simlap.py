@@ -300,6 +300,10 @@ class SimLAPModel(SimLAPPreTrainedModel):
         """Gate vectors g(y1, y2) of pairs of classes: (B,), (B,) int64 -> (B, K) in [0, 1] (ones for ``open``)."""
         check_labels(labels, self.config.num_classes)
         check_labels(pair_labels, self.config.num_classes, "pair_labels")
+        return self._gates(labels, pair_labels)
+
+    def _gates(self, labels: Tensor, pair_labels: Tensor) -> Tensor:
+        """:meth:`gate` without the range checks (for labels already checked)."""
         if self.feature_filter is None:
             return torch.ones(labels.shape[0], self.config.out_dim, device=labels.device)
         return self.feature_filter(labels, pair_labels)
@@ -335,10 +339,13 @@ class SimLAPModel(SimLAPPreTrainedModel):
         self, output: SimLAPModelOutput, labels: Tensor, pair_labels: Tensor | None, gather_keys: bool | None
     ) -> None:
         config = self.config
+        # One host-side range check per step: sampled partners are in range by construction.
         check_labels(labels, config.num_classes)
         if pair_labels is None:
             pair_labels = sample_pair_labels(labels, config.pair_mode, config.num_classes)
-        gates = self.gate(labels, pair_labels)  # (B, K)
+        else:
+            check_labels(pair_labels, config.num_classes, "pair_labels")
+        gates = self._gates(labels, pair_labels)  # (B, K)
         embeddings = output.embeddings
         if gather_keys is None:
             gather_keys = self.training and is_distributed()

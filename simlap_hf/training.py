@@ -168,6 +168,14 @@ def validate_training_args(args: TrainingArguments) -> None:
         find_checkpoint(args.output_dir, args.resume_from_checkpoint)  # fails early when there is none
 
 
+def start_run(args: TrainingArguments) -> tuple[Accelerator, str | None]:
+    """The first steps of every script, before any data is read: check the flags, create the Hub repository when
+    pushing (so a bad id or token fails early), and set up the accelerator. Returns (accelerator, Hub repo id)."""
+    validate_training_args(args)
+    repo_id = start_hub_repo(args)
+    return create_accelerator(args), repo_id
+
+
 def create_accelerator(args: TrainingArguments) -> Accelerator:
     """Accelerator with mixed precision, gradient accumulation and trackers; seeds every process."""
     mixed_precision = args.mixed_precision
