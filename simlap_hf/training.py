@@ -512,6 +512,15 @@ def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tenso
     return {name: float(value) for name, value in zip(names, averaged.tolist())}
 
 
+def _processes_with_non_finite_loss(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:
+    """Ranks whose loss is NaN or infinite. Every process gets the same answer, so all of them stop at the same
+    batch instead of the healthy ones waiting forever in the next gradient all-reduce."""
+    finite = torch.isfinite(loss.detach()).reshape(1).float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite)
+    return [rank for rank, ok in enumerate(finite.tolist()) if not ok]
+
+
 def fit(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -570,11 +579,14 @@ def fit(
             for step, batch in enumerate(batches, start=skip):
                 with accelerator.accumulate(model):
                     loss, logs = compute_loss(model, batch)
-                    if not torch.isfinite(loss.detach()):
+                    bad_processes = _processes_with_non_finite_loss(accelerator, loss)
+                    if bad_processes:
                         parts = ", ".join(f"{k}={float(torch.as_tensor(v).detach()):.4g}" for k, v in logs.items())
+                        where = "" if accelerator.num_processes == 1 else f" on process(es) {bad_processes}"
                         good = list_checkpoints(args.output_dir)
                         raise FloatingPointError(
-                            f"Non-finite loss {float(loss.detach()):.4g} in epoch {epoch + 1}/{args.num_train_epochs}, batch "
+                            f"Non-finite loss {float(loss.detach()):.4g}{where} in epoch {epoch + 1}/"
+                            f"{args.num_train_epochs}, batch "
                             f"{step + 1}/{len(train_dataloader)} (loss parts: {parts}); training stopped before this "
                             f"update. The last good checkpoint, {str(good[-1]) if good else '(none yet)'}, stays the "
                             "latest; lower the learning rate or disable mixed precision and resume with "

@@ -3,7 +3,9 @@
 1. The gathered SimLAP loss: each process holds half of a batch; the mean of the per-process losses, the gradient
    of that mean with respect to each process's embeddings, and the data-parallel parameter gradient must equal
    those of one process holding the whole batch.
-2. A short 2-process train_pretrain.py run must end with identical weights on both processes.
+2. A NaN loss on process 1 only must stop both processes at the same batch with the same error (not leave
+   process 0 waiting in the gradient all-reduce).
+3. A short 2-process train_pretrain.py run must end with identical weights on both processes.
 
 Usage: torchrun --nproc_per_node 2 tests/distributed_check.py IMAGE_FOLDER OUTPUT_DIR
 """
@@ -75,10 +77,33 @@ def check_gathered_loss() -> dict[str, float]:
             "param_grad_error": float(errors[2])}
 
 
+def check_nan_on_one_process(image_folder: str, output_dir: Path) -> str:
+    """Poison the second batch's loss on process 1 only; return the error every process raised."""
+    original = train_pretrain.simlap_step
+    calls = []
+
+    def step_with_nan_on_process_1(model, batch):
+        calls.append(1)
+        loss, logs = original(model, batch)
+        if len(calls) == 2 and dist.get_rank() == 1:
+            loss = loss + float("nan")
+        return loss, logs
+
+    train_pretrain.simlap_step = step_with_nan_on_process_1
+    try:
+        train_pretrain.run(tiny_flags(image_folder, output_dir / "nan", epochs=1))
+    except FloatingPointError as error:
+        return str(error)
+    finally:
+        train_pretrain.simlap_step = original
+    return "no error"
+
+
 def main() -> None:
     image_folder, output_dir = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     report = {"world_size": dist.get_world_size(), **check_gathered_loss()}
+    report["nan_error"] = check_nan_on_one_process(image_folder, output_dir)
 
     rank = dist.get_rank()
     # The run ends by closing the process group, so each process writes its own report.

@@ -185,5 +185,8 @@ def test_two_processes_gather_loss_and_train_identically(tiny_image_folder, tmp_
         assert report["loss_error"] < 1e-5
         assert report["embedding_grad_error"] < 1e-5 and report["param_grad_error"] < 1e-5
     # 36 training images x ra 3 = 108 samples: 9 batches of 12; each process takes 4 (accelerate drops the incomplete last round, like drop_last).
+    for report in reports:  # process 1's NaN stopped both, before the update of that batch
+        assert "Non-finite loss" in report["nan_error"] and "batch 2/4" in report["nan_error"], report["nan_error"]
+        assert "on process(es) [1]" in report["nan_error"]
     assert reports[0]["trained_steps"] == reports[1]["trained_steps"] == 4
     assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
