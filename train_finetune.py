@@ -61,6 +61,10 @@ class FinetuneModelArguments:
     )
 
 
+# The dataclasses of the command line (flags or a YAML file), in the order parse_args returns them.
+ARGUMENT_CLASSES = (FinetuneModelArguments, ClassificationArguments, DataArguments, TrainingArguments)
+
+
 def build_model(model_args: FinetuneModelArguments, data_args: DataArguments, label_names: Sequence[str]):
     """A SimLAPForImageClassification for the data's classes: from a pretrained checkpoint (backbone taken over,
     new head) or from scratch."""
@@ -105,9 +109,7 @@ def classification_step_factory(mixup, criterion):
 
 def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification, dict[str, Any]]:
     """Parse ``argv`` (YAML file and/or flags), fine-tune, save; returns the trained model and the results."""
-    model_args, recipe, data_args, args = parse_args(
-        (FinetuneModelArguments, ClassificationArguments, DataArguments, TrainingArguments), argv
-    )
+    model_args, recipe, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
     accelerator, repo_id = start_run(args)
     num_channels = (
         model_args.num_channels

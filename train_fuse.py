@@ -59,6 +59,10 @@ class FuseModelArguments:
     simlap_weight: float = field(default=1.0, metadata={"help": "Weight of the SimLAP term."})
 
 
+# The dataclasses of the command line (flags or a YAML file), in the order parse_args returns them.
+ARGUMENT_CLASSES = (FuseModelArguments, ClassificationArguments, DataArguments, TrainingArguments)
+
+
 def build_config(model_args: FuseModelArguments, data_args: DataArguments, label_smoothing: float,
                  label_names: Sequence[str]) -> SimLAPFuseConfig:
     backbone_kwargs = timm_backbone_kwargs(model_args.stem_type, model_args.output_stride, model_args.model_kwargs)
@@ -95,9 +99,7 @@ def fuse_step_factory(mixup):
 
 def run(argv: Sequence[str] | None = None) -> tuple[SimLAPFuseForImageClassification, dict[str, Any]]:
     """Parse ``argv`` (YAML file and/or flags), train, save; returns the trained model and the results."""
-    model_args, recipe, data_args, args = parse_args(
-        (FuseModelArguments, ClassificationArguments, DataArguments, TrainingArguments), argv
-    )
+    model_args, recipe, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
     accelerator, repo_id = start_run(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     mixup = create_mixup(recipe, len(data.label_names))

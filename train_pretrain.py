@@ -66,6 +66,10 @@ class PretrainModelArguments:
     )
 
 
+# The dataclasses of the command line (flags or a YAML file), in the order parse_args returns them.
+ARGUMENT_CLASSES = (PretrainModelArguments, DataArguments, TrainingArguments)
+
+
 def build_config(model_args: PretrainModelArguments, data_args: DataArguments, label_names: Sequence[str]):
     return SimLAPConfig(
         backbone=model_args.model_name,
@@ -110,7 +114,7 @@ def make_evaluator(accelerator, data, ema=None):
 
 def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]:
     """Parse ``argv`` (YAML file and/or flags), train, save; returns the trained model and the results."""
-    model_args, data_args, args = parse_args((PretrainModelArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
     accelerator, repo_id = start_run(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     config = build_config(model_args, data_args, data.label_names)

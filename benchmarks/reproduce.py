@@ -49,6 +49,7 @@ from simlap_hf.evaluation import (  # noqa: E402
     linear_probe,
     singular_values,
 )
+from simlap_hf.training import parse_args  # noqa: E402
 
 # name: (script, flags). The rows of the paper's comparison.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -58,6 +59,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "supcon_open_identical": ("pretrain", ["--gate", "open", "--pair_mode", "identical"]),
     "supcon_open_arbitrary": ("pretrain", ["--gate", "open", "--pair_mode", "arbitrary"]),
     "cross_entropy": ("finetune", ["--from_scratch", "--mixup", "0", "--cutmix", "0", "--smoothing", "0"]),
+    # Not trained: the floor every trained variant should rise above (features of a freshly initialised backbone).
+    "untrained": ("none", []),
 }
 LABELS = {
     "simlap_fused_arbitrary": "SimLAP, fused gate, arbitrary pairs",
@@ -66,6 +69,7 @@ LABELS = {
     "supcon_open_identical": "open gate, identical pairs (SupCon)",
     "supcon_open_arbitrary": "open gate, arbitrary pairs",
     "cross_entropy": "supervised cross-entropy",
+    "untrained": "untrained network (reference floor)",
 }
 METRICS = ("online_top1", "knn_top1", "probe_top1", "effective_rank", "transfer_knn_top1", "transfer_probe_top1")
 
@@ -97,15 +101,16 @@ def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: d
         DatasetDict(validation=dataset["validation"], train_eval=dataset["train"]), data_args,
         num_channels=train_cfg["num_channels"],
     )
+    names = dataset["train"].features["label"].names
     return (create_eval_dataloader(views["train_eval"], 256), create_eval_dataloader(views["validation"], 256),
-            len(dataset["train"].features["label"].names))
+            len(names), names)
 
 
 def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -> dict[str, Any]:
     """Online head, kNN, linear probe, effective rank on Fashion-MNIST; kNN and probe transfer to digits."""
     model.eval()
     results: dict[str, Any] = {}
-    source_train, source_test, num_classes = loaders["source"]
+    source_train, source_test, num_classes, _ = loaders["source"]
     train_out = extract_features(model, source_train, output_key="pooler_output", show_progress=False)
     test_out = extract_features(model, source_test, output_key="pooler_output", show_progress=False)
     embeddings = test_out[0]
@@ -118,12 +123,19 @@ def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -
     results["probe_top1"] = linear_probe(*train_out, *test_out, seed=seed)["top1"]
     results["effective_rank"] = effective_rank(embeddings)
     results["spectrum"] = singular_values(embeddings).tolist()
-    transfer_train, transfer_test, transfer_classes = loaders["transfer"]
+    transfer_train, transfer_test, transfer_classes, _ = loaders["transfer"]
     transfer_train_out = extract_features(model, transfer_train, show_progress=False)
     transfer_test_out = extract_features(model, transfer_test, show_progress=False)
     results["transfer_knn_top1"] = knn_accuracy(*transfer_train_out, *transfer_test_out, transfer_classes)
     results["transfer_probe_top1"] = linear_probe(*transfer_train_out, *transfer_test_out, seed=seed)["top1"]
     return results
+
+
+def untrained_model(flags: list[str], seed: int, label_names: list[str]) -> SimLAPModel:
+    """The pretraining model the budget's flags describe, freshly initialised with ``seed`` and not trained."""
+    model_args, data_args, _ = parse_args(train_pretrain.ARGUMENT_CLASSES, flags)
+    torch.manual_seed(seed)
+    return SimLAPModel(train_pretrain.build_config(model_args, data_args, label_names))
 
 
 def run_variant(name: str, seed: int, budget: dict[str, Any], output_dir: Path, loaders: dict[str, Any]):
@@ -139,7 +151,10 @@ def run_variant(name: str, seed: int, budget: dict[str, Any], output_dir: Path, 
     else:
         flags += ["--overwrite_output_dir"]
     start = time.perf_counter()
-    if script == "pretrain":
+    if script == "none":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model = untrained_model(flags, seed, loaders["source"][3])
+    elif script == "pretrain":
         train_pretrain.run(flags)
         model = SimLAPModel.from_pretrained(run_dir)
     else:
@@ -199,7 +214,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     names = list(summary)
     metrics = [("knn_top1", "kNN"), ("probe_top1", "linear probe"), ("transfer_knn_top1", "digits kNN"),
                ("transfer_probe_top1", "digits probe")]
-    figure, (bars, spectra) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    figure, (bars, spectra) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(names)
     positions = np.arange(len(metrics))
     for index, name in enumerate(names):
@@ -210,14 +225,16 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     bars.set_ylabel("top-1 accuracy (%)")
     bars.set_ylim(0, 100)
     bars.set_title("Fashion-MNIST test and transfer to digits (mean ± std over seeds)")
-    bars.legend(fontsize=8, loc="lower left")
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     for name in names:
         spectrum = np.asarray(summary[name]["spectrum"])
         spectra.semilogy(np.arange(1, len(spectrum) + 1), spectrum / spectrum[0], label=summary[name]["label"])
     spectra.set_xlabel("singular value index")
     spectra.set_ylabel("singular value / largest (log)")
+    # LayerNorm centres each embedding, so the last singular value is ~0: show the informative range only.
+    spectra.set_ylim(1e-4, 1.5)
     spectra.set_title("Embedding spectra on the test set")
-    spectra.legend(fontsize=8)
+    spectra.legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
