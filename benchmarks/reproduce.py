@@ -5,9 +5,13 @@ The seed's table is on CIFAR-10 (SimLAP 90.86, SupCon 89.9, SupCon fed arbitrary
 downloaded here; Fashion-MNIST (Debian package ``dataset-fashion-mnist``) and scikit-learn's digits can. Every
 variant is trained with one backbone and one CPU budget (a YAML file in ``benchmarks/configs/``), then evaluated on
 the full 10,000-image Fashion-MNIST test set (online-head, kNN and linear-probe top-1, effective rank of the
-embeddings) and transferred to digits (kNN and linear probe on frozen backbone features).
+embeddings) and transferred to digits (kNN and linear probe on frozen backbone features). The same network, not
+trained, is evaluated too (``untrained``): the floor every trained variant should rise above.
 
-    python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu.yaml --output_dir outputs/reproduce
+    python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir outputs/reproduce_8ep
+
+Several processes can share the work (``--seeds`` / ``--variants``, ``--threads 1`` each) in one output folder; a
+final call without them gathers every finished run.
 
 Finished variants are skipped when the command is run again (a killed reproduction continues where it stopped).
 Writes ``results.json``, ``results.md`` and ``results.png`` into the output folder.
