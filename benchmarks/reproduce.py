@@ -244,6 +244,16 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def apply_overrides(budget: dict[str, Any], overrides: list[str]) -> None:
+    """Set ``KEY=VALUE`` items (values read as YAML) in the budget's training values; unknown keys are refused."""
+    for item in overrides:
+        key, separator, value = item.partition("=")
+        if not separator or key not in budget["train"]:
+            raise ValueError(f"--override {item!r}: expected KEY=VALUE with KEY one of the budget's training keys: "
+                             + ", ".join(budget["train"]))
+        budget["train"][key] = yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("budget", help="budget YAML file (benchmarks/configs/reproduce_*.yaml)")
@@ -252,8 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
     parser.add_argument("--threads", type=int, help="override the budget's torch threads (e.g. 1 per process when "
                         "several reproduce.py processes share the cores, each with its own --variants)")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="change training values of the budget, e.g. --override num_train_epochs=3 eval_every=3 "
+                        "(values are read as YAML)")
     options = parser.parse_args(argv)
     budget = yaml.safe_load(Path(options.budget).read_text())
+    try:
+        apply_overrides(budget, options.override)
+    except ValueError as error:
+        parser.error(str(error))
     seeds = options.seeds or budget["seeds"]
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

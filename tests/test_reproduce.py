@@ -70,6 +70,16 @@ def test_budget_flags_leave_pretraining_model_flags_out_of_fine_tuning():
     assert reproduce.budget_flags(budget, "finetune") == ["--learning_rate", "0.002", "--mean", "0.5", "0.4"]
 
 
+def test_overrides_change_known_training_values_and_refuse_others():
+    budget = {"train": {"num_train_epochs": 8, "mean": [0.5]}}
+    reproduce.apply_overrides(budget, ["num_train_epochs=3", "mean=[0.25]"])
+    assert budget["train"] == {"num_train_epochs": 3, "mean": [0.25]}
+    with pytest.raises(ValueError, match=r"'epochs=3'.*one of the budget's training keys: num_train_epochs, mean"):
+        reproduce.apply_overrides(budget, ["epochs=3"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        reproduce.apply_overrides(budget, ["num_train_epochs"])
+
+
 @pytest.mark.parametrize("name", ["reproduce_fmnist_cpu.yaml", "reproduce_fmnist_cpu_8ep.yaml"])
 def test_published_budgets_parse_for_every_variant(name):
     """Every flag of the published budgets is accepted by the script it goes to (a typo would only show after
