@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import random
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1312,6 +1313,78 @@ class RepeatedAugmentationSampler(Sampler[int]):
         return self.num_samples * self.repeats
 
 
+class ResumableAugmentations(torch.utils.data.Dataset):
+    """The training set, with the random state before each batch's augmentations remembered so that a mid-epoch
+    resume draws the same augmentations as an uninterrupted run.
+
+    Rows are those of ``dataset`` unchanged.
+
+    The loader fetches a batch ahead of the one being trained, so when a checkpoint is written after batch ``k``
+    the global RNGs (Python, NumPy, torch) have already been advanced by the augmentations of batch ``k + 1``; a
+    resumed run would draw them again from there. With :meth:`state_before_batch` saved in the checkpoint and
+    :meth:`resume_at` called on resume, the first fetched batch is augmented from the remembered state and the
+    checkpoint's state is put back afterwards, which is exactly where the uninterrupted run stood.
+    Only with ``dataloader_num_workers=0``: worker processes draw from their own generators.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, keep: int = 4) -> None:
+        self.dataset = dataset
+        self.keep = keep
+        self._states: dict[int, dict[str, Any]] = {}
+        self._next_batch = 0
+        self._pending: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """One training batch; called once per batch by the DataLoader."""
+        after = None
+        if self._pending is not None:
+            state, after = self._pending
+            restore_rng_state(state)
+            self._pending = None
+        else:
+            state = capture_rng_state()
+        self._states[self._next_batch] = state
+        self._states.pop(self._next_batch - self.keep, None)
+        self._next_batch += 1
+        getitems = getattr(self.dataset, "__getitems__", None)
+        rows = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        if after is not None:
+            restore_rng_state(after)
+        return rows
+
+    def start_epoch(self, first_batch: int = 0) -> None:
+        """Number the coming fetches from ``first_batch`` (the batches a resumed epoch skips are not fetched)."""
+        self._next_batch = first_batch
+        self._states.clear()
+        self._pending = None
+
+    def state_before_batch(self, index: int) -> dict[str, Any] | None:
+        """The RNG states before batch ``index`` (0-based, in this epoch) was augmented, if it was fetched here."""
+        return self._states.get(index)
+
+    def resume_at(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        """Augment the next fetched batch from ``before`` (what :meth:`state_before_batch` gave the stopped run),
+        then continue from ``after`` (the states the checkpoint restored)."""
+        self._pending = (before, after)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch (CPU) global random states."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
 def create_train_dataloader(
     train_dataset: torch.utils.data.Dataset, args: DataArguments, batch_size: int, seed: int = 42
 ) -> DataLoader:
@@ -1341,7 +1414,7 @@ def create_train_dataloader(
         )
     workers = args.dataloader_num_workers
     return DataLoader(
-        train_dataset,
+        ResumableAugmentations(train_dataset) if workers == 0 else train_dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate_fn,
         num_workers=workers,

@@ -311,8 +311,14 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, state: TrainerState, args: TrainingArguments) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, state: TrainerState, args: TrainingArguments,
+    augmentation_rng: dict[str, Any] | None = None,
+) -> Path:
     """Write model, optimizer, scheduler, scaler and RNG states plus the trainer state, atomically.
+
+    ``augmentation_rng`` (mid-epoch checkpoints): the RNG states before the next batch was augmented, see
+    :class:`~simlap_hf.data.ResumableAugmentations`; each process writes its own.
 
     Everything goes to a temporary folder that is renamed to ``checkpoint-<step>`` only when complete, so a run
     killed while saving never leaves a checkpoint that looks good. Old checkpoints beyond ``save_total_limit`` are
@@ -328,6 +334,8 @@ def save_checkpoint(accelerator: Accelerator, state: TrainerState, args: Trainin
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(temporary), safe_serialization=True)
+        if augmentation_rng is not None:
+            torch.save(augmentation_rng, temporary / _augmentation_rng_file(accelerator))
         if accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     except Exception as error:  # a full disk shows as OSError, SafetensorError (safetensors) or RuntimeError (torch)
@@ -346,6 +354,10 @@ def save_checkpoint(accelerator: Accelerator, state: TrainerState, args: Trainin
         _rotate_checkpoints(args, keep={final.name, Path(state.best_checkpoint).name if state.best_checkpoint else ""})
     accelerator.wait_for_everyone()
     return final
+
+
+def _augmentation_rng_file(accelerator: Accelerator) -> str:
+    return f"augmentation_rng_{accelerator.process_index}.pt"
 
 
 def _rotate_checkpoints(args: TrainingArguments, keep: set[str]) -> None:
@@ -549,11 +561,18 @@ def fit(
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     scheduler = create_scheduler(optimizer, args, updates_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
+    from .data import ResumableAugmentations, capture_rng_state
+
     state = TrainerState()
+    augmentations = train_dataloader.dataset if isinstance(train_dataloader.dataset, ResumableAugmentations) else None
+    resume_augmentations: tuple[dict[str, Any], dict[str, Any]] | None = None
     if args.resume_from_checkpoint is not None:
         path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         state = load_checkpoint(accelerator, path)
         logger.info("Resumed from %s (epoch %d, step %d).", path, state.epoch, state.global_step)
+        rng_file = path / _augmentation_rng_file(accelerator)
+        if augmentations is not None and state.step_in_epoch and rng_file.is_file():
+            resume_augmentations = (torch.load(rng_file, weights_only=False), capture_rng_state())
     scheduler.step_update(state.global_step)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -574,6 +593,11 @@ def fit(
             train_dataloader.set_epoch(epoch)
             skip = state.step_in_epoch
             batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            if augmentations is not None:
+                augmentations.start_epoch(first_batch=skip)
+                if resume_augmentations is not None:
+                    augmentations.resume_at(*resume_augmentations)
+                    resume_augmentations = None
             epoch_start = time.perf_counter()
             pending_logs: dict[str, torch.Tensor] = {}
             for step, batch in enumerate(batches, start=skip):
@@ -617,7 +641,8 @@ def fit(
                 # Stop only at an optimizer-step boundary: gradients accumulated so far are not part of a checkpoint.
                 if accelerator.sync_gradients and _stop_everywhere(accelerator, stop.requested):
                     state.train_seconds += time.perf_counter() - epoch_start
-                    path = save_checkpoint(accelerator, state, args)
+                    next_batch_rng = augmentations.state_before_batch(state.step_in_epoch) if augmentations else None
+                    path = save_checkpoint(accelerator, state, args, augmentation_rng=next_batch_rng)
                     progress.close()
                     message = (
                         f"Stopped in epoch {epoch + 1}/{args.num_train_epochs} after batch {state.step_in_epoch}/"

@@ -23,6 +23,8 @@ from simlap_hf.data import (
     FASHION_MNIST_LABEL_NAMES,
     DataArguments,
     RepeatedAugmentationSampler,
+    ResumableAugmentations,
+    capture_rng_state,
     collate_fn,
     create_eval_dataloader,
     create_eval_transform,
@@ -759,3 +761,36 @@ def test_no_validation_split_needs_positive_train_val_split(tmp_path: Path) -> N
     _image_dataset([0, 1] * 4).save_to_disk(str(folder))
     with pytest.raises(ValueError, match=r"no validation/test split.*--train_val_split must be in \(0, 1\).*got 0\.0"):
         load_image_dataset(DataArguments(dataset_name=str(folder), train_val_split=0.0))
+
+
+class _RandomRows(torch.utils.data.Dataset):
+    """Rows drawn from the global RNGs, as random augmentations are: (torch.rand, random.random, np.random.rand)."""
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, index: int):
+        import random
+
+        return float(torch.rand(())), random.random(), float(np.random.rand())
+
+
+def test_resumable_augmentations_replays_a_batch_and_returns_to_the_checkpoint_state():
+    torch.manual_seed(0)
+    stopped = ResumableAugmentations(_RandomRows())
+    stopped.start_epoch()
+    batches = [stopped.__getitems__([3 * b, 3 * b + 1, 3 * b + 2]) for b in range(3)]
+    assert stopped[5] is not None and len(stopped) == 100
+    before_batch_2 = stopped.state_before_batch(2)
+    assert stopped.state_before_batch(7) is None  # never fetched
+    checkpoint_rng = capture_rng_state()  # what the checkpoint restores (after batch 2 was already fetched)
+    torch.rand(5)  # anything drawn between loading the checkpoint and the first fetch is undone
+
+    resumed = ResumableAugmentations(_RandomRows())
+    resumed.start_epoch(first_batch=2)
+    resumed.resume_at(before_batch_2, checkpoint_rng)
+    assert resumed.__getitems__([6, 7, 8]) == batches[2]  # the same augmentations as the stopped run
+    assert resumed.state_before_batch(2) is before_batch_2
+    after = capture_rng_state()
+    assert torch.equal(after["torch"], checkpoint_rng["torch"]) and after["python"] == checkpoint_rng["python"]
+    assert resumed.__getitems__([9]) != batches[2][:1]  # later batches draw on from the checkpoint's state
