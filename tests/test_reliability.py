@@ -369,6 +369,53 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(image_folde
     assert f"checkpoint saved to {latest}" in run.stdout
 
 
+# Stops (as after a signal) at the third optimizer step, on every process; run by the two-process resume test.
+STOP_AT_THIRD_STEP = (
+    "import sys, train_pretrain\n"
+    "import simlap_hf.training as training\n"
+    "calls = []\n"
+    "original = training._stop_everywhere\n"
+    "def stop_at_third_step(accelerator, requested):\n"
+    "    calls.append(1)\n"
+    "    return len(calls) == 3 or original(accelerator, requested)\n"
+    "training._stop_everywhere = stop_at_third_step\n"
+    "sys.exit(training.run_main(train_pretrain.run, sys.argv[1:]))\n"
+)
+
+
+def test_two_processes_mid_epoch_resume_equals_uninterrupted_two_process_run(image_folder, tmp_path):
+    """Each process replays its own augmentation RNG state: the resumed 2-process run ends with the weights of an
+    uninterrupted 2-process run."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("needs torchrun")
+
+    def torchrun_run(code: str, output_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
+        entry = tmp_path / f"entry_{len(list(tmp_path.glob('entry_*')))}.py"
+        entry.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + code)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                   str(entry), *flags(image_folder, output_dir), *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+    uninterrupted = torchrun_run(RUN_MAIN, tmp_path / "uninterrupted", [])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    output_dir = tmp_path / "stopped"
+    torchrun_run(STOP_AT_THIRD_STEP, output_dir, [])  # exits non-zero on purpose, after saving the checkpoint
+    latest = training.find_checkpoint(output_dir, "latest")
+    state = json.loads((latest / training.STATE_FILE).read_text())
+    assert state["global_step"] == 3 and state["step_in_epoch"] > 0, state  # inside an epoch
+    assert (latest / "augmentation_rng_0.pt").is_file() and (latest / "augmentation_rng_1.pt").is_file()
+    resumed = torchrun_run(RUN_MAIN, output_dir, ["--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    actual = load_file(output_dir / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
 def test_run_main_exit_codes():
     def stopped(signum):
         def run(argv):
