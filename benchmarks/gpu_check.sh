@@ -52,15 +52,7 @@ cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-if [[ -n "${PYTHON:-}" ]]; then
-    PY=$PYTHON
-elif [[ -n "${VIRTUAL_ENV:-}" ]] && command -v python >/dev/null; then
-    PY=python
-elif [[ -x .venv/bin/python ]]; then
-    PY=.venv/bin/python
-else
-    PY=python3
-fi
+source "$ROOT/benchmarks/choose_python.sh"
 
 DEADLINE=${GPU_CHECK_DEADLINE_S:-525}  # seconds since the start by which every part has ended
 RESERVE=25                              # kept back for the kill grace period (15 s) and the summary

@@ -1,10 +1,10 @@
 """Short SimLAP pretraining run on Fashion-MNIST at the reference recipe, with a plain torch data path.
 
-Made for a lent GPU without the ``datasets``/``evaluate`` libraries: the IDX files are parsed here with numpy, a
-plain ``torch.utils.data.Dataset`` produces PIL images that go through timm's ``create_transform``, and only
-``simlap_hf.configuration_simlap`` / ``simlap_hf.modeling_simlap`` are imported from the package (whose
-``__init__`` imports transformers, the models and the losses, not ``simlap_hf.data``). Runs on the CPU as well,
-for a smoke test.
+Made for a lent GPU without the ``datasets``/``evaluate`` libraries: the IDX files are parsed with numpy
+(``simlap_hf.idx``), a plain ``torch.utils.data.Dataset`` produces PIL images that go through timm's
+``create_transform``, and only modules that need neither library are imported from the package (the models,
+``simlap_hf.idx``, ``simlap_hf.samplers``, ``simlap_hf.evaluation``'s kNN; not ``simlap_hf.data``). Runs on the CPU
+as well, for a smoke test.
 
 Recipe (SPEC section 5, CIFAR-10 pretraining, applied to Fashion-MNIST)
 -----------------------------------------------------------------------
@@ -49,36 +49,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import math
 import os
 import platform
 import shlex
 import signal
-import struct
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from timm.data import create_transform
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from simlap_hf.configuration_simlap import SimLAPConfig  # noqa: E402
+from simlap_hf.evaluation import knn_accuracy  # noqa: E402
+from simlap_hf.idx import read_idx  # noqa: E402
 from simlap_hf.modeling_simlap import SimLAPModel  # noqa: E402
+from simlap_hf.samplers import RepeatedAugmentationSampler  # noqa: E402
 
 DATA_DIR_ENV = "SIMLAP_FASHION_MNIST_DIR"
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -96,24 +95,6 @@ NUM_CLASSES = 10
 # --------------------------------------------------------------------------------------------------------------
 # IDX files
 # --------------------------------------------------------------------------------------------------------------
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an unsigned-byte IDX file (raw or gzip): big-endian header ``0 0 0x08 ndim`` + ndim uint32 sizes."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    if data[2] != 0x08:
-        raise ValueError(f"{path}: IDX element type 0x{data[2]:02x} is not unsigned byte (0x08)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    payload = np.frombuffer(data, dtype=np.uint8, offset=header)
-    if payload.size != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} = {math.prod(shape)} bytes, file holds {payload.size}")
-    return payload.reshape(shape)
 
 
 def find_idx_file(folder: Path, stem: str) -> Path | None:
@@ -176,24 +157,6 @@ class GrayscaleImages(Dataset):
         if self.rgb:
             image = image.convert("RGB")
         return self.transform(image), int(self.labels[index])
-
-
-class RepeatedAugmentationSampler(Sampler[int]):
-    """Each epoch: a permutation (seeded with seed + epoch) with every index repeated ``repeats`` times adjacently."""
-
-    def __init__(self, num_samples: int, repeats: int, seed: int) -> None:
-        self.num_samples, self.repeats, self.seed, self.epoch = num_samples, repeats, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)
-        return iter(order.repeat_interleave(self.repeats).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples * self.repeats
 
 
 def build_transforms(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -264,23 +227,6 @@ def extract(
         parts["embeddings"].append(output.embeddings.float())
         parts["labels"].append(labels.to(device))
     return {name: torch.cat(values) for name, values in parts.items()}
-
-
-def knn_predict(
-    train_features: Tensor, train_labels: Tensor, queries: Tensor, k: int, temperature: float, block: int = 1024
-) -> Tensor:
-    """Weighted kNN: cosine similarity, the k nearest training samples vote with weight exp(sim / temperature)."""
-    train = F.normalize(train_features, dim=1)
-    queries = F.normalize(queries, dim=1)
-    k = min(k, train.shape[0])
-    predictions = []
-    for start in range(0, queries.shape[0], block):
-        similarity = queries[start : start + block] @ train.T  # (b, N)
-        top_similarity, top_index = similarity.topk(k, dim=1)
-        scores = torch.zeros(similarity.shape[0], NUM_CLASSES, device=train.device)
-        scores.scatter_add_(1, train_labels[top_index], (top_similarity / temperature).exp())
-        predictions.append(scores.argmax(dim=1))
-    return torch.cat(predictions)
 
 
 def top_k_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
@@ -372,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     train_transform, eval_transform = build_transforms(args)
     rgb = args.in_chans == 3
     train_set = GrayscaleImages(train_images, train_labels, train_transform, rgb)
-    sampler = RepeatedAugmentationSampler(len(train_set), args.ra, args.seed)
+    sampler = RepeatedAugmentationSampler(len(train_set), repeats=args.ra, seed=args.seed)
     batches = BatchSampler(sampler, args.batch_size, drop_last=True)
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
@@ -511,8 +457,8 @@ def main(argv: list[str] | None = None) -> None:
         "online_head_top5": top_k_accuracy(test["logits"], test["labels"], 5),
     }
     for name in ("features", "embeddings"):
-        predicted = knn_predict(train[name], train["labels"], test[name], args.knn_k, args.knn_temperature)
-        metrics[f"knn_top1_{name}"] = float((predicted == test["labels"]).float().mean() * 100)
+        metrics[f"knn_top1_{name}"] = knn_accuracy(train[name], train["labels"], test[name], test["labels"],
+                                                   NUM_CLASSES, k=args.knn_k, temperature=args.knn_temperature)
     eval_s = time.perf_counter() - eval_start
     total_s = time.perf_counter() - run_start
 

@@ -90,7 +90,7 @@ def budget_flags(budget: dict[str, Any], script: str) -> list[str]:
 
 
 def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: dict[str, Any], seed: int):
-    """Sequential loaders (eval transform) of a data set's train and validation splits."""
+    """Sequential loaders (eval transform) of a data set's train and validation splits, and its class names."""
     train_cfg = budget["train"]
     data_args = DataArguments(
         dataset_name=dataset_name,
@@ -105,16 +105,15 @@ def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: d
         DatasetDict(validation=dataset["validation"], train_eval=dataset["train"]), data_args,
         num_channels=train_cfg["num_channels"],
     )
-    names = dataset["train"].features["label"].names
     return (create_eval_dataloader(views["train_eval"], 256), create_eval_dataloader(views["validation"], 256),
-            len(names), names)
+            dataset["train"].features["label"].names)
 
 
 def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -> dict[str, Any]:
     """Online head, kNN, linear probe, effective rank on Fashion-MNIST; kNN and probe transfer to digits."""
     model.eval()
     results: dict[str, Any] = {}
-    source_train, source_test, num_classes, _ = loaders["source"]
+    source_train, source_test, label_names = loaders["source"]
     train_out = extract_features(model, source_train, output_key="pooler_output", show_progress=False)
     test_out = extract_features(model, source_test, output_key="pooler_output", show_progress=False)
     embeddings = test_out[0]
@@ -123,14 +122,14 @@ def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -
             embeddings = model.projector(test_out[0])
             logits = model.online_head(test_out[0])
         results["online_top1"] = 100.0 * float((logits.argmax(1) == test_out[1]).float().mean())
-    results["knn_top1"] = knn_accuracy(*train_out, *test_out, num_classes)
+    results["knn_top1"] = knn_accuracy(*train_out, *test_out, len(label_names))
     results["probe_top1"] = linear_probe(*train_out, *test_out, seed=seed)["top1"]
     results["effective_rank"] = effective_rank(embeddings)
     results["spectrum"] = singular_values(embeddings).tolist()
-    transfer_train, transfer_test, transfer_classes, _ = loaders["transfer"]
+    transfer_train, transfer_test, transfer_names = loaders["transfer"]
     transfer_train_out = extract_features(model, transfer_train, show_progress=False)
     transfer_test_out = extract_features(model, transfer_test, show_progress=False)
-    results["transfer_knn_top1"] = knn_accuracy(*transfer_train_out, *transfer_test_out, transfer_classes)
+    results["transfer_knn_top1"] = knn_accuracy(*transfer_train_out, *transfer_test_out, len(transfer_names))
     results["transfer_probe_top1"] = linear_probe(*transfer_train_out, *transfer_test_out, seed=seed)["top1"]
     return results
 
@@ -157,7 +156,7 @@ def run_variant(name: str, seed: int, budget: dict[str, Any], output_dir: Path, 
     start = time.perf_counter()
     if script == "none":
         run_dir.mkdir(parents=True, exist_ok=True)
-        model = untrained_model(flags, seed, loaders["source"][3])
+        model = untrained_model(flags, seed, loaders["source"][2])
     elif script == "pretrain":
         train_pretrain.run(flags)
         model = SimLAPModel.from_pretrained(run_dir)

@@ -50,15 +50,7 @@ OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-if [[ -n "${PYTHON:-}" ]]; then
-    PY=$PYTHON
-elif [[ -n "${VIRTUAL_ENV:-}" ]] && command -v python >/dev/null; then
-    PY=python
-elif [[ -x .venv/bin/python ]]; then
-    PY=.venv/bin/python
-else
-    PY=python3
-fi
+source "$ROOT/benchmarks/choose_python.sh"
 
 # run NAME COMMAND...: echo the command, run it with its output to the terminal and OUT/NAME.log.
 run() {

@@ -26,16 +26,14 @@ batch size that is a multiple of ``ra`` keeps all copies of an image in one batc
 """
 
 import glob
-import gzip
 import io
 import json
 import logging
-import math
 import os
 import random
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +45,10 @@ import PIL.Image
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader
+
+from .idx import read_idx
+from .samplers import RepeatedAugmentationSampler
 
 __all__ = [
     "FASHION_MNIST_LABEL_NAMES",
@@ -389,50 +390,6 @@ def _dataset_from_arrays(images: np.ndarray, labels: np.ndarray, label_names: Se
 # ----------------------------------------------------------------------------------------------------------------
 # IDX files
 # ----------------------------------------------------------------------------------------------------------------
-
-_IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or raw (detected from the content).
-
-    Layout: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32,
-    0x0E float64), the number of dimensions ``d``, ``d`` big-endian uint32 sizes, then the big-endian data.
-
-    Returns:
-        An array of shape ``dims`` in native byte order (e.g. (60000, 28, 28) uint8 for images, (60000,) for labels).
-
-    Raises:
-        ValueError: the file is not a valid IDX file (bad magic number, unknown type, wrong size), naming the file.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as handle:
-        compressed = handle.read(2) == b"\x1f\x8b"
-    try:
-        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"Could not read IDX file {path!r}: {err}.") from err
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(
-            f"{path!r} is not an IDX file: magic number {data[:4].hex() or '<empty>'} should be 0000TTDD with "
-            f"type TT in {sorted(hex(k) for k in _IDX_DTYPES)}."
-        )
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    ndim = data[3]
-    offset = 4 + 4 * ndim
-    if len(data) < offset:
-        raise ValueError(f"IDX file {path!r} is truncated in its header ({ndim} dimensions announced).")
-    dims = struct.unpack(f">{ndim}I", data[4:offset])
-    count = math.prod(dims)
-    if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(
-            f"IDX file {path!r} holds {len(data) - offset} data bytes but its header {dims} announces "
-            f"{count * dtype.itemsize}; the file is truncated or corrupt."
-        )
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(dims)
-    return array.astype(dtype.newbyteorder("="), copy=False)
-
 
 _IDX_SPLIT_PREFIXES: dict[str, tuple[str, ...]] = {TRAIN_SPLIT: ("train",), VALIDATION_SPLIT: ("t10k", "test")}
 
@@ -1269,48 +1226,6 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and loaders
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class RepeatedAugmentationSampler(Sampler[int]):
-    """Repeated augmentation: each index appears ``repeats`` times per epoch, copies adjacent.
-
-    The order is a permutation drawn from a private ``torch.Generator`` seeded with ``seed + epoch``
-    (independent of the global RNG, identical on every process), with each index repeated ``repeats``
-    times consecutively: ``[p0, p0, p0, p1, p1, p1, ...]``. ``len == num_samples * repeats``, so one epoch
-    is ``repeats`` passes over the data. Batching it with a batch size that is a multiple of ``repeats``
-    keeps all copies of an image in the same batch; sharding whole batches across processes (accelerate's
-    ``BatchSamplerShard``) then gives every process different images.
-    """
-
-    def __init__(self, num_samples: int, repeats: int = 3, shuffle: bool = True, seed: int = 0) -> None:
-        """See the class docstring; ``num_samples`` is the data set length."""
-        if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}.")
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}.")
-        self.num_samples = int(num_samples)
-        self.repeats = int(repeats)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (seeded with ``seed + epoch``)."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        """Indices of the current epoch, each repeated ``repeats`` times consecutively."""
-        if self.shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = torch.arange(self.num_samples)
-        return iter(order.repeat_interleave(self.repeats).tolist())
-
-    def __len__(self) -> int:
-        """``num_samples * repeats``."""
-        return self.num_samples * self.repeats
 
 
 class ResumableAugmentations(torch.utils.data.Dataset):

@@ -473,13 +473,19 @@ def run_main(run: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     return 0
 
 
+def _flag_of_every_process(accelerator: Accelerator, flag: bool | torch.Tensor) -> list[bool]:
+    """``flag`` of every process in rank order, the same list on all of them (one tiny gather when there are several
+    processes: every process must call this at the same point)."""
+    values = torch.as_tensor(flag, dtype=torch.float32, device=accelerator.device).reshape(1)
+    if accelerator.num_processes > 1:
+        values = accelerator.gather(values)
+    return [bool(value) for value in values.tolist()]
+
+
 def _stop_everywhere(accelerator: Accelerator, requested: bool) -> bool:
-    """Whether any process was asked to stop. Every process takes part (one tiny all-reduce per step when there are
-    several), so that all of them save the same mid-epoch checkpoint together instead of waiting on each other."""
-    if accelerator.num_processes == 1:
-        return requested
-    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    """Whether any process was asked to stop, agreed by all of them, so that they save the same mid-epoch checkpoint
+    together instead of waiting on each other."""
+    return any(_flag_of_every_process(accelerator, requested))
 
 
 LossFunction = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -527,10 +533,8 @@ def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tenso
 def _processes_with_non_finite_loss(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:
     """Ranks whose loss is NaN or infinite. Every process gets the same answer, so all of them stop at the same
     batch instead of the healthy ones waiting forever in the next gradient all-reduce."""
-    finite = torch.isfinite(loss.detach()).reshape(1).float()
-    if accelerator.num_processes > 1:
-        finite = accelerator.gather(finite)
-    return [rank for rank, ok in enumerate(finite.tolist()) if not ok]
+    finite = _flag_of_every_process(accelerator, torch.isfinite(loss.detach()))
+    return [rank for rank, ok in enumerate(finite) if not ok]
 
 
 def fit(
