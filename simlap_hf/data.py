@@ -21,8 +21,8 @@ class names, normalisation statistics) through the table :data:`NAMED_DATASETS`.
 Training rows are produced lazily by :func:`with_image_transforms` as
 ``{"pixel_values": FloatTensor(C, H, W), "labels": int}``; :func:`collate_fn` stacks them into
 ``{"pixel_values": FloatTensor(B, C, H, W), "labels": LongTensor(B)}``. The training loader uses
-:class:`RepeatedAugmentationSampler` (each image ``ra`` times per epoch, copies adjacent, so that a
-batch size that is a multiple of ``ra`` keeps all copies of an image in one batch).
+:class:`RepeatedAugmentationBatchSampler` (each image ``ra`` times per epoch, all copies of an image in one batch,
+for any batch size).
 """
 
 import glob
@@ -45,10 +45,10 @@ import PIL.Image
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import DataLoader
 
 from .idx import read_idx
-from .samplers import RepeatedAugmentationSampler
+from .samplers import RepeatedAugmentationBatchSampler, RepeatedAugmentationSampler
 
 __all__ = [
     "FASHION_MNIST_LABEL_NAMES",
@@ -57,6 +57,7 @@ __all__ = [
     "ImageTransform",
     "NAMED_DATASETS",
     "NamedDatasetSpec",
+    "RepeatedAugmentationBatchSampler",
     "RepeatedAugmentationSampler",
     "collate_fn",
     "create_eval_dataloader",
@@ -414,7 +415,7 @@ def _load_idx_folder(folder: Path, label_names: Sequence[str] | None = None) -> 
     """Load ``train-*`` (and ``t10k-*`` as validation) IDX image/label pairs from ``folder``.
 
     Images (N, H, W) uint8 become grayscale PNGs (mode "L"), (N, H, W, 3) RGB PNGs. Class names are
-    ``label_names`` when given, else ``"0".."C-1"`` with C = max label + 1 over all splits.
+    ``label_names`` when given, else the labels' values (renumbered 0..C-1 when they are not, with a warning).
     """
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, prefixes in _IDX_SPLIT_PREFIXES.items():
@@ -444,8 +445,10 @@ def _load_idx_folder(folder: Path, label_names: Sequence[str] | None = None) -> 
             raise ValueError(f"IDX labels {str(labels_path)!r} must be integers, got dtype {labels.dtype}.")
         arrays[split] = (images, labels.astype(np.int64))
     if label_names is None:
-        top = max((int(lab.max()) for _, lab in arrays.values() if len(lab)), default=-1)
-        label_names = [str(i) for i in range(top + 1)]
+        labels_by_split, label_names = _renumber_integer_labels(
+            {split: labels for split, (_, labels) in arrays.items()}, "label", f"IDX folder {str(folder)!r}"
+        )
+        arrays = {split: (images, labels_by_split[split]) for split, (images, _) in arrays.items()}
     for split, (_, labels) in arrays.items():
         _check_label_range(labels, len(label_names), "label", f"IDX folder {str(folder)!r}", split)
     return datasets.DatasetDict(
@@ -818,8 +821,9 @@ def _standardize_labels(
 ) -> datasets.DatasetDict:
     """Turn the ``label`` column of every split into a ClassLabel shared by all splits.
 
-    ClassLabel -> kept (values range-checked); integers -> names ``label_names`` or ``"0".."C-1"``
-    (C = max + 1 over splits); strings -> sorted unique names, mapped to their index.
+    ClassLabel -> kept (values range-checked); integers -> names ``label_names``, or without names the sorted
+    distinct values renumbered 0..C-1 and named by their value (:func:`_renumber_integer_labels`); strings -> sorted
+    unique names, mapped to their index.
     """
     first = next(iter(data.values()))
     feature = first.features["label"]
@@ -847,8 +851,7 @@ def _standardize_labels(
         if label_names is not None:
             names = list(label_names)
         else:
-            top = max((int(v.max()) for v in converted.values() if v.size), default=-1)
-            names = [str(i) for i in range(top + 1)]
+            converted, names = _renumber_integer_labels(converted, column, description)
         for split, values in converted.items():
             _check_label_range(values, len(names), column, description, split)
     class_label = datasets.ClassLabel(names=names)
@@ -858,6 +861,49 @@ def _standardize_labels(
             for split, ds in data.items()
         }
     )
+
+
+def _renumber_integer_labels(
+    labels: dict[str, np.ndarray], column: str, description: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Class ids for integer labels without class names: the sorted distinct values become 0..C-1 and each class is
+    named by its original value. Values that are already 0..C-1 stay as they are; any other set (starting above 0,
+    with gaps, negative) is renumbered with a warning that gives the mapping, so that no class is ever empty."""
+    values = np.unique(np.concatenate([v for v in labels.values() if v.size] or [np.zeros(0, np.int64)]))
+    if values.size and values[0] < 0:  # negative ids usually mark unlabelled images
+        for split, split_values in labels.items():
+            _check_label_range(split_values, int(values[-1]) + 1, column, description, split)
+    names = [str(int(v)) for v in values]
+    if values.size and (values[0] != 0 or values[-1] != values.size - 1):
+        shown = ", ".join(f"{int(v)}->{i}" for i, v in enumerate(values[:12])) + (", ..." if values.size > 12 else "")
+        logger.warning(
+            "%s: label column %r holds %d distinct integer ids that are not 0..%d (%s); they are renumbered %s "
+            "and the classes are named by their original ids. Give the column class names (a ClassLabel) to "
+            "choose the order yourself.", description, column, values.size, values.size - 1,
+            f"starting at {int(values[0])}" if values[0] != 0 else "with gaps", shown,
+        )
+        labels = {split: np.searchsorted(values, v).astype(np.int64) for split, v in labels.items()}
+    return labels, names
+
+
+def _warn_classes_missing_from_a_split(data: datasets.DatasetDict, description: str) -> None:
+    """Warn, naming the classes, when a class has no training images (the model can never learn it; its validation
+    images are all errors) or no validation images (it is never evaluated)."""
+    names = get_label_names(data)
+    present = {split: set(np.unique(_label_values(ds).to_numpy()).tolist()) for split, ds in data.items()}
+    everything = set(range(len(names)))
+    for split, other in ((TRAIN_SPLIT, VALIDATION_SPLIT), (VALIDATION_SPLIT, TRAIN_SPLIT)):
+        missing = sorted(everything - present[split])
+        if not missing:
+            continue
+        also = sorted(set(missing) & present[other])
+        shown = ", ".join(repr(names[i]) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        consequence = ("the model cannot learn them" if split == TRAIN_SPLIT else "they are never evaluated")
+        logger.warning(
+            "%s: %d of %d class(es) have no %s images: %s (%d of them appear in %s); %s. Check the labels, "
+            "--max_train_samples / --max_eval_samples and --train_val_split.", description, len(missing),
+            len(names), split, shown, len(also), other, consequence,
+        )
 
 
 def _standardize_columns(source: _RawSource, args: DataArguments) -> datasets.DatasetDict:
@@ -1004,7 +1050,9 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> datasets.DatasetD
             order = np.random.default_rng(seed).permutation(len(ds))[:limit]
             ds = ds.select(order, keep_in_memory=True)
         result[split] = ds
-    return datasets.DatasetDict(result)
+    result = datasets.DatasetDict(result)
+    _warn_classes_missing_from_a_split(result, source.description)
+    return result
 
 
 def get_label_names(dataset: datasets.DatasetDict | datasets.Dataset) -> list[str]:
@@ -1303,29 +1351,23 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 def create_train_dataloader(
     train_dataset: torch.utils.data.Dataset, args: DataArguments, batch_size: int, seed: int = 42
 ) -> DataLoader:
-    """Training loader: RepeatedAugmentationSampler(ra) + BatchSampler(drop_last=True) + :func:`collate_fn`.
+    """Training loader: :class:`RepeatedAugmentationBatchSampler` (any ``batch_size``, each image ``ra`` times with
+    all its copies in one batch) + :func:`collate_fn`.
 
     Batches are ``{"pixel_values": FloatTensor(batch_size, C, H, W), "labels": LongTensor(batch_size)}``.
-    The sampler stays reachable as ``loader.batch_sampler.sampler`` (accelerate forwards ``set_epoch`` there).
+    The image-order sampler stays reachable as ``loader.batch_sampler.sampler`` (accelerate forwards ``set_epoch``
+    there).
 
     Raises:
-        ValueError: ``batch_size`` is not a positive multiple of ``args.ra``, or the data is too small for
-        one full batch.
+        ValueError: ``batch_size`` is not positive, or the data is too small for one full batch.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    if batch_size % args.ra:
-        lower = max(args.ra, batch_size - batch_size % args.ra)
-        raise ValueError(
-            f"batch_size={batch_size} is not a multiple of ra={args.ra}: the copies of an image would be split "
-            f"across batches. Use e.g. batch_size={lower} or {lower + args.ra}, or change --ra."
-        )
-    sampler = RepeatedAugmentationSampler(len(train_dataset), repeats=args.ra, shuffle=True, seed=seed)
-    batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=True)
+    batch_sampler = RepeatedAugmentationBatchSampler(len(train_dataset), batch_size, repeats=args.ra, seed=seed)
     if len(batch_sampler) == 0:
         raise ValueError(
-            f"The training set has {len(train_dataset)} images x ra={args.ra} = {len(sampler)} samples, fewer "
-            f"than one batch of batch_size={batch_size}; lower the batch size."
+            f"The training set has {len(train_dataset)} images, fewer than the {batch_sampler.images_per_batch} "
+            f"images of one batch (batch_size={batch_size} with ra={args.ra}); lower --per_device_train_batch_size."
         )
     workers = args.dataloader_num_workers
     return DataLoader(

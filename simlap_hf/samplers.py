@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["RepeatedAugmentationSampler"]
+__all__ = ["RepeatedAugmentationBatchSampler", "RepeatedAugmentationSampler"]
 
 
 class RepeatedAugmentationSampler(Sampler[int]):
@@ -50,3 +50,62 @@ class RepeatedAugmentationSampler(Sampler[int]):
     def __len__(self) -> int:
         """``num_samples * repeats``."""
         return self.num_samples * self.repeats
+
+
+class RepeatedAugmentationBatchSampler(Sampler[list[int]]):
+    """Batches of repeated-augmentation copies for any batch size and any ``repeats``.
+
+    Each epoch the images are put in a seeded random order (``self.sampler``, a
+    :class:`RepeatedAugmentationSampler` with one copy, so ``set_epoch`` reaches it the way accelerate forwards it)
+    and cut into groups of ``images_per_batch = max(1, batch_size // repeats)`` images; the incomplete last group is
+    dropped (its images come first in other epochs' orders). A batch holds every copy of each of its images, copies
+    adjacent:
+
+    - ``batch_size % repeats == 0``: each image ``repeats`` times (the reference's layout; identical to batching
+      :class:`RepeatedAugmentationSampler` with ``drop_last``);
+    - otherwise the ``batch_size % repeats`` spare places go to extra copies, spread evenly from the batch's first
+      image on, so ``batch_size=256, repeats=3`` gives 85 images: 1 image with 4 copies and 84 with 3;
+    - ``batch_size < repeats``: one image, ``batch_size`` copies.
+
+    So no image's copies are ever split across batches, every image of the epoch's full groups is seen at least
+    ``repeats`` times, and ``len == num_samples // images_per_batch``. Whole batches are what accelerate's
+    ``BatchSamplerShard`` hands to the processes, so each process gets its own images and all copies of each.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, repeats: int = 3, shuffle: bool = True, seed: int = 0
+    ) -> None:
+        """See the class docstring; ``num_samples`` is the data set length."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.sampler = RepeatedAugmentationSampler(num_samples, repeats=1, shuffle=shuffle, seed=seed)
+        self.batch_size = int(batch_size)
+        self.repeats = int(repeats)
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}.")
+        self.drop_last = True  # read by accelerate's BatchSamplerShard
+        self.images_per_batch = max(1, self.batch_size // self.repeats)
+        # The batch_size spare places spread as evenly as possible over the batch's images, first images first.
+        base, spare = divmod(self.batch_size, self.images_per_batch)
+        copies = torch.full((self.images_per_batch,), base, dtype=torch.int64)
+        copies[:spare] += 1
+        self.copies = copies  # (images_per_batch,) copies of each image slot; sums to batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the image order of ``epoch``."""
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """``len(self)`` batches of ``batch_size`` indices."""
+        order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
+        for start in range(0, len(self) * self.images_per_batch, self.images_per_batch):
+            images = order[start : start + self.images_per_batch]
+            yield images.repeat_interleave(self.copies).tolist()
+
+    def __len__(self) -> int:
+        """Full groups of ``images_per_batch`` images in the data set."""
+        return self.sampler.num_samples // self.images_per_batch

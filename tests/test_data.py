@@ -22,6 +22,7 @@ from torch.utils.data import BatchSampler
 from simlap_hf.data import (
     FASHION_MNIST_LABEL_NAMES,
     DataArguments,
+    RepeatedAugmentationBatchSampler,
     RepeatedAugmentationSampler,
     ResumableAugmentations,
     capture_rng_state,
@@ -493,11 +494,67 @@ def test_train_dataloader_batches_and_accelerate_sharding() -> None:
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(24))
 
 
-def test_train_dataloader_rejects_batch_not_multiple_of_ra() -> None:
-    with pytest.raises(ValueError, match=r"batch_size=10.*ra=3"):
-        create_train_dataloader(_IndexDataset(30), DataArguments(ra=3), batch_size=10)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+def test_train_dataloader_takes_any_batch_size_with_whole_copy_groups() -> None:
+    # The reference's batch 256 with ra=3: 85 images per batch, one of them with a 4th copy.
+    loader = create_train_dataloader(_IndexDataset(170), DataArguments(ra=3), batch_size=256, seed=0)
+    batches = list(loader)
+    assert len(batches) == 2
+    for batch in batches:
+        counts = torch.bincount(batch["labels"], minlength=170)
+        assert batch["labels"].numel() == 256
+        assert sorted(counts[counts > 0].tolist()) == [3] * 84 + [4]
+    seen = torch.cat([batch["labels"] for batch in batches]).unique()
+    assert seen.tolist() == list(range(170))  # every image of the epoch, in one batch each
+    loader = create_train_dataloader(_IndexDataset(30), DataArguments(ra=3), batch_size=10)
+    assert len(loader) == 10 and all(len(batch["labels"]) == 10 for batch in loader)
+    with pytest.raises(ValueError, match="fewer than the 3 images of one batch"):
         create_train_dataloader(_IndexDataset(2), DataArguments(ra=3), batch_size=9)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    num_samples=st.integers(min_value=1, max_value=60),
+    ra=st.integers(min_value=1, max_value=4),
+    batch_size=st.integers(min_value=1, max_value=17),
+    shards=st.integers(min_value=1, max_value=3),
+    epoch=st.integers(min_value=0, max_value=3),
+)
+def test_batch_sampler_any_batch_size_property(num_samples: int, ra: int, batch_size: int, shards: int,
+                                               epoch: int) -> None:
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = RepeatedAugmentationBatchSampler(num_samples, batch_size, repeats=ra, seed=5)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    images_per_batch = max(1, batch_size // ra)
+    assert len(batches) == len(sampler) == num_samples // images_per_batch
+    seen: set[int] = set()
+    for batch in batches:
+        assert len(batch) == batch_size
+        images = set(batch)
+        assert len(images) == images_per_batch and seen.isdisjoint(images)  # all copies of an image in one batch
+        seen |= images
+        counts = [batch.count(i) for i in images]
+        assert min(counts) >= min(ra, batch_size) and max(counts) - min(counts) <= 1
+        assert len(_starts(batch)) == len(images)  # copies adjacent: one run per image
+    assert len(seen) == len(batches) * images_per_batch  # coverage: only the incomplete last group is left out
+    if batch_size % ra == 0:  # the reference layout: the flat repeated order cut into batches
+        flat = RepeatedAugmentationSampler(num_samples, repeats=ra, seed=5)
+        flat.set_epoch(epoch)
+        order = list(flat)
+        assert batches == [order[i * batch_size : (i + 1) * batch_size] for i in range(len(batches))]
+    again = RepeatedAugmentationBatchSampler(num_samples, batch_size, repeats=ra, seed=5)
+    again.set_epoch(epoch)
+    shard_images = [{i for b in BatchSamplerShard(again, num_processes=shards, process_index=p) for i in b}
+                    for p in range(shards)]
+    for p in range(shards):
+        for q in range(p):
+            assert shard_images[p].isdisjoint(shard_images[q])
+
+
+def _starts(batch: list[int]) -> list[int]:
+    """Start positions of the runs of equal indices in ``batch``."""
+    return [i for i in range(len(batch)) if i == 0 or batch[i] != batch[i - 1]]
 
 
 # ------------------------------------------------------------------------------------------------------------
