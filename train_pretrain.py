@@ -23,12 +23,17 @@ from simlap_hf.analysis import analyze_model, summary_markdown
 from simlap_hf.data import DataArguments
 from simlap_hf.evaluation import classification_metrics, extract_features, knn_accuracy
 from simlap_hf.training import (
+    PLACEHOLDER_LABELS,
+    RESNET_OUTPUT_STRIDE_HELP,
+    RESNET_STEM_HELP,
     TrainingArguments,
     arguments_as_dict,
+    check_backbone,
     label_mappings,
     parse_args,
     prepare_data,
     run_main,
+    save_image_processor,
     start_run,
     timm_backbone_kwargs,
     train_and_save,
@@ -45,8 +50,8 @@ class PretrainModelArguments:
     """The SimLAP model: timm backbone, projector, feature filter and loss."""
 
     model_name: str = field(default="resnet18", metadata={"help": "timm backbone architecture."})
-    stem_type: str | None = field(default="deep", metadata={"help": "timm ResNet stem ('', 'deep', 'deep_tiered')."})
-    output_stride: int | None = field(default=8, metadata={"help": "timm output stride (8 for 32x32 inputs)."})
+    stem_type: str | None = field(default=None, metadata={"help": RESNET_STEM_HELP})
+    output_stride: int | None = field(default=None, metadata={"help": RESNET_OUTPUT_STRIDE_HELP})
     model_kwargs: str | None = field(
         default=None, metadata={"help": "Extra timm.create_model kwargs as JSON, e.g. '{\"drop_path_rate\": 0.1}'."}
     )
@@ -73,7 +78,9 @@ ARGUMENT_CLASSES = (PretrainModelArguments, DataArguments, TrainingArguments)
 def build_config(model_args: PretrainModelArguments, data_args: DataArguments, label_names: Sequence[str]):
     return SimLAPConfig(
         backbone=model_args.model_name,
-        backbone_kwargs=timm_backbone_kwargs(model_args.stem_type, model_args.output_stride, model_args.model_kwargs),
+        backbone_kwargs=timm_backbone_kwargs(
+            model_args.model_name, model_args.stem_type, model_args.output_stride, model_args.model_kwargs
+        ),
         out_dim=model_args.out_dim,
         mlp_dim=model_args.mlp_dim,
         gate=model_args.gate,
@@ -115,6 +122,7 @@ def make_evaluator(accelerator, data, ema=None):
 def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]:
     """Parse ``argv`` (YAML file and/or flags), train, save; returns the trained model and the results."""
     model_args, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
+    check_backbone(build_config(model_args, data_args, PLACEHOLDER_LABELS))  # model errors before any data is read
     accelerator, repo_id = start_run(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     config = build_config(model_args, data_args, data.label_names)
@@ -126,10 +134,13 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]
             write_json(Path(args.output_dir) / "analysis.json", report)
         return {"Representation analysis": summary_markdown(report)}
 
+    def extra_files(output_dir: Path, trained: SimLAPModel) -> None:
+        save_image_processor(output_dir, data_args, model_args.num_channels)
+
     return train_and_save(
         accelerator, SimLAPModel(config), data, args, simlap_step, make_evaluator, "pretrain", METRICS,
         arguments_as_dict(model_args, data_args, args), data_args.dataset_name, repo_id=repo_id,
-        card_sections=analysis_sections if model_args.analyze else None,
+        card_sections=analysis_sections if model_args.analyze else None, extra_files=extra_files,
     )
 
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from timm.models._manipulate import group_with_matcher
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 
 from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
 from .losses import (
@@ -45,7 +45,9 @@ def create_backbone(config: SimLAPConfig) -> nn.Module:
         return timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.timm_kwargs())
     except TypeError as error:
         raise ValueError(
-            f"timm could not build backbone {config.backbone!r} with backbone_kwargs={config.timm_kwargs()}: {error}"
+            f"timm could not build backbone {config.backbone!r} with backbone_kwargs={config.timm_kwargs()}: {error}. "
+            "Leave out the option it does not take (--stem_type and --output_stride are timm ResNet options; check "
+            "--model_kwargs)."
         ) from error
 
 
@@ -182,6 +184,11 @@ class SimLAPPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if wants_info else model
 
+    def get_image_features(self, pixel_values: Tensor) -> Tensor:
+        """(B, C_in, H, W) normalised images -> (B, D) pooled backbone features (``out.pooler_output``), as CLIP's
+        ``get_image_features``: the representation that kNN, the linear probe and feature extraction use."""
+        return self.backbone(pixel_values)
+
     def _mark_initialised(self, module: nn.Module) -> None:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             tensor._is_hf_initialized = True
@@ -235,9 +242,11 @@ class SimLAPModelOutput(ModelOutput):
     Attributes:
         loss: total loss (contrastive + head cross-entropy + gate penalty), when ``labels`` are given.
         contrastive_loss, head_loss, gate_penalty_loss: its parts.
+        pooler_output: (B, D) pooled backbone features (the representation of kNN, probe and feature extraction).
+            The first field after the losses, so that without labels ``out[0]`` and
+            ``pipeline("image-feature-extraction")`` give the features, not the head's logits.
         logits: (B, C) online-head logits.
         embeddings: (B, K) projected embeddings.
-        pooler_output: (B, D) pooled backbone features.
         pair_labels: (B,) partner classes drawn for the batch.
         gate_activation: mean over anchors of the sum of the K gate values.
         gate_entropy: mean Bernoulli entropy of the gates.
@@ -249,9 +258,9 @@ class SimLAPModelOutput(ModelOutput):
     contrastive_loss: Tensor | None = None
     head_loss: Tensor | None = None
     gate_penalty_loss: Tensor | None = None
+    pooler_output: Tensor | None = None
     logits: Tensor | None = None
     embeddings: Tensor | None = None
-    pooler_output: Tensor | None = None
     pair_labels: Tensor | None = None
     gate_activation: Tensor | None = None
     gate_entropy: Tensor | None = None
@@ -526,3 +535,26 @@ class SimLAPFuseForImageClassification(SimLAPPreTrainedModel):
             )
             total = total + distributed_mean(terms.loss_sum, terms.num_positives, gathered=gather)
         return total / config.iter_num
+
+
+class SimLAPFuseModel(SimLAPPreTrainedModel):
+    """The backbone of a SimLAP-Fuse checkpoint: ``AutoModel`` of a Fuse configuration, for feature extraction.
+
+    ``forward`` returns ``pooler_output`` (B, D), the backbone features (also ``out[0]``); the margin head and class
+    weights of the checkpoint are not loaded (use :class:`SimLAPFuseForImageClassification` to classify).
+    """
+
+    config_class = SimLAPFuseConfig
+    _keys_to_ignore_on_load_unexpected = [r"^margin_head\.", r"^classifier\."]
+
+    def __init__(self, config: SimLAPFuseConfig) -> None:
+        super().__init__(config)
+        self.backbone = self._build_backbone(config)
+        self.post_init()
+
+    def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> ModelOutput | tuple:
+        """(B, C_in, H, W) -> ``pooler_output`` (B, D)."""
+        output = BaseModelOutputWithPooling(pooler_output=self.backbone(pixel_values))
+        if return_dict is False:
+            return output.to_tuple()
+        return output

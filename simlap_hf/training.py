@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,15 +68,19 @@ class TrainingArguments:
     min_lr: float = field(default=1e-6, metadata={"help": "Final learning rate of the cosine schedule."})
     clip_grad: float | None = field(default=None, metadata={"help": "Clip the gradient norm to this value."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer update."})
-    mixed_precision: str = field(
-        default="no", metadata={"help": "no, fp16 or bf16 (fp16 falls back to bf16 on CPU, where it is not supported)."}
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "no, fp16 or bf16; unset: what `accelerate launch --mixed_precision` or the accelerate config "
+                          "says (else no). fp16 falls back to bf16 on CPU, where it is not supported."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of every random number generator and of the data order."})
     eval_every: int = field(default=2, metadata={"help": "Evaluate every N epochs (and always after the last)."})
     checkpointing_epochs: int = field(default=1, metadata={"help": "Save a checkpoint every N epochs (0: never)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept too)."})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' or a checkpoint folder: continue that run where it stopped."}
+        default=None,
+        metadata={"help": "'latest' or a checkpoint folder: continue that run where it stopped. 'auto': continue from "
+                          "the newest complete checkpoint when there is one, else start fresh (for requeued jobs)."},
     )
     logging_steps: int = field(default=10, metadata={"help": "Log training statistics every N optimizer steps."})
     with_tracking: bool = field(default=False, metadata={"help": "Log to experiment trackers (see report_to)."})
@@ -91,6 +96,9 @@ class TrainingArguments:
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
     push_checkpoints: bool = field(
         default=False, metadata={"help": "With --push_to_hub, also upload every saved checkpoint."}
+    )
+    debug: bool = field(
+        default=False, metadata={"help": "Show the full traceback of input errors (also: SIMLAP_DEBUG=1)."}
     )
 
 
@@ -124,7 +132,13 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
         config_path = Path(argv.pop(0))
         if not config_path.is_file():
             raise FileNotFoundError(f"Config file {str(config_path)!r} does not exist.")
-        values = yaml.safe_load(config_path.read_text()) or {}
+        try:
+            values = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"Config file {str(config_path)!r} is not valid YAML{where}: {problem}.") from None
         if not isinstance(values, dict):
             raise ValueError(f"Config file {str(config_path)!r} must hold a mapping of option: value.")
         unknown = [key for key in values if key not in known]
@@ -144,7 +158,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
 
 def validate_training_args(args: TrainingArguments) -> None:
     """Checks that need no data and no model; each error names the flag and the valid values."""
-    if args.mixed_precision not in MIXED_PRECISION:
+    if args.mixed_precision is not None and args.mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"--mixed_precision={args.mixed_precision!r} is not valid; choose one of no, fp16, bf16.")
     for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
                  "gradient_accumulation_steps", "eval_every", "logging_steps"):
@@ -155,9 +169,23 @@ def validate_training_args(args: TrainingArguments) -> None:
     if args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit={args.save_total_limit!r} is not valid; it must be >= 1.")
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(
+            f"--output_dir {str(output_dir)!r} is a file, not a folder; choose a folder path (it is created if needed)."
+        )
+    fresh_auto_start = False
+    if args.resume_from_checkpoint == "auto":
+        args.resume_from_checkpoint = "latest" if list_checkpoints(output_dir) else None
+        fresh_auto_start = args.resume_from_checkpoint is None
+    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
+        raise ValueError(
+            "--overwrite_output_dir and --resume_from_checkpoint contradict each other: drop --overwrite_output_dir "
+            "to continue the run, or --resume_from_checkpoint to replace it."
+        )
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and output_dir.is_dir():
+        # A run killed before its first complete checkpoint leaves only incomplete ones: 'auto' starts it again.
         previous = [name for name in ("all_results.json", "checkpoints", "model.safetensors")
-                    if (output_dir / name).exists()]
+                    if (output_dir / name).exists() and not (fresh_auto_start and name == "checkpoints")]
         if previous:
             raise ValueError(
                 f"--output_dir {str(output_dir)!r} already holds a run ({', '.join(previous)}). Pass "
@@ -171,14 +199,57 @@ def validate_training_args(args: TrainingArguments) -> None:
 def start_run(args: TrainingArguments) -> tuple[Accelerator, str | None]:
     """The first steps of every script, before any data is read: check the flags, create the Hub repository when
     pushing (so a bad id or token fails early), and set up the accelerator. Returns (accelerator, Hub repo id)."""
+    auto_resume = args.resume_from_checkpoint == "auto"
     validate_training_args(args)
     repo_id = start_hub_repo(args)
-    return create_accelerator(args), repo_id
+    accelerator = create_accelerator(args)
+    if auto_resume:
+        logger.info("--resume_from_checkpoint auto: %s.", "continuing from the newest complete checkpoint"
+                    if args.resume_from_checkpoint else "no complete checkpoint yet, starting fresh")
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        move_previous_run_away(args.output_dir)
+    accelerator.wait_for_everyone()
+    return accelerator, repo_id
+
+
+# What a finished or interrupted run leaves in its output folder; --overwrite_output_dir removes these (checkpoints
+# first) and nothing else, so unrelated files and sub-folders of other runs stay.
+RUN_ARTIFACTS = ("checkpoints", "model.safetensors", "config.json", "all_results.json", "training_log.jsonl",
+                 "README.md", "preprocessor_config.json", "analysis.json", "class_relations.json")
+
+
+def move_previous_run_away(output_dir: str | os.PathLike) -> None:
+    """Remove the previous run's files from ``output_dir`` before a new run writes anything.
+
+    Its ``checkpoints/`` folder is first renamed (atomically) to a hidden name and then deleted, so that from that
+    moment on ``--resume_from_checkpoint latest`` can only find the new run's checkpoints, even if this process is
+    killed halfway through the deletion."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    present = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+    if not present:
+        return
+    trash = output_dir / f".replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    trash.mkdir()
+    for name in present:
+        os.replace(output_dir / name, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
+    logger.info("--overwrite_output_dir: removed the previous run's %s from %s.", ", ".join(present), output_dir)
 
 
 def create_accelerator(args: TrainingArguments) -> Accelerator:
-    """Accelerator with mixed precision, gradient accumulation and trackers; seeds every process."""
-    mixed_precision = args.mixed_precision
+    """Accelerator with mixed precision, gradient accumulation and trackers; seeds every process.
+
+    ``--mixed_precision`` wins; unset, accelerate's own setting applies (``accelerate launch --mixed_precision`` or
+    the accelerate config file, passed as ``ACCELERATE_MIXED_PRECISION``; ``no`` when run with plain python)."""
+    from_flag = args.mixed_precision is not None
+    mixed_precision = args.mixed_precision if from_flag else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(
+            f"ACCELERATE_MIXED_PRECISION={mixed_precision!r} (from accelerate launch or its config) is not supported "
+            "here; use no, fp16 or bf16, or pass --mixed_precision."
+        )
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 mixed precision needs a GPU; using bf16 autocast on CPU instead.")
         mixed_precision = "bf16"
@@ -198,6 +269,8 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
     # accelerate logs every file of every checkpoint at INFO; our own checkpoint messages are enough.
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logger.info("Mixed precision: %s (%s).", accelerator.mixed_precision,
+                "--mixed_precision" if from_flag else "accelerate launch / accelerate config / default")
     set_seed(args.seed)
     return accelerator
 
@@ -263,6 +336,7 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     train_images: int = 0
+    num_train_epochs: int | None = None  # the schedule's length (None in checkpoints of older versions)
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -456,13 +530,22 @@ def run_main(run: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     0 when the run finished. After SIGINT/SIGTERM, :func:`fit` has saved a checkpoint and printed how to resume;
     this returns :attr:`TrainingInterrupted.exit_code` (130 for SIGINT, 143 for SIGTERM) without a traceback. A
     second Ctrl-C (stop at once, no new checkpoint) or one before training started also returns 130, with a message
-    saying that a resume continues from the last complete checkpoint. Every other error propagates (traceback, exit
-    code 1). Use as ``raise SystemExit(run_main(run, argv))``.
+    saying that a resume continues from the last complete checkpoint. An input error (see :func:`is_input_error`:
+    bad flags, YAML, data, model files, checkpoints) prints one line, ``error: <message>``, and returns 1 without a
+    traceback, unless ``--debug`` or ``SIMLAP_DEBUG=1``; every other error (a bug) propagates with its traceback. Use
+    as ``raise SystemExit(run_main(run, argv))``.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SIMLAP_DEBUG", "").lower() in ("1", "true", "yes")
     try:
         run(argv)
     except TrainingInterrupted as stop:
         return stop.exit_code
+    except Exception as error:
+        if debug or not is_input_error(error):
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "Interrupted before a checkpoint could be saved; a resume (the same command plus "
@@ -471,6 +554,25 @@ def run_main(run: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         )
         return 128 + int(signal.SIGINT)
     return 0
+
+
+# Where the package's own checks raise: an error raised by code in these folders is a message written for the user.
+_OWN_CODE = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1]))
+INPUT_ERROR_TYPES = (ValueError, OSError, FloatingPointError)
+
+
+def is_input_error(error: BaseException) -> bool:
+    """Whether ``error`` is one of the package's checks of user input (flags, YAML, data, model files, checkpoints,
+    disk), not a bug: a ValueError, OSError or FloatingPointError raised by the package's own code (the scripts and
+    ``simlap_hf``), whose messages name the value and the fix. The same types raised inside a library are bugs or
+    unexpected failures and keep their traceback."""
+    if not isinstance(error, INPUT_ERROR_TYPES):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    raised_in = str(Path(frames[-1].filename).resolve())
+    return raised_in.startswith(_OWN_CODE) and "site-packages" not in raised_in
 
 
 def _flag_of_every_process(accelerator: Accelerator, flag: bool | torch.Tensor) -> list[bool]:
@@ -537,6 +639,28 @@ def _processes_with_non_finite_loss(accelerator: Accelerator, loss: torch.Tensor
     return [rank for rank, ok in enumerate(finite) if not ok]
 
 
+def _adapt_schedule_length(state: TrainerState, args: TrainingArguments, scheduler: Any, rebuilt: Any) -> None:
+    """Resuming with another ``--num_train_epochs``: the learning-rate schedule is rebuilt for the new length (warmup
+    and cosine over the new total, continued at the current step) instead of the checkpoint's, which would train the
+    extra epochs at ``min_lr``. Fewer epochs than already trained is an error."""
+    saved = state.num_train_epochs
+    if saved is None or saved == args.num_train_epochs:
+        return
+    if args.num_train_epochs < state.epoch + (1 if state.step_in_epoch else 0):
+        raise ValueError(
+            f"--num_train_epochs={args.num_train_epochs} is less than the {state.epoch} epoch(s) the checkpoint has "
+            f"already trained; pass --num_train_epochs {saved} (the run's length) or more."
+        )
+    before = scheduler._get_lr(state.global_step)[0]
+    scheduler.load_state_dict(rebuilt.state_dict())
+    after = scheduler._get_lr(state.global_step)[0]
+    logger.warning(
+        "--num_train_epochs changed from %d (the checkpoint's schedule) to %d: the %s schedule is rebuilt for %d "
+        "epochs and continues at step %d (learning rate %.3g instead of %.3g).",
+        saved, args.num_train_epochs, args.sched, args.num_train_epochs, state.global_step, after, before,
+    )
+
+
 def fit(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -577,6 +701,8 @@ def fit(
         rng_file = path / _augmentation_rng_file(accelerator)
         if augmentations is not None and state.step_in_epoch and rng_file.is_file():
             resume_augmentations = (torch.load(rng_file, weights_only=False), capture_rng_state())
+        _adapt_schedule_length(state, args, scheduler, create_scheduler(optimizer, args, updates_per_epoch))
+    state.num_train_epochs = args.num_train_epochs
     scheduler.step_update(state.global_step)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -748,11 +874,6 @@ def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> 
         with_image_transforms,
     )
 
-    if args.per_device_train_batch_size % data_args.ra:
-        raise ValueError(
-            f"--per_device_train_batch_size={args.per_device_train_batch_size} is not a multiple of "
-            f"--ra={data_args.ra}: every image must appear ra times in the same batch."
-        )
     dataset = load_image_dataset(data_args, seed=args.seed)
     train_classes = dataset["train"].unique("label")
     if len(train_classes) < 2:
@@ -779,16 +900,78 @@ def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> 
     )
 
 
-def timm_backbone_kwargs(stem_type: str | None, output_stride: int | None, model_kwargs: str | None) -> dict[str, Any]:
+# The reference's CIFAR setting of a timm ResNet, applied to ResNets when --stem_type / --output_stride are unset.
+RESNET_DEFAULTS = {"stem_type": "deep", "output_stride": 8}
+RESNET_STEM_HELP = ("timm ResNet stem ('', 'deep', 'deep_tiered'); unset: 'deep' for timm ResNets (the reference's "
+                    "CIFAR setting), nothing for other backbones; '' keeps timm's default.")
+RESNET_OUTPUT_STRIDE_HELP = ("timm output stride (8 suits 32x32 inputs); unset: 8 for timm ResNets, nothing for other "
+                             "backbones; 0 keeps timm's default.")
+# Stand-in class names for checking a model configuration before the data (and its classes) are loaded.
+PLACEHOLDER_LABELS = ("class_0", "class_1")
+
+
+def check_backbone(config: Any) -> None:
+    """Build the config's backbone on the meta device (no memory, no weights), so that an architecture that rejects
+    its options (``--stem_type`` on a ViT, say) fails before any data is loaded."""
+    from .modeling_simlap import create_backbone
+
+    with torch.device("meta"):
+        create_backbone(config)
+
+
+def check_model_source(name_or_path: str, flag: str = "--model_name_or_path") -> None:
+    """Fail early, with the right message, on a local model folder that does not exist (instead of a Hub error):
+    a path that exists must be a folder with ``config.json``; a name that is not a Hub id ('org/name'), or whose
+    first part is an existing local folder, is taken for a mistyped local path."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ValueError(
+                f"{flag} {name_or_path!r} is not a saved model folder (no config.json in it); pass the output_dir of "
+                "train_pretrain.py / train_finetune.py / train_fuse.py, or a Hub id."
+            )
+        return
+    parts = Path(name_or_path).parts
+    hub_like = len(parts) == 2 and not name_or_path.startswith((".", "/", "~")) and "\\" not in name_or_path
+    if not hub_like or Path(parts[0]).is_dir():
+        parent = next((str(Path(*parts[:i])) for i in range(len(parts) - 1, 0, -1) if Path(*parts[:i]).is_dir()),
+                      None)
+        where = f" ({parent!r} exists and holds: {sorted(p.name for p in Path(parent).iterdir())[:10]})" if parent else ""
+        raise FileNotFoundError(
+            f"{flag} {name_or_path!r}: this folder does not exist{where}. Check the path (the output_dir of the run "
+            "you want to load)."
+        )
+
+
+def is_timm_resnet(model_name: str) -> bool:
+    """Whether ``model_name`` is a timm architecture of the ResNet family (``timm.models.resnet``: resnet18,
+    resnet10t, resnet50d, ...), which takes ``stem_type`` and ``output_stride``."""
+    import timm.models
+
+    return timm.is_model(model_name) and timm.models.is_model_in_modules(model_name, ["resnet"])
+
+
+def timm_backbone_kwargs(
+    model_name: str, stem_type: str | None, output_stride: int | None, model_kwargs: str | None
+) -> dict[str, Any]:
     """``timm.create_model`` keyword arguments from the scripts' ``--stem_type``, ``--output_stride`` and
-    ``--model_kwargs`` (a JSON object) flags; empty or zero values leave timm's defaults."""
-    kwargs: dict[str, Any] = json.loads(model_kwargs) if model_kwargs else {}
+    ``--model_kwargs`` (a JSON object) flags.
+
+    Unset (None) ``stem_type`` / ``output_stride`` mean: the reference's ``deep`` stem and output stride 8 for a timm
+    ResNet (:data:`RESNET_DEFAULTS`), nothing for other architectures. An empty stem or 0 keeps timm's default; any
+    other value is passed to timm as given."""
+    try:
+        kwargs: Any = json.loads(model_kwargs) if model_kwargs else {}
+    except ValueError as error:
+        raise ValueError(f"--model_kwargs={model_kwargs!r} is not valid JSON ({error}).") from None
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model_kwargs={model_kwargs!r} must be a JSON object such as '{{\"drop_path_rate\": 0.1}}'.")
-    if stem_type:
-        kwargs["stem_type"] = stem_type
-    if output_stride:
-        kwargs["output_stride"] = output_stride
+    resnet = is_timm_resnet(model_name)
+    for name, value in (("stem_type", stem_type), ("output_stride", output_stride)):
+        if value is None:
+            value = RESNET_DEFAULTS[name] if resnet else None
+        if value:
+            kwargs[name] = value
     return kwargs
 
 
@@ -934,19 +1117,20 @@ def make_classification_evaluator(
 
 
 def save_image_processor(output_dir: Path, data_args: Any, num_channels: int) -> None:
-    """An image processor equal to the eval transform (resize to input/crop_pct, centre crop, normalise), so that
-    ``pipeline("image-classification", model=output_dir)`` preprocesses like evaluation."""
-    from transformers import ConvNextImageProcessor
-
-    from .data import resolve_mean_std
+    """An image processor equal to the eval transform (mode conversion, resize to input/crop_pct with the run's
+    interpolation, centre crop, normalise), so that ``pipeline("image-classification" or "image-feature-extraction",
+    model=output_dir)`` preprocesses exactly like evaluation."""
+    from .data import _stats_for_channels, resolve_mean_std
+    from .image_processing_simlap import SimLAPImageProcessor
 
     mean, std = resolve_mean_std(data_args)
-    processor = ConvNextImageProcessor(
-        size={"shortest_edge": data_args.input_size},
+    processor = SimLAPImageProcessor(
+        size=data_args.input_size,
         crop_pct=data_args.crop_pct,
-        resample=3,  # bicubic, as the eval transform
-        image_mean=list(mean)[:num_channels],
-        image_std=list(std)[:num_channels],
+        interpolation=data_args.interpolation,
+        image_mean=_stats_for_channels(mean, num_channels, "mean"),
+        image_std=_stats_for_channels(std, num_channels, "std"),
+        num_channels=num_channels,
     )
     processor.save_pretrained(output_dir)
 
