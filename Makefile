@@ -4,6 +4,8 @@ PYTHON := $(VENV)/bin/python
 # torch and torchvision are installed first, as a matched pair, before the package pulls anything else.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 OUTPUT_DIR ?= outputs/quickstart_digits
+# Extra flags for the demo run, e.g. `make demo DEMO_ARGS="--num_train_epochs 1"`.
+DEMO_ARGS ?=
 
 .PHONY: install demo test bench clean
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: install
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_pretrain.py configs/quickstart_digits.yaml --output_dir $(OUTPUT_DIR)
+		train_pretrain.py configs/quickstart_digits.yaml --output_dir $(OUTPUT_DIR) $(DEMO_ARGS)
 	@echo "metrics ($(OUTPUT_DIR)/all_results.json):"
 	@cat $(OUTPUT_DIR)/all_results.json
 	@echo "load it:"

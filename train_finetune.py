@@ -21,9 +21,14 @@ import torch
 from simlap_hf import SimLAPConfig, SimLAPForImageClassification
 from simlap_hf.data import DataArguments
 from simlap_hf.training import (
+    PLACEHOLDER_LABELS,
+    RESNET_OUTPUT_STRIDE_HELP,
+    RESNET_STEM_HELP,
     ClassificationArguments,
     TrainingArguments,
     arguments_as_dict,
+    check_backbone,
+    check_model_source,
     create_classification_criterion,
     create_mixup,
     label_mappings,
@@ -51,8 +56,8 @@ class FinetuneModelArguments:
         default=None, metadata={"help": "timm architecture; with --from_scratch, the supervised baseline."}
     )
     from_scratch: bool = field(default=False, metadata={"help": "Start from random weights (needs --model_name)."})
-    stem_type: str | None = field(default="deep", metadata={"help": "timm ResNet stem (from scratch only)."})
-    output_stride: int | None = field(default=8, metadata={"help": "timm output stride (from scratch only)."})
+    stem_type: str | None = field(default=None, metadata={"help": RESNET_STEM_HELP})
+    output_stride: int | None = field(default=None, metadata={"help": RESNET_OUTPUT_STRIDE_HELP})
     model_kwargs: str | None = field(default=None, metadata={"help": "Extra timm kwargs as JSON (from scratch)."})
     num_channels: int = field(default=3, metadata={"help": "Input channels (from scratch only)."})
     classifier_dropout: float = field(default=0.0, metadata={"help": "Dropout before the linear classifier."})
@@ -65,20 +70,35 @@ class FinetuneModelArguments:
 ARGUMENT_CLASSES = (FinetuneModelArguments, ClassificationArguments, DataArguments, TrainingArguments)
 
 
+def scratch_config(model_args: FinetuneModelArguments, data_args: DataArguments,
+                   label_names: Sequence[str]) -> SimLAPConfig:
+    """The classifier's config when training from scratch (``--from_scratch --model_name NAME``)."""
+    backbone_kwargs = timm_backbone_kwargs(
+        model_args.model_name, model_args.stem_type, model_args.output_stride, model_args.model_kwargs
+    )
+    return SimLAPConfig(backbone=model_args.model_name, backbone_kwargs=backbone_kwargs,
+                        image_size=data_args.input_size, num_channels=model_args.num_channels,
+                        classifier_dropout=model_args.classifier_dropout, **label_mappings(label_names))
+
+
+def check_model_arguments(model_args: FinetuneModelArguments, data_args: DataArguments) -> None:
+    """Errors in the model flags, raised before any data is loaded."""
+    if model_args.from_scratch:
+        if not model_args.model_name:
+            raise ValueError("--from_scratch needs --model_name (a timm architecture such as resnet18).")
+        check_backbone(scratch_config(model_args, data_args, PLACEHOLDER_LABELS))
+    elif not model_args.model_name_or_path:
+        raise ValueError("Pass --model_name_or_path (a pretrained SimLAP model) or --model_name NAME --from_scratch.")
+    else:
+        check_model_source(model_args.model_name_or_path)
+
+
 def build_model(model_args: FinetuneModelArguments, data_args: DataArguments, label_names: Sequence[str]):
     """A SimLAPForImageClassification for the data's classes: from a pretrained checkpoint (backbone taken over,
     new head) or from scratch."""
     labels = label_mappings(label_names)
     if model_args.from_scratch:
-        if not model_args.model_name:
-            raise ValueError("--from_scratch needs --model_name (a timm architecture such as resnet18).")
-        config = SimLAPConfig(backbone=model_args.model_name, backbone_kwargs=timm_backbone_kwargs(
-                                  model_args.stem_type, model_args.output_stride, model_args.model_kwargs),
-                              image_size=data_args.input_size, num_channels=model_args.num_channels,
-                              classifier_dropout=model_args.classifier_dropout, **labels)
-        return SimLAPForImageClassification(config)
-    if not model_args.model_name_or_path:
-        raise ValueError("Pass --model_name_or_path (a pretrained SimLAP model) or --model_name NAME --from_scratch.")
+        return SimLAPForImageClassification(scratch_config(model_args, data_args, label_names))
     pretrained = SimLAPConfig.from_pretrained(model_args.model_name_or_path)
     if model_args.model_name and model_args.model_name != pretrained.backbone:
         raise ValueError(
@@ -110,6 +130,7 @@ def classification_step_factory(mixup, criterion):
 def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification, dict[str, Any]]:
     """Parse ``argv`` (YAML file and/or flags), fine-tune, save; returns the trained model and the results."""
     model_args, recipe, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
+    check_model_arguments(model_args, data_args)
     accelerator, repo_id = start_run(args)
     num_channels = (
         model_args.num_channels

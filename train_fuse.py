@@ -21,9 +21,13 @@ from simlap_hf import SimLAPFuseForImageClassification
 from simlap_hf.configuration_simlap import SimLAPFuseConfig
 from simlap_hf.data import DataArguments
 from simlap_hf.training import (
+    PLACEHOLDER_LABELS,
+    RESNET_OUTPUT_STRIDE_HELP,
+    RESNET_STEM_HELP,
     ClassificationArguments,
     TrainingArguments,
     arguments_as_dict,
+    check_backbone,
     create_mixup,
     label_mappings,
     make_classification_evaluator,
@@ -44,8 +48,8 @@ class FuseModelArguments:
     """The SimLAP-Fuse model: timm backbone, margin head, and the SimLAP term."""
 
     model_name: str = field(default="resnet18", metadata={"help": "timm backbone architecture."})
-    stem_type: str | None = field(default="deep", metadata={"help": "timm ResNet stem."})
-    output_stride: int | None = field(default=8, metadata={"help": "timm output stride."})
+    stem_type: str | None = field(default=None, metadata={"help": RESNET_STEM_HELP})
+    output_stride: int | None = field(default=None, metadata={"help": RESNET_OUTPUT_STRIDE_HELP})
     model_kwargs: str | None = field(default=None, metadata={"help": "Extra timm kwargs as JSON."})
     num_channels: int = field(default=3, metadata={"help": "Input channels."})
     head_dim: int | None = field(
@@ -65,7 +69,9 @@ ARGUMENT_CLASSES = (FuseModelArguments, ClassificationArguments, DataArguments, 
 
 def build_config(model_args: FuseModelArguments, data_args: DataArguments, label_smoothing: float,
                  label_names: Sequence[str]) -> SimLAPFuseConfig:
-    backbone_kwargs = timm_backbone_kwargs(model_args.stem_type, model_args.output_stride, model_args.model_kwargs)
+    backbone_kwargs = timm_backbone_kwargs(
+        model_args.model_name, model_args.stem_type, model_args.output_stride, model_args.model_kwargs
+    )
     return SimLAPFuseConfig(
         backbone=model_args.model_name,
         backbone_kwargs=backbone_kwargs,
@@ -100,6 +106,7 @@ def fuse_step_factory(mixup):
 def run(argv: Sequence[str] | None = None) -> tuple[SimLAPFuseForImageClassification, dict[str, Any]]:
     """Parse ``argv`` (YAML file and/or flags), train, save; returns the trained model and the results."""
     model_args, recipe, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
+    check_backbone(build_config(model_args, data_args, 0.0, PLACEHOLDER_LABELS))  # model errors before any data
     accelerator, repo_id = start_run(args)
     data = prepare_data(data_args, args, model_args.num_channels)
     mixup = create_mixup(recipe, len(data.label_names))

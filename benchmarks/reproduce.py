@@ -261,9 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
     parser.add_argument("--threads", type=int, help="override the budget's torch threads (e.g. 1 per process when "
                         "several reproduce.py processes share the cores, each with its own --variants)")
-    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="change training values of the budget, e.g. --override num_train_epochs=3 eval_every=3 "
-                        "(values are read as YAML)")
+                        "(values are read as YAML; repeated --override flags add up, the last value of a key wins)")
     options = parser.parse_args(argv)
     budget = yaml.safe_load(Path(options.budget).read_text())
     try:

@@ -851,3 +851,40 @@ def test_resumable_augmentations_replays_a_batch_and_returns_to_the_checkpoint_s
     after = capture_rng_state()
     assert torch.equal(after["torch"], checkpoint_rng["torch"]) and after["python"] == checkpoint_rng["python"]
     assert resumed.__getitems__([9]) != batches[2][:1]  # later batches draw on from the checkpoint's state
+
+
+def test_integer_labels_without_names_are_renumbered_never_leaving_an_empty_class(tmp_path, caplog) -> None:
+    folder = tmp_path / "one_to_ten"
+    labels = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 2
+    datasets.DatasetDict({"train": _image_dataset(labels), "test": _image_dataset(labels[:10])}).save_to_disk(
+        str(folder))
+    with caplog.at_level(logging.WARNING, logger="simlap_hf"):
+        data = load_image_dataset(DataArguments(dataset_name=str(folder)))
+    assert get_label_names(data) == [str(i) for i in range(1, 11)]  # 10 classes, named by their original ids
+    assert sorted(set(data["train"]["label"])) == list(range(10))
+    assert data["train"][0]["label"] == 0 and data["train"][9]["label"] == 9  # 1 -> 0, ..., 10 -> 9
+    assert "not 0..9 (starting at 1)" in caplog.text and "1->0, 2->1" in caplog.text
+    caplog.clear()
+    gaps = tmp_path / "gaps"
+    datasets.DatasetDict({"train": _image_dataset([0, 2, 5] * 3), "test": _image_dataset([0, 2, 5])}).save_to_disk(
+        str(gaps))
+    with caplog.at_level(logging.WARNING, logger="simlap_hf"):
+        data = load_image_dataset(DataArguments(dataset_name=str(gaps)))
+    assert get_label_names(data) == ["0", "2", "5"] and "with gaps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="simlap_hf"):
+        load_image_dataset(DataArguments(dataset_name="digits"))
+    assert "renumbered" not in caplog.text and "no train images" not in caplog.text
+
+
+def test_classes_missing_from_a_split_are_named(tmp_path, caplog) -> None:
+    folder = tmp_path / "unbalanced"
+    names = datasets.ClassLabel(names=["cat", "dog", "fox", "owl"])
+    datasets.DatasetDict({
+        "train": _image_dataset([0, 1, 2] * 3, label_feature=names),
+        "test": _image_dataset([0, 1, 3], label_feature=names),
+    }).save_to_disk(str(folder))
+    with caplog.at_level(logging.WARNING, logger="simlap_hf"):
+        load_image_dataset(DataArguments(dataset_name=str(folder)))
+    assert "1 of 4 class(es) have no train images: 'owl' (1 of them appear in validation)" in caplog.text
+    assert "1 of 4 class(es) have no validation images: 'fox'" in caplog.text

@@ -324,6 +324,65 @@ def test_sigint_saves_checkpoint_and_exits_130(image_folder, scripts, tmp_path):
     assert state["global_step"] >= 2 and not (output_dir / "model.safetensors").exists()
 
 
+def test_overwrite_then_ctrl_c_then_resume_continues_the_new_run(image_folder, reference, scripts, tmp_path):
+    """--overwrite_output_dir over a finished run, Ctrl-C, then the printed resume command: the new run continues
+    (not the old one, whose checkpoints would otherwise be the newest) and ends with the uninterrupted run's weights."""
+    output_dir = tmp_path / "replaced"
+    old = scripts("old", flags(image_folder, output_dir, epochs=EPOCHS + 1) + ["--seed", "8"], code=RUN_MAIN)
+    old.wait()
+    assert checkpoint_names(output_dir)[-1] == f"checkpoint-{(EPOCHS + 1) * STEPS_PER_EPOCH:08d}"
+    (output_dir / "notes.txt").write_text("not part of a run")
+    new = scripts("new", flags(image_folder, output_dir) + ["--overwrite_output_dir"], code=RUN_MAIN)
+    new.wait_until(lambda: last_trained_step(output_dir) >= 2, "the second step of the new run")
+    new.process.send_signal(signal.SIGINT)
+    new.wait(expected_code=130)
+    names = checkpoint_names(output_dir)
+    assert names and all(int(name.split("-")[1]) < TOTAL_STEPS for name in names), names  # only the new run's
+    assert not (output_dir / "model.safetensors").exists() and (output_dir / "notes.txt").is_file()
+    resumed = scripts("resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"],
+                      code=RUN_MAIN)
+    resumed.wait()
+    assert_same_run(reference_dir(reference), output_dir)
+
+
+def test_auto_resume_restarts_a_run_killed_before_its_first_checkpoint(image_folder, reference, scripts, tmp_path):
+    """A requeued job runs the same command with --resume_from_checkpoint auto: killed before its first complete
+    checkpoint, it starts fresh; later it continues; finished, it only re-saves. Every time the same final run."""
+    output_dir = tmp_path / "requeued"
+    command = flags(image_folder, output_dir) + ["--resume_from_checkpoint", "auto"]
+    first = scripts("first", command, code=RUN_MAIN)
+    first.wait_until(lambda: last_trained_step(output_dir) >= 1, "the first step")
+    first.stop()  # SIGKILL inside the first epoch: no checkpoint yet
+    assert not checkpoint_names(output_dir) or all(name.startswith(".") for name in checkpoint_names(output_dir))
+    second = scripts("second", command, code=RUN_MAIN)
+    second.wait_until(lambda: last_trained_step(output_dir) > STEPS_PER_EPOCH + 1, "a step of the second epoch")
+    second.stop()  # killed after the epoch-1 checkpoint
+    third = scripts("third", command, code=RUN_MAIN)
+    third.wait()
+    assert "continuing from the newest complete checkpoint" in third.stderr
+    assert_same_run(reference_dir(reference), output_dir)
+    again = scripts("again", command, code=RUN_MAIN)  # the job requeued once more after it finished
+    again.wait()
+    assert_same_run(reference_dir(reference), output_dir)
+
+
+def test_more_epochs_on_resume_rebuild_the_schedule_fewer_are_refused(image_folder, tmp_path, caplog):
+    output_dir = tmp_path / "extended"
+    train_pretrain.run(flags(image_folder, output_dir, epochs=1) + ["--min_lr", "1e-6"])
+    with caplog.at_level(logging.WARNING, logger="simlap_hf"):
+        train_pretrain.run(flags(image_folder, output_dir, epochs=2) + ["--min_lr", "1e-6",
+                                                                       "--resume_from_checkpoint", "latest"])
+    assert "schedule is rebuilt for 2 epochs" in caplog.text
+    rates = {record["step"]: record["lr"] for record in read_log(output_dir) if "lr" in record}
+    assert sorted(rates) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    # The second epoch follows a cosine over 2 epochs (1 of warmup): well above min_lr, falling to it at the end.
+    second_epoch = [rates[step] for step in range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1)]
+    assert second_epoch[0] > 100 * 1e-6 and second_epoch == sorted(second_epoch, reverse=True)
+    assert json.loads((output_dir / "all_results.json").read_text())["epochs"] == 2
+    with pytest.raises(ValueError, match=r"--num_train_epochs=1 is less than the 2 epoch\(s\)"):
+        train_pretrain.run(flags(image_folder, output_dir, epochs=1) + ["--resume_from_checkpoint", "latest"])
+
+
 def _children(pid: int) -> list[int]:
     """Process ids of the direct children of ``pid`` (Linux /proc)."""
     found = []

@@ -150,8 +150,8 @@ def test_bad_input_fails_before_training(tiny_image_folder, tmp_path, monkeypatc
 
     monkeypatch.setattr(training, "fit", no_training)
     flags = tiny_flags(tiny_image_folder, tmp_path / "a")
-    with pytest.raises(ValueError, match=r"--per_device_train_batch_size=10 is not a multiple of --ra=3"):
-        train_pretrain.run(flags + ["--per_device_train_batch_size", "10"])
+    with pytest.raises(ValueError, match=r"fewer than the 40 images of one batch"):
+        train_pretrain.run(flags + ["--per_device_train_batch_size", "120"])
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train_pretrain.run(flags + ["--resume_from_checkpoint", "latest"])
     with pytest.raises(FileNotFoundError, match="is not a complete checkpoint folder"):

@@ -1,0 +1,429 @@
+"""The runs users make, as they make them: every command in the README's code blocks and every file in ``configs/``.
+
+Each command runs as written, from a working folder that looks like the repository to it (``configs/``,
+``benchmarks/`` and the scripts are linked there), so its relative output paths land in a temporary folder. Only what
+cannot run here is overridden, by flags appended to the command: the data (a small local stand-in with the layout of
+the real data set: CIFAR-10 as a ``save_to_disk`` folder with the Hub's ``img``/``label`` columns and class names),
+the length (epochs, samples) and nothing else: batch sizes, repeated augmentation, precision and the model are the
+shipped ones. A README command or config that no test here runs fails :func:`test_every_readme_command_is_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BIN = Path(sys.executable).parent
+TIMEOUT = 900  # seconds per command; generous for two busy cores
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot")
+
+# README command (as shlex tokens joined back) -> the test that runs it. Install and test commands are what CI runs
+# itself (`.ci/run` runs `make test`, which creates the venv with the README's install commands), checked by
+# test_readme_install_and_test_commands_are_what_ci_runs.
+README_COMMAND_TESTS = {
+    "make demo": "test_make_demo",
+    "make test": "test_readme_install_and_test_commands_are_what_ci_runs",
+    "python3 -m venv .venv && . .venv/bin/activate": "test_readme_install_and_test_commands_are_what_ci_runs",
+    "pip install torch==2.14.1 torchvision==0.29.1": "test_readme_install_and_test_commands_are_what_ci_runs",
+    "pip install -e '.[dev]'": "test_readme_install_and_test_commands_are_what_ci_runs",
+    "accelerate launch train_pretrain.py configs/pretrain_cifar10_resnet18.yaml": "test_seed_pretrain_command",
+    "accelerate launch train_finetune.py configs/finetune_cifar10_resnet18.yaml --model_name_or_path "
+    "outputs/simlap/cifar10_resnet18": "test_seed_finetune_command",
+    "accelerate launch train_finetune.py configs/finetune_cifar10_resnet18.yaml --model_name resnet18 "
+    "--from_scratch": "test_finetune_from_scratch_command",
+    "accelerate launch train_fuse.py configs/fuse_cifar10_resnet18.yaml": "test_seed_fuse_command",
+    "python train_pretrain.py --dataset_name digits --output_dir outputs/digits --num_train_epochs 2":
+        "test_flag_only_digits_command",
+    "python train_pretrain.py configs/quickstart_digits.yaml --num_train_epochs 1": "test_quickstart_command",
+    "python -m simlap_hf.analyze --model_name_or_path outputs/simlap outputs/supcon --labels SimLAP SupCon "
+    "--dataset_name cifar10 --transfer_dataset_name cifar100 --output_dir report": "test_analyze_command",
+    "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir "
+    "outputs/reproduce_8ep --threads 1 --seeds 0": "test_reproduce_commands",
+    "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir "
+    "outputs/reproduce_8ep --threads 1 --seeds 1": "test_reproduce_commands",
+    "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir "
+    "outputs/reproduce_8ep": "test_reproduce_commands",
+    "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --override num_train_epochs=3 "
+    "eval_every=3 --seeds 0 --variants simlap_fused_arbitrary supcon_open_arbitrary untrained --output_dir "
+    "outputs/reproduce_os32_3ep": "test_reproduce_commands",
+}
+# Files of configs/ not named by a README command, and the test that runs each as written.
+CONFIG_TESTS = {"quickstart_digits.yaml": "tests/test_quickstart.py::test_quickstart_reaches_97_percent_online_head_top1"}
+
+
+def readme_commands() -> list[str]:
+    """Every command in the README's ``bash`` code blocks: continuation lines joined, comments, a trailing ``&``
+    and ``wait`` dropped; each normalised to its shlex tokens joined back."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line, comments=True)
+            if tokens and tokens[-1] == "&":
+                tokens = tokens[:-1]
+            if tokens and tokens != ["wait"]:
+                commands.append(shlex.join(tokens).replace("'&&'", "&&"))
+    return commands
+
+
+def test_every_readme_command_is_run():
+    commands = readme_commands()
+    missing = [command for command in commands if command not in README_COMMAND_TESTS]
+    assert not missing, f"README commands that no test runs (add a test and an entry here): {missing}"
+    stale = [command for command in README_COMMAND_TESTS if command not in commands]
+    assert not stale, f"entries for commands that are no longer in the README: {stale}"
+    for test in set(README_COMMAND_TESTS.values()):
+        assert test in globals(), test
+
+
+def test_every_config_file_is_run():
+    named = " ".join(readme_commands())
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert f"configs/{path.name}" in named or path.name in CONFIG_TESTS, f"no test runs configs/{path.name}"
+    for target in CONFIG_TESTS.values():
+        file, test = target.split("::")
+        assert f"def {test}(" in (ROOT / file).read_text(), target
+
+
+def test_readme_install_and_test_commands_are_what_ci_runs():
+    makefile = (ROOT / "Makefile").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.rstrip().splitlines()[-1] == "make test"
+    pins = re.search(r"TORCH_PACKAGES \?= (.*)", makefile).group(1).strip()
+    assert f"pip install {pins}" in README_COMMAND_TESTS  # the README pins what `make install` installs
+    assert '-m pip install --quiet -e ".[dev]"' in makefile and "python3 -m venv $(VENV)" in makefile
+    assert "$(PYTHON) -m pytest" in makefile.split("test: install", 1)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stand-in data and the working folder
+
+
+def _class_images(num_classes: int, per_class: int, size: int, mode: str, seed: int) -> tuple[list, list[int]]:
+    """Noisy images whose mean colour (or grey level) depends on the class: learnable, a few KB each."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(num_classes):
+        base = rng.integers(40, 215, size=3)
+        for _ in range(per_class):
+            pixels = np.clip(base + rng.integers(-40, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels)
+            images.append(image.convert("L") if mode == "L" else image)
+            labels.append(label)
+    return images, labels
+
+
+def write_standin(path: Path, names: tuple[str, ...], image_column: str, label_column: str, size: int, mode: str,
+                  train_per_class: int, test_per_class: int) -> str:
+    """A ``save_to_disk`` DatasetDict with ``train`` and ``test`` splits in a Hub data set's layout."""
+    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=names)})
+    splits = {}
+    for seed, (split, per_class) in enumerate((("train", train_per_class), ("test", test_per_class))):
+        images, labels = _class_images(len(names), per_class, size, mode, seed)
+        splits[split] = datasets.Dataset.from_dict({image_column: images, label_column: labels}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder that looks like the repository to the README's commands; their outputs/ lands here."""
+    folder = tmp_path_factory.mktemp("user_runs")
+    for name in ("configs", "benchmarks", "train_pretrain.py", "train_finetune.py", "train_fuse.py"):
+        (folder / name).symlink_to(ROOT / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory) -> str:
+    """CIFAR-10's Hub layout (``img``, ``label`` with its class names, train/test), 18 + 4 images per class: 180
+    training images give 2 batches of the seed recipe's 256 (85 images x 3 copies, plus one extra copy)."""
+    return write_standin(tmp_path_factory.mktemp("data") / "cifar10", CIFAR10_NAMES, "img", "label", 32, "RGB", 18, 4)
+
+
+@pytest.fixture(scope="module")
+def cifar100(tmp_path_factory) -> str:
+    """CIFAR-100's Hub layout, reduced to 20 classes (``fine_label``; the transfer set of the analyze command)."""
+    names = tuple(f"class_{i}" for i in range(20))
+    return write_standin(tmp_path_factory.mktemp("data") / "cifar100", names, "img", "fine_label", 32, "RGB", 6, 3)
+
+
+def run_command(command: str, cwd: Path, *overrides: str, env: dict[str, str] | None = None,
+                expected_code: int = 0) -> subprocess.CompletedProcess:
+    """Run a README command as written plus ``overrides`` (appended flags) in ``cwd``."""
+    tokens = shlex.split(command)
+    program = {"python": sys.executable, "accelerate": str(BIN / "accelerate")}.get(tokens[0], tokens[0])
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                **(env or {})}
+    result = subprocess.run([program, *tokens[1:], *overrides], cwd=cwd, env=full_env, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == expected_code, f"{command}: exit {result.returncode}\n{result.stdout[-3000:]}\n" \
+                                               f"{result.stderr[-5000:]}"
+    return result
+
+
+def accelerate_env(tmp_path: Path) -> dict[str, str]:
+    """No accelerate config of the machine's user: HF_HOME (where `accelerate config` writes) is empty."""
+    home = tmp_path / "hf_home"
+    home.mkdir(exist_ok=True)
+    return {"HF_HOME": str(home)}
+
+
+def results_of(output_dir: Path) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+def command_for(test_name: str) -> list[str]:
+    return [command for command, test in README_COMMAND_TESTS.items() if test == test_name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The seed's three commands and the fine-tuning baseline (configs/*_cifar10_resnet18.yaml, batch 256, ra 3, fp16)
+
+
+@pytest.fixture(scope="module")
+def seed_pretrain(workdir, cifar10, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    (command,) = command_for("test_seed_pretrain_command")
+    result = run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1",
+                         env=accelerate_env(tmp_path_factory.mktemp("accelerate")))
+    return workdir / "outputs" / "simlap" / "cifar10_resnet18", result
+
+
+def test_seed_pretrain_command(seed_pretrain):
+    output_dir, result = seed_pretrain
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["backbone"] == "resnet18"
+    assert config["backbone_kwargs"] == {"stem_type": "deep", "output_stride": 8}
+    assert list(config["id2label"].values()) == list(CIFAR10_NAMES)
+    results = results_of(output_dir)
+    assert results["global_step"] == 2 and results["epochs"] == 1  # 180 images: 2 batches of 85 images x 3 (+1)
+    assert results["train_images_per_second"] > 0 and 0 <= results["eval_knn_top1"] <= 100
+    assert "Mixed precision: bf16" in result.stderr  # the config's fp16, on a CPU
+    log = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    assert any("eval_top1" in record for record in log)
+
+
+def test_seed_finetune_command(seed_pretrain, workdir, cifar10, tmp_path):
+    (command,) = command_for("test_seed_finetune_command")
+    run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", env=accelerate_env(tmp_path))
+    output_dir = workdir / "outputs" / "simlap" / "cifar10_resnet18" / "ft"
+    results = results_of(output_dir)
+    assert results["global_step"] == 2 and 0 <= results["eval_top1"] <= 100
+    assert (output_dir / "preprocessor_config.json").is_file()
+
+
+def test_finetune_from_scratch_command(workdir, cifar10, tmp_path):
+    (command,) = command_for("test_finetune_from_scratch_command")
+    # The config's output_dir is that of the command above; this run gets its own (an output path).
+    output_dir = tmp_path / "scratch"
+    run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", "--output_dir",
+                str(output_dir), env=accelerate_env(tmp_path))
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["backbone"] == "resnet18" and config["backbone_kwargs"]["output_stride"] == 8
+    assert results_of(output_dir)["global_step"] == 2
+
+
+def test_seed_fuse_command(workdir, cifar10, tmp_path):
+    (command,) = command_for("test_seed_fuse_command")
+    run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", env=accelerate_env(tmp_path))
+    output_dir = workdir / "outputs" / "simlap" / "cifar10_resnet18_fuse"
+    assert json.loads((output_dir / "config.json").read_text())["model_type"] == "simlap_fuse"
+    assert results_of(output_dir)["global_step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quick runs on the digits
+
+
+def test_flag_only_digits_command(workdir):
+    """The script's defaults as they are (ResNet-18, deep stem, output stride 8, batch 256, ra 3) on the real digits;
+    shortened to 1 epoch of 340 images (4 batches)."""
+    (command,) = command_for("test_flag_only_digits_command")
+    run_command(command, workdir, "--num_train_epochs", "1", "--max_train_samples", "340")
+    results = results_of(workdir / "outputs" / "digits")
+    assert results["global_step"] == 4 and results["epochs"] == 1
+
+
+def test_quickstart_command(workdir):
+    (command,) = command_for("test_quickstart_command")
+    run_command(command, workdir)  # as written: 1 epoch of the quickstart config on the real digits
+    results = results_of(workdir / "outputs" / "quickstart_digits")
+    assert results["epochs"] == 1 and results["eval_top1"] > 10.0  # above chance after one epoch
+
+
+def test_make_demo(tmp_path):
+    """`make demo` itself (in the repository, with its venv), shortened to one epoch, into a temporary folder."""
+    if Path(sys.executable).parent.parent.resolve() != (ROOT / ".venv").resolve():
+        pytest.skip("make demo uses the repository's .venv; these tests run from another interpreter")
+    output_dir = tmp_path / "demo"
+    result = run_command("make demo", ROOT, f"OUTPUT_DIR={output_dir}", "DEMO_ARGS=--num_train_epochs 1")
+    assert results_of(output_dir)["epochs"] == 1
+    assert "SimLAPModel resnet10t" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Analysis and the reproduction
+
+
+def test_analyze_command(seed_pretrain, workdir, cifar10, cifar100):
+    (command,) = command_for("test_analyze_command")
+    pretrained, _ = seed_pretrain
+    for name in ("simlap", "supcon"):  # the command's two model folders: trained runs put where it expects them
+        shutil.copytree(pretrained, workdir / "outputs" / name, ignore=shutil.ignore_patterns("checkpoints"))
+    run_command(command, workdir, "--dataset_name", cifar10, "--transfer_dataset_name", cifar100)
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    assert [model["name"] for model in report["models"]] == ["SimLAP", "SupCon"]
+    assert (workdir / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_reproduce_commands(workdir, tmp_path):
+    """The reproduction's four commands in README order (two seeds, the gathering call, the 3-epoch budget) on a
+    Fashion-MNIST stand-in of 10 x 12 images, 1 epoch of 96 images; the transfer set is the real digits."""
+    standin = write_standin(tmp_path / "fmnist", FASHION_NAMES, "image", "label", 28, "L", 12, 6)
+    overrides = ["--override", f"dataset_name={standin}", "num_train_epochs=1", "eval_every=1",
+                 "max_train_samples=96", "max_eval_samples=60"]
+    for command in command_for("test_reproduce_commands"):
+        run_command(command, workdir, *overrides)
+    report = json.loads((workdir / "outputs" / "reproduce_8ep" / "results.json").read_text())
+    budget = yaml.safe_load((ROOT / "benchmarks" / "configs" / "reproduce_fmnist_cpu_8ep.yaml").read_text())
+    assert sorted({run["seed"] for run in report["runs"]}) == [0, 1]
+    assert len(report["runs"]) == 2 * len({run["variant"] for run in report["runs"]})
+    assert report["budget"]["train"]["per_device_train_batch_size"] == budget["train"]["per_device_train_batch_size"]
+    short = json.loads((workdir / "outputs" / "reproduce_os32_3ep" / "results.json").read_text())
+    assert [run["variant"] for run in short["runs"]] == ["simlap_fused_arbitrary", "supcon_open_arbitrary",
+                                                         "untrained"]
+    assert short["budget"]["train"]["num_train_epochs"] == 1 and short["budget"]["train"]["eval_every"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixed precision follows accelerate's conventions
+
+
+TINY = ["--model_name", "resnet10t", "--out_dim", "16", "--mlp_dim", "32", "--input_size", "16", "--aa", "none",
+        "--reprob", "0", "--per_device_train_batch_size", "12", "--num_train_epochs", "1", "--warmup_epochs", "0",
+        "--checkpointing_epochs", "0"]
+
+
+@pytest.mark.parametrize(
+    "launch_flags, script_flags, expected",
+    [
+        ([], [], "Mixed precision: no (accelerate launch / accelerate config / default)"),
+        (["--mixed_precision", "bf16"], [], "Mixed precision: bf16 (accelerate launch / accelerate config / default)"),
+        (["--mixed_precision", "bf16"], ["--mixed_precision", "no"], "Mixed precision: no (--mixed_precision)"),
+        (["CONFIG"], [], "Mixed precision: bf16 (accelerate launch / accelerate config / default)"),
+    ],
+    ids=["default", "launch-flag", "script-flag-wins", "accelerate-config-file"],
+)
+def test_mixed_precision_follows_accelerate_launch(tiny_image_folder, tmp_path, launch_flags, script_flags, expected):
+    if launch_flags == ["CONFIG"]:  # what `accelerate config` writes, passed as a file
+        config = tmp_path / "accelerate.yaml"
+        config.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO",
+                                          "mixed_precision": "bf16", "num_processes": 1, "num_machines": 1,
+                                          "use_cpu": True}))
+        launch_flags = ["--config_file", str(config)]
+    command = shlex.join(["accelerate", "launch", *launch_flags, str(ROOT / "train_pretrain.py")])
+    result = run_command(command, tmp_path, "--train_dir", tiny_image_folder, "--output_dir", str(tmp_path / "run"),
+                         *TINY, *script_flags, env=accelerate_env(tmp_path))
+    assert expected in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User errors: one line, no traceback, before any data is read
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), lines
+    assert not any("Traceback" in line for line in lines)
+    return lines[-1]
+
+
+MISSING_DATA = ["--dataset_name", "./no/such/data"]  # data that would fail to load: the error must come first
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("train_pretrain", MISSING_DATA + ["--gate", "sigmoid"], r"gate='sigmoid' is not valid; choose one of"),
+        ("train_pretrain", MISSING_DATA + ["--pair_mode", "random"], r"pair_mode='random' is not valid"),
+        ("train_pretrain", MISSING_DATA + ["--temperature", "0"], r"temperature=0\.0 is not valid"),
+        ("train_pretrain", MISSING_DATA + ["--model_name", "resnet81"], r"'resnet81' is not a timm model name"),
+        ("train_pretrain", MISSING_DATA + ["--model_name", "vit_tiny_patch16_224", "--stem_type", "deep"],
+         r"unexpected keyword argument 'stem_type'.*Leave out the option"),
+        ("train_pretrain", ["--dataset_name", "./no/such/data"], r"Local data set path './no/such/data' does not exist"),
+        ("train_pretrain", ["--resume_from_checkpoint", "latest", "--output_dir", "OUT"], r"no complete checkpoint"),
+        ("train_pretrain", ["--learning_rate", "-1"], r"--learning_rate=-1\.0 is not valid"),
+        ("train_pretrain", ["--num_train_epoch", "3"], r"Unknown flags: num_train_epoch \(did you mean"),
+        ("train_finetune", MISSING_DATA + ["--model_name_or_path", "outputs/simlap/cifar10_resnet81"],
+         r"'outputs/simlap/cifar10_resnet81': this folder does not exist"),
+        ("train_finetune", MISSING_DATA + ["--model_name_or_path", "./my-model"], r"this folder does not exist"),
+        ("train_finetune", MISSING_DATA, r"Pass --model_name_or_path"),
+        ("train_fuse", MISSING_DATA + ["--iter_num", "0"], r"iter_num=0 is not valid"),
+    ],
+)
+def test_input_errors_print_one_line_before_loading_data(tmp_path, monkeypatch, capsys, script, argv, message):
+    monkeypatch.chdir(tmp_path)
+    module = __import__(script)
+    argv = [arg.replace("OUT", str(tmp_path / "out")) for arg in argv]
+    assert module.main(argv) == 1
+    assert re.search(message, _error_line(capsys))
+
+
+def test_file_errors_name_the_file(tmp_path, capsys):
+    import train_pretrain
+
+    (tmp_path / "taken").write_text("a file")
+    assert train_pretrain.main(["--output_dir", str(tmp_path / "taken")]) == 1
+    assert "is a file, not a folder" in _error_line(capsys)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model_name: resnet18\nscale: [0.7, 1.0\ngate: fused\n")
+    assert train_pretrain.main([str(broken)]) == 1
+    line = _error_line(capsys)
+    assert f"Config file '{broken}' is not valid YAML, line 3" in line
+    assert train_pretrain.main([str(tmp_path / "missing.yaml")]) == 1
+    assert "missing.yaml' does not exist" in _error_line(capsys)
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch, capsys):
+    import simlap_hf.training as training
+    import train_pretrain
+
+    with pytest.raises(ValueError, match="gate='x'"):
+        train_pretrain.main(["--gate", "x", "--debug"])
+    monkeypatch.setenv("SIMLAP_DEBUG", "1")
+    with pytest.raises(ValueError, match="gate='x'"):
+        train_pretrain.main(["--gate", "x"])
+    monkeypatch.delenv("SIMLAP_DEBUG")
+
+    def bug(*args, **kwargs):
+        return [][1]  # an IndexError: a bug, not an input error
+
+    monkeypatch.setattr(training, "prepare_data", bug)
+    monkeypatch.setattr(train_pretrain, "prepare_data", bug)
+    with pytest.raises(IndexError):
+        train_pretrain.main(["--output_dir", str(tmp_path / "run")])
+    error = ValueError("raised by a library")  # the same type raised outside the package keeps its traceback
+    assert not training.is_input_error(error)
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    result = run_command("python train_pretrain.py --gate sigmoid", ROOT, expected_code=1)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: SimLAPConfig.gate='sigmoid' is not valid")
