@@ -333,7 +333,8 @@ def test_overwrite_then_ctrl_c_then_resume_continues_the_new_run(image_folder, r
     assert checkpoint_names(output_dir)[-1] == f"checkpoint-{(EPOCHS + 1) * STEPS_PER_EPOCH:08d}"
     (output_dir / "notes.txt").write_text("not part of a run")
     new = scripts("new", flags(image_folder, output_dir) + ["--overwrite_output_dir"], code=RUN_MAIN)
-    new.wait_until(lambda: last_trained_step(output_dir) >= 2, "the second step of the new run")
+    old_steps = last_trained_step(output_dir)  # the old run's log is there until the new run moves it away
+    new.wait_until(lambda: 2 <= last_trained_step(output_dir) < old_steps, "the second step of the new run")
     new.process.send_signal(signal.SIGINT)
     new.wait(expected_code=130)
     names = checkpoint_names(output_dir)
