@@ -7,7 +7,8 @@ notebook alike:
   metric modules shipped in ``simlap_hf/metrics`` (the Hub copies are not needed, loading works offline);
 * :func:`extract_features` -- run a transformers or timm backbone over a dataloader (optionally under
   ``accelerate``) and collect ``(N, D)`` features with their labels;
-* :func:`knn_classify` / :func:`knn_accuracy` -- cosine-weighted kNN classifier of the self-supervised literature;
+* :func:`knn_classify` / :func:`knn_accuracy` -- cosine-weighted kNN classifier of the self-supervised literature,
+  in query chunks of bounded memory, optionally with the train set sharded across processes (``sharded=True``);
 * :func:`linear_probe` -- multinomial logistic regression on frozen, standardised features;
 * :func:`singular_values`, :func:`effective_rank`, :func:`dims_for_variance`, :func:`normalized_embedding_std`,
   :func:`collapse_report` -- measures of dimensional / complete collapse of embeddings.
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .losses import all_gather_equal
 
 if TYPE_CHECKING:  # evaluate (and datasets behind it) is imported lazily: it is slow to import
     import evaluate
@@ -57,6 +60,9 @@ AVAILABLE_METRICS: tuple[str, ...] = ("accuracy", "top_k_accuracy")
 
 # Smallest kNN temperature for which exp(sim / T) (sim <= 1) stays finite in float32 (exp(88.7) ~ 3.4e38).
 _MIN_KNN_TEMPERATURE = 1.0 / 88.0
+#: Default bound on the elements of one (queries x train) similarity block of the kNN: 2**26 float32 = 256 MiB
+#: (671 queries against 100,000 train features; with 335 the CPU matmuls were 10-25% slower per query, measured).
+KNN_BLOCK_ELEMENTS = 1 << 26
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,6 +216,7 @@ def extract_features(
     accelerator: Any | None = None,
     output_key: str = "pooler_output",
     show_progress: bool = True,
+    shard: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` over ``dataloader`` and collect one feature vector and the label of every sample.
 
@@ -234,15 +241,23 @@ def extract_features(
         accelerator: an optional ``accelerate.Accelerator``.
         output_key: attribute of the model output holding the features (ignored for tensor outputs).
         show_progress: show a progress bar on the main process.
+        shard: keep on each process only its share of the data, on the device: of every gathered (de-duplicated)
+            batch of n rows, process r of W keeps rows [r * n // W, (r + 1) * n // W). The shards are disjoint and
+            together hold every sample once; no process holds all of them. This is the memory-bank layout
+            :func:`knn_classify` and :func:`knn_accuracy` take with ``sharded=True``. With one process (or no
+            accelerator) the full set, on the device.
 
     Returns:
-        ``(features, labels)``: float32 tensor of shape (N, D) and int64 tensor of shape (N,), both on the CPU.
+        ``(features, labels)``: float32 tensor of shape (N, D) and int64 tensor of shape (N,), on the CPU (or, with
+        ``shard``, this process's rows on the device).
     """
     from tqdm.auto import tqdm
 
     is_main = accelerator.is_local_main_process if accelerator is not None else True
     device = accelerator.device if accelerator is not None else _model_device(model)
     keyword = _takes_pixel_values_keyword(model)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
 
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -265,8 +280,14 @@ def extract_features(
                 )
             if accelerator is not None:
                 feature, batch_labels = accelerator.gather_for_metrics((feature.contiguous(), batch_labels.to(device)))
-            features.append(feature.detach().float().cpu())
-            labels.append(batch_labels.detach().long().cpu())
+            if shard:
+                rows = slice(rank * feature.shape[0] // world, (rank + 1) * feature.shape[0] // world)
+                # A copy of the slice, so that the gathered batch is freed.
+                features.append(feature[rows].detach().float().clone())
+                labels.append(batch_labels[rows].detach().long().to(feature.device))
+            else:
+                features.append(feature.detach().float().cpu())
+                labels.append(batch_labels.detach().long().cpu())
     finally:
         for module, training in modes:
             module.training = training
@@ -288,58 +309,147 @@ def knn_classify(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
+    *,
+    sharded: bool = False,
+    max_block_elements: int = KNN_BLOCK_ELEMENTS,
 ) -> Tensor:
     """Weighted kNN class scores (Wu et al. 2018; used by DINO and most self-supervised papers).
 
     Features are L2-normalised; each query takes its ``k`` most cosine-similar train samples, neighbour j gets the
     weight ``exp(sim_j / temperature)``, and the score of class c is the sum of the weights of the neighbours
-    labelled c. Queries are processed ``batch_size`` at a time, so the memory is O(batch_size x N). The computation
-    runs on the device of ``train_features``.
+    labelled c. Ties at the k-th similarity go to the train samples of lower index, and the weights are summed in
+    a fixed order (largest similarity first, then lower index), so the result does not depend on the chunking or
+    on how the train set is split across processes (up to the rounding of the similarities themselves).
+
+    Memory is bounded: queries are processed in chunks of ``batch_size`` (default: as many as keep one
+    queries x train similarity block within ``max_block_elements``), the train features are neither copied nor
+    normalised in place (their inverse norms scale the block), and no (M, N) matrix is ever built. The
+    computation runs on the device of ``train_features``.
+
+    ``sharded=True`` (every process of the initialised ``torch.distributed`` group calls it together): the train
+    set is the union of the processes' ``train_features`` (each process holds only its shard; global index order
+    is rank-major) and each process classifies its own ``query_features``. Each query chunk is all-gathered, every
+    process finds its local top-k of every gathered query, the (score, label, index) candidates are all-gathered
+    and each process merges those of its own queries. Sizes may differ between processes (one size exchange at
+    the start). Without a process group (or with one process) it is the single-process computation.
 
     Args:
-        train_features: (N, D) reference features.
+        train_features: (N, D) reference features (this process's shard when ``sharded``).
         train_labels: (N,) integer labels in [0, num_classes).
         query_features: (M, D) features to classify.
         num_classes: C.
-        k: number of neighbours; clamped to N when larger.
+        k: number of neighbours; clamped to the (global) number of train samples when larger.
         temperature: T > 0; must be at least 1/88 so that exp(1 / T) is finite in float32.
-        batch_size: number of queries per similarity block.
+        batch_size: queries per chunk (per process when ``sharded``); ``None`` chooses it from
+            ``max_block_elements``.
+        sharded: the train set is split across the processes of the default group (see above).
+        max_block_elements: bound on the elements of one similarity block when ``batch_size`` is ``None``
+            (default 2**26: 256 MiB in float32).
 
     Returns:
         (M, C) float32 class scores (on the device of ``train_features``); ``argmax`` gives the prediction.
     """
     train = _to_tensor(train_features)
     device = train.device
-    train = F.normalize(train.float(), dim=1)
+    train = train.float()
     targets = _to_tensor(train_labels).to(device=device, dtype=torch.long).reshape(-1)
-    queries = F.normalize(_to_tensor(query_features).to(device).float(), dim=1)
+    queries = _to_tensor(query_features).to(device=device, dtype=torch.float32)
     if train.ndim != 2 or queries.ndim != 2 or train.shape[1] != queries.shape[1]:
         raise ValueError(
             f"train and query features must be (N, D) and (M, D); got {tuple(train.shape)} and {tuple(queries.shape)}"
         )
-    if train.shape[0] == 0:
-        raise ValueError("knn_classify needs at least one train sample")
     if targets.shape[0] != train.shape[0]:
         raise ValueError(f"train features and labels differ in length: {train.shape[0]} vs {targets.shape[0]}")
-    if targets.min() < 0 or targets.max() >= num_classes:
-        raise ValueError(f"train_labels must lie in [0, {num_classes})")
-    if k < 1 or batch_size < 1:
-        raise ValueError("k and batch_size must be >= 1")
+    if (batch_size is not None and batch_size < 1) or k < 1 or max_block_elements < 1:
+        raise ValueError("k, batch_size and max_block_elements must be >= 1")
     if not temperature >= _MIN_KNN_TEMPERATURE:
         raise ValueError(
             f"temperature must be >= {_MIN_KNN_TEMPERATURE:.4f} (exp(1/T) overflows float32); got {temperature}"
         )
-    k = min(int(k), train.shape[0])
+    world, rank = _knn_group(sharded)
+    local_bad = int(targets.numel() > 0 and bool(targets.min() < 0 or targets.max() >= num_classes))
+    # One exchange of (train rows, query rows, bad labels) per process: every process then takes the same decisions.
+    info = torch.tensor([[train.shape[0], queries.shape[0], local_bad]], dtype=torch.int64, device=device)
+    if world > 1:
+        info = all_gather_equal(info)
+    train_sizes, query_sizes, bad = info[:, 0].tolist(), info[:, 1].tolist(), info[:, 2].tolist()
+    if any(bad):
+        raise ValueError(f"train_labels must lie in [0, {num_classes}) (violated on process(es) "
+                         f"{[index for index, flag in enumerate(bad) if flag]})")
+    num_train = sum(train_sizes)
+    if num_train == 0:
+        raise ValueError("knn_classify needs at least one train sample")
+    k = min(int(k), num_train)
+    chunk = batch_size or max(1, max_block_elements // (world * max(max(train_sizes), 1)))
+    chunk = min(chunk, max(max(query_sizes), 1))
+    offset = sum(train_sizes[:rank])  # global index of this process's first train row
+    local_k = min(k, train.shape[0])
+    inverse_norms = 1.0 / torch.linalg.vector_norm(train, dim=1).clamp_min(1e-12)  # as F.normalize
 
     scores = torch.zeros(queries.shape[0], num_classes, dtype=torch.float32, device=device)
-    for start in range(0, queries.shape[0], batch_size):
-        block = queries[start : start + batch_size]
-        similarity = block @ train.T  # (b, N)
-        top_sim, top_idx = similarity.topk(k, dim=1)  # (b, k)
-        weights = (top_sim / temperature).exp()
-        scores[start : start + block.shape[0]].scatter_add_(1, targets[top_idx], weights)
+    for start in range(0, max(query_sizes), chunk):
+        block = F.normalize(queries[start : start + chunk], dim=1)
+        rows = block.shape[0]
+        if world > 1:  # every process's chunk, padded to the same size
+            padded = block.new_zeros((chunk, block.shape[1]))
+            padded[:rows] = block
+            block = all_gather_equal(padded)  # (world * chunk, D)
+        values = torch.full((block.shape[0], k), -math.inf, device=device)
+        labels = torch.zeros((block.shape[0], k), dtype=torch.long, device=device)
+        indices = torch.full((block.shape[0], k), num_train, dtype=torch.long, device=device)
+        if local_k > 0:
+            similarity = block @ train.T
+            similarity.mul_(inverse_norms)
+            top_values, top_indices = _topk_lowest_index(similarity, local_k)
+            del similarity
+            values[:, :local_k] = top_values
+            labels[:, :local_k] = targets[top_indices]
+            indices[:, :local_k] = top_indices + offset
+        if world > 1:  # float64 holds the float32 scores and the integer labels and indices exactly
+            packed = torch.stack([values.double(), labels.double(), indices.double()], dim=2)  # (world*chunk, k, 3)
+            gathered = all_gather_equal(packed).view(world, world * chunk, k, 3)
+            mine = gathered[:, rank * chunk : rank * chunk + rows].transpose(0, 1).reshape(rows, world * k, 3)
+            values, labels, indices = mine[..., 0].float(), mine[..., 1].long(), mine[..., 2].long()
+        values, labels = _best_candidates(values, labels, indices, k)
+        scores[start : start + rows].scatter_add_(1, labels, (values / temperature).exp())
     return scores
+
+
+def _knn_group(sharded: bool) -> tuple[int, int]:
+    """(world size, rank) of the default process group for a sharded kNN; (1, 0) otherwise."""
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _topk_lowest_index(similarity: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of (b, n) ``similarity`` (values, column indices), ties at the k-th
+    value resolved towards the lower column (``topk`` leaves that choice open). A row is ambiguous only when its
+    (k+1)-th largest value equals its k-th (found by asking ``topk`` for one more); such rows are rare (duplicate
+    features) and only they are fixed, one by one."""
+    if k >= similarity.shape[1]:
+        return similarity.topk(k, dim=1)
+    values, indices = similarity.topk(k + 1, dim=1)
+    ambiguous = (values[:, k] == values[:, k - 1]).nonzero().flatten().tolist()
+    values, indices = values[:, :k], indices[:, :k]
+    for row in ambiguous:
+        kth = values[row, k - 1]
+        above = (similarity[row] > kth).nonzero().flatten()
+        tied = (similarity[row] == kth).nonzero().flatten()[: k - above.numel()]
+        chosen = torch.cat([above, tied])
+        indices[row] = chosen
+        values[row] = similarity[row, chosen]
+    return values, indices
+
+
+def _best_candidates(values: Tensor, labels: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best of (m, c) neighbour candidates per row, ordered by score (largest first) then global index
+    (lowest first): (values, labels), each (m, k)."""
+    by_index = indices.argsort(dim=1, stable=True)
+    values, labels = values.gather(1, by_index), labels.gather(1, by_index)
+    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), labels.gather(1, by_value)
 
 
 def knn_accuracy(
@@ -350,19 +460,30 @@ def knn_accuracy(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
+    *,
+    sharded: bool = False,
+    max_block_elements: int = KNN_BLOCK_ELEMENTS,
 ) -> float:
     """Top-1 accuracy (percent, 0-100) of :func:`knn_classify` on ``query_features`` (M, D) / ``query_labels`` (M,).
 
     The other arguments are those of :func:`knn_classify`. Ties in the class scores go to the lower class index.
+    With ``sharded=True`` every process passes its shards (train and queries) and receives the accuracy over all
+    processes' queries: the counts are reduced once, at the end.
     """
-    scores = knn_classify(train_features, train_labels, query_features, num_classes, k, temperature, batch_size)
+    scores = knn_classify(train_features, train_labels, query_features, num_classes, k, temperature, batch_size,
+                          sharded=sharded, max_block_elements=max_block_elements)
     targets = _to_tensor(query_labels).to(scores.device).long().reshape(-1)
     if targets.shape[0] != scores.shape[0]:
         raise ValueError(f"query features and labels differ in length: {scores.shape[0]} vs {targets.shape[0]}")
-    if targets.shape[0] == 0:
+    counts = torch.stack([(scores.argmax(dim=1) == targets).sum(), torch.tensor(targets.numel(), device=scores.device)])
+    world, _ = _knn_group(sharded)
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    correct, total = counts.tolist()
+    if total == 0:
         raise ValueError("knn_accuracy needs at least one query")
-    return 100.0 * (scores.argmax(dim=1) == targets).float().mean().item()
+    return 100.0 * correct / total
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -135,32 +135,92 @@ def _random_task(n: int, num_classes: int, dim: int, seed: int) -> tuple[torch.T
     return torch.randn(n, dim, generator=gen), torch.randint(num_classes, (n,), generator=gen)
 
 
+# float32 unit roundoff.
+U32 = 2.0**-24
+
+
+def knn_rtol(dim: int, k: int, temperature: float) -> float:
+    """Relative tolerance between two float32 evaluations of the kNN class scores that differ only in rounding.
+
+    A cosine of unit vectors in D dimensions is computed with an error of at most about D * u whatever the
+    summation order (the blocking of the matmul changes with the number of queries in a chunk), so two evaluations
+    differ by up to 2 * D * u; the weight exp(s / T) turns that into a relative difference of 2 * D * u / T.
+    Normalising before or after the dot product adds a few u, and summing k positive weights in a different order
+    at most 2 * (k - 1) * u. Valid when both evaluations pick the same neighbours (the callers check the margin at
+    the k-th neighbour).
+    """
+    return (2 * dim / temperature + 2 * k + 8) * U32
+
+
+def direct_knn_scores(train, train_labels, queries, num_classes, k, temperature):
+    """The definition, one query at a time, in float64: ties at the k-th similarity go to the lower train index."""
+    train64 = nn.functional.normalize(train.double(), dim=1)
+    queries64 = nn.functional.normalize(queries.double(), dim=1)
+    expected = torch.zeros(queries.shape[0], num_classes, dtype=torch.float64)
+    for i, query in enumerate(queries64):
+        sims = (train64 @ query).tolist()
+        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))  # largest first, then lower index
+        for j in order[:k]:
+            expected[i, train_labels[j]] += math.exp(sims[j] / temperature)
+    return expected
+
+
+def kth_margin(train, queries, k):
+    """Smallest gap between the k-th and (k+1)-th cosine over the queries (float64)."""
+    sims = nn.functional.normalize(queries.double(), dim=1) @ nn.functional.normalize(train.double(), dim=1).T
+    top = sims.topk(k + 1, dim=1).values
+    return (top[:, k - 1] - top[:, k]).min().item()
+
+
 def test_knn_classify_matches_definition_and_batching():
     gen = torch.Generator().manual_seed(6)
     train, train_labels = torch.randn(50, 8, generator=gen), torch.randint(4, (50,), generator=gen)
     queries = torch.randn(7, 8, generator=gen)
+    k, temperature = 5, 0.1
+    rtol = knn_rtol(dim=8, k=k, temperature=temperature)  # 1.0e-5
+    assert kth_margin(train, queries, k) > 1e-4  # far above the rounding of a cosine: same neighbours everywhere
 
-    # Direct evaluation of the definition.
-    sims = nn.functional.normalize(queries, dim=1) @ nn.functional.normalize(train, dim=1).T
-    expected = torch.zeros(7, 4)
-    for i in range(7):
-        values, indices = sims[i].topk(5)
-        for value, index in zip(values, indices, strict=True):
-            expected[i, train_labels[index]] += torch.exp(value / 0.1)
-
-    scores = knn_classify(train, train_labels, queries, num_classes=4, k=5, temperature=0.1)
+    expected = direct_knn_scores(train, train_labels, queries, 4, k, temperature).float()
+    scores = knn_classify(train, train_labels, queries, num_classes=4, k=k, temperature=temperature)
     assert scores.shape == (7, 4) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        knn_classify(train, train_labels, queries, num_classes=4, k=5, temperature=0.1, batch_size=2), scores
-    )
+    # Classes without a neighbour score exactly 0 in both, so no absolute tolerance is needed.
+    torch.testing.assert_close(scores, expected, rtol=rtol, atol=0.0)
+    for batch_size in (1, 2, 7):  # chunks of queries: the matmul blocking changes, the neighbours do not
+        chunked = knn_classify(train, train_labels, queries, num_classes=4, k=k, temperature=temperature,
+                               batch_size=batch_size)
+        torch.testing.assert_close(chunked, scores, rtol=rtol, atol=0.0)
+    # A bound on the similarity block gives the same chunks as the explicit batch size.
+    bounded = knn_classify(train, train_labels, queries, num_classes=4, k=k, temperature=temperature,
+                           max_block_elements=2 * 50)
+    torch.testing.assert_close(bounded, scores, rtol=rtol, atol=0.0)
 
     # k > N is clamped to N: every train sample votes.
     all_votes = knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=100, temperature=0.1)
     torch.testing.assert_close(
-        all_votes, knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=3, temperature=0.1)
+        all_votes, knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=3, temperature=0.1),
+        rtol=rtol, atol=0.0,
     )
     assert torch.all((all_votes > 0).sum(dim=1) == train_labels[:3].unique().numel())
+
+
+def test_knn_classify_ties_go_to_the_lower_train_index_in_any_chunking():
+    # Vectors of +-1 in 16 dimensions all have norm 4, so every cosine is a multiple of 1/16 and is computed exactly
+    # in float32 whatever the summation order: ties are real, and the scores must match the definition exactly
+    # up to the order in which k positive weights are summed (at most 2 * (k - 1) * u relative).
+    gen = torch.Generator().manual_seed(13)
+    base = torch.randint(0, 2, (12, 16), generator=gen).float() * 2 - 1
+    train = torch.cat([base, base, base[:5]])  # duplicates: equal cosines with different labels
+    train_labels = torch.randint(0, 5, (train.shape[0],), generator=gen)
+    queries = torch.cat([base[:4], torch.randint(0, 2, (6, 16), generator=gen).float() * 2 - 1])
+    k, temperature = 7, 0.5
+    expected = direct_knn_scores(train, train_labels, queries, 5, k, temperature).float()
+    sims = nn.functional.normalize(queries, dim=1) @ nn.functional.normalize(train, dim=1).T
+    top = sims.topk(k + 1, dim=1).values
+    assert (top[:, k - 1] == top[:, k]).sum() >= 5  # most queries have a tie across the k-th neighbour
+    for batch_size in (None, 1, 3):
+        scores = knn_classify(train, train_labels, queries, num_classes=5, k=k, temperature=temperature,
+                              batch_size=batch_size)
+        torch.testing.assert_close(scores, expected, rtol=2 * k * U32, atol=0.0)
 
 
 def test_knn_and_linear_probe_are_perfect_on_separable_blobs():
@@ -392,6 +452,10 @@ def test_extract_features_with_accelerator(fresh_accelerate_state):
     expected_features, expected_labels = _expected(7)
     torch.testing.assert_close(features, expected_features)
     assert torch.equal(labels, expected_labels)
+    # One process: the shard is everything, on the device.
+    shard, shard_labels = extract_features(model, loader, accelerator=accelerator, show_progress=False, shard=True)
+    torch.testing.assert_close(shard, expected_features)
+    assert torch.equal(shard_labels, expected_labels) and shard.device == accelerator.device
 
 
 def _two_process_extraction(n: int) -> None:
@@ -409,6 +473,16 @@ def _two_process_extraction(n: int) -> None:
     expected_features, expected_labels = _expected(n)
     torch.testing.assert_close(features, expected_features)
     assert torch.equal(labels, expected_labels)
+
+    # Sharded: each process keeps its share of every gathered batch; together they hold every sample once.
+    shard, shard_labels = extract_features(model, loader, accelerator=accelerator, show_progress=False, shard=True)
+    shards = [None, None]
+    torch.distributed.all_gather_object(shards, (shard, shard_labels))
+    assert 0 < shard.shape[0] < n
+    union = torch.cat([part[0] for part in shards])
+    order = union[:, 0].argsort()  # feature column 0 is 2 * sample index
+    torch.testing.assert_close(union[order], expected_features)
+    assert torch.equal(torch.cat([part[1] for part in shards])[order], expected_labels)
 
 
 def test_extract_features_gathers_across_processes(fresh_accelerate_state):

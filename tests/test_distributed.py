@@ -1,0 +1,268 @@
+"""Two-process checks (torchrun, CPU, gloo) of the distributed pieces: the sharded kNN evaluation, the key gather
+with gradient.
+
+Each test starts ``torchrun --nproc_per_node 2 tests/test_distributed.py MODE OUTPUT_DIR``; the workers (the
+``worker_*`` functions below, selected by MODE) write one JSON report per process, which the test reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def run_torchrun(mode: str, output_dir: Path, timeout: int = 300) -> list[dict]:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    with socket.socket() as probe:  # a free local port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(Path(__file__).resolve()), mode, str(output_dir)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    return [json.loads((output_dir / f"{mode}_{rank}.json").read_text()) for rank in (0, 1)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sharded kNN
+# --------------------------------------------------------------------------------------------------------------
+
+
+def worker_knn(output_dir: Path) -> dict:
+    """Each process holds an uneven shard of the train set and of the queries; the sharded kNN must give every
+    process the scores a single process computes for its queries with the whole train set."""
+    import torch.distributed as dist
+
+    from simlap_hf.evaluation import knn_accuracy, knn_classify
+
+    rank = dist.get_rank()
+    report: dict = {}
+    gen = torch.Generator().manual_seed(6)  # overlapping classes (57% accuracy); smallest k-th margin 2.5e-4
+    classes, dim, k, temperature = 6, 32, 10, 0.07
+    centres = 0.3 * torch.randn(classes, dim, generator=gen)
+    train_labels = torch.randint(classes, (301,), generator=gen)
+    train = centres[train_labels] + torch.randn(301, dim, generator=gen)
+    query_labels = torch.randint(classes, (53,), generator=gen)
+    queries = centres[query_labels] + torch.randn(53, dim, generator=gen)
+    train_split, query_split = [140, 161], [20, 33]  # uneven on purpose
+    mine = slice(sum(train_split[:rank]), sum(train_split[: rank + 1]))
+    my_queries = slice(sum(query_split[:rank]), sum(query_split[: rank + 1]))
+
+    sims = torch.nn.functional.normalize(queries.double(), dim=1) @ torch.nn.functional.normalize(
+        train.double(), dim=1).T
+    top = sims.topk(k + 1, dim=1).values
+    report["kth_margin"] = (top[:, k - 1] - top[:, k]).min().item()
+
+    single = knn_classify(train, train_labels, queries, classes, k=k, temperature=temperature)[my_queries]
+    errors = []
+    for batch_size, block in ((None, 1 << 24), (7, 1 << 24), (None, 2 * 161 * 3)):  # 1 chunk, 7 queries, 3 queries
+        sharded = knn_classify(train[mine], train_labels[mine], queries[my_queries], classes, k=k,
+                               temperature=temperature, batch_size=batch_size, sharded=True, max_block_elements=block)
+        errors.append(((sharded - single).abs() / single.abs().clamp_min(1e-30)).max().item())
+        report["zero_pattern_equal"] = bool(torch.equal(sharded == 0, single == 0))
+    report["knn_max_rel_error"] = max(errors)
+    report["accuracy_sharded"] = knn_accuracy(train[mine], train_labels[mine], queries[my_queries],
+                                              query_labels[my_queries], classes, k=k, temperature=temperature,
+                                              batch_size=5, sharded=True)
+    report["accuracy_single"] = knn_accuracy(train, train_labels, queries, query_labels, classes, k=k,
+                                             temperature=temperature)
+
+    # Exact cosines (+-1 vectors in 16 dimensions: multiples of 1/16) with duplicates across the two shards:
+    # ties at the k-th neighbour must be broken the same way (lower global index) as by one process.
+    base = torch.randint(0, 2, (10, 16), generator=gen).float() * 2 - 1
+    tie_train = torch.cat([base, base, base[:4]])  # 24 rows: rank 0 holds 11, rank 1 holds 13
+    tie_labels = torch.randint(0, 4, (24,), generator=gen)
+    tie_queries = torch.cat([base[:3], torch.randint(0, 2, (5, 16), generator=gen).float() * 2 - 1])
+    tie_mine = slice(0, 11) if rank == 0 else slice(11, 24)
+    tie_my_queries = slice(0, 3) if rank == 0 else slice(3, 8)
+    expected = knn_classify(tie_train, tie_labels, tie_queries, 4, k=5, temperature=0.5)[tie_my_queries]
+    got = knn_classify(tie_train[tie_mine], tie_labels[tie_mine], tie_queries[tie_my_queries], 4, k=5,
+                       temperature=0.5, batch_size=2, sharded=True)
+    report["ties_max_rel_error"] = ((got - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
+    report["ties_zero_pattern_equal"] = bool(torch.equal(got == 0, expected == 0))
+
+    # k larger than a shard (rank 0 holds 2 rows) but not than the whole train set.
+    small = knn_classify(train[:2] if rank == 0 else train[2:9], train_labels[:2] if rank == 0 else train_labels[2:9],
+                         queries[my_queries], classes, k=5, temperature=temperature, sharded=True)
+    small_expected = knn_classify(train[:9], train_labels[:9], queries, classes, k=5, temperature=temperature)
+    report["small_shard_max_rel_error"] = (
+        (small - small_expected[my_queries]).abs() / small_expected[my_queries].abs().clamp_min(1e-30)
+    ).max().item()
+    return report
+
+
+def test_sharded_knn_equals_single_process_knn(tmp_path):
+    reports = run_torchrun("knn", tmp_path)
+    # Same neighbours everywhere (the k-th cosine is separated from the next by far more than rounding), so the
+    # scores differ only by the rounding of the cosines computed in differently shaped matmuls: the bound of
+    # tests/test_evaluation.py::knn_rtol, (2 D / T + 2 k + 8) u = 6.5e-5 for D = 32, T = 0.07, k = 10.
+    rtol = (2 * 32 / 0.07 + 2 * 10 + 8) * U32
+    for report in reports:
+        assert report["kth_margin"] > 10 * 32 * U32  # ten times the rounding of a 32-dimensional cosine
+        assert report["knn_max_rel_error"] <= rtol, report
+        assert report["zero_pattern_equal"] and report["ties_zero_pattern_equal"]
+        assert report["accuracy_sharded"] == report["accuracy_single"]
+        # Exact cosines: only the summation order of the 5 weights may differ.
+        assert report["ties_max_rel_error"] <= 2 * 5 * U32, report
+        assert report["small_shard_max_rel_error"] <= (2 * 32 / 0.07 + 2 * 5 + 8) * U32, report
+    assert reports[0]["accuracy_sharded"] == reports[1]["accuracy_sharded"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key gather with gradient
+# --------------------------------------------------------------------------------------------------------------
+
+
+def worker_gather(output_dir: Path) -> dict:
+    """Each process holds half of a batch; keys gathered with gradient. The mean of the per-process losses, the
+    gradient of each process's embeddings and the data-parallel (averaged) weight gradient must equal those of one
+    process holding the whole batch, for the equal-size collectives, their gloo fallbacks and the variable-size
+    gather; the equal-size path must use exactly one all-gather forward and one reduce-scatter backward."""
+    import torch.distributed as dist
+
+    from simlap_hf import losses
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(0)
+    local, features, dim, classes = 6, 5, 8, 3
+    inputs = torch.randn(world * local, features, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, classes, (world * local,), generator=gen)
+    pair_labels = losses.sample_pair_labels(labels, "arbitrary", classes, generator=gen)
+    gates = torch.rand(world * local, dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(dim, features, generator=gen, dtype=torch.float64)
+
+    reference_weight = weight.clone().requires_grad_(True)
+    reference_embeddings = inputs @ reference_weight.T
+    reference_embeddings.retain_grad()
+    reference = losses.simlap_loss(reference_embeddings, labels, pair_labels, gates)
+    reference.backward()
+
+    part = slice(rank * local, (rank + 1) * local)
+    calls: dict[str, int] = {}
+    originals = {}
+    for name in ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+                 "all_gather", "all_reduce"):
+        if hasattr(dist, name):
+            originals[name] = getattr(dist, name)
+
+            def counted(*args, _name=name, **kwargs):
+                calls[_name] = calls.get(_name, 0) + 1
+                return originals[_name](*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+    report: dict = {}
+    gradients: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    backend = str(dist.get_backend())
+    try:
+        for mode in ("equal", "fallback", "variable"):
+            losses._NO_GATHER_INTO_TENSOR.discard(backend)
+            losses._NO_REDUCE_SCATTER_TENSOR.discard(backend)
+            if mode == "fallback":  # as on a backend without the single-tensor collectives
+                losses._NO_GATHER_INTO_TENSOR.add(backend)
+                losses._NO_REDUCE_SCATTER_TENSOR.add(backend)
+            local_weight = weight.clone().requires_grad_(True)
+            embeddings = inputs[part] @ local_weight.T
+            embeddings.retain_grad()
+            equal = mode != "variable"
+            calls.clear()
+            keys = losses.gather_with_grad(embeddings, equal_sizes=equal)
+            key_labels = losses.gather_labels(labels[part], equal_sizes=equal)
+            forward_calls = dict(calls)
+            terms = losses.simlap_contrastive_terms(embeddings, labels[part], pair_labels[part], gates[part], 0.1,
+                                                    keys, key_labels)
+            loss = losses.distributed_mean(terms.loss_sum, terms.num_positives)
+            calls.clear()
+            loss.backward()
+            backward_calls = {name: count for name, count in calls.items() if name != "all_reduce"}
+            # Data-parallel training averages the parameter gradients over processes (DDP's all-reduce / world).
+            grad = local_weight.grad.clone()
+            originals["all_reduce"](grad)
+            grad /= world
+            mean_loss = loss.detach().clone()
+            originals["all_reduce"](mean_loss)
+            mean_loss /= world
+            errors = torch.stack([
+                (mean_loss - reference.detach()).abs() / reference.detach().abs(),
+                # The objective is the mean of the per-process losses: its gradient is each process's / world.
+                ((embeddings.grad / world - reference_embeddings.grad[part]).abs().max()
+                 / reference_embeddings.grad.abs().max()),
+                (grad - reference_weight.grad).abs().max() / reference_weight.grad.abs().max(),
+            ])
+            originals["all_reduce"](errors, op=dist.ReduceOp.MAX)
+            report[mode] = {"loss_rel_error": errors[0].item(), "embedding_grad_rel_error": errors[1].item(),
+                            "weight_grad_rel_error": errors[2].item(), "forward_calls": forward_calls,
+                            "backward_calls": backward_calls}
+            gradients[mode] = (embeddings.grad.clone(), grad)
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+        losses._NO_GATHER_INTO_TENSOR.discard(backend)
+        losses._NO_REDUCE_SCATTER_TENSOR.discard(backend)
+    # With two processes every cross-process sum has two terms (commutative in floating point): the three gathers
+    # must give bit-identical gradients.
+    report["modes_bit_identical"] = all(
+        torch.equal(gradients["equal"][i], gradients[mode][i]) for mode in ("fallback", "variable") for i in (0, 1))
+    return report
+
+
+def test_gather_with_grad_equals_one_process_with_the_whole_batch(tmp_path):
+    reports = run_torchrun("gather", tmp_path)
+    for report in reports:
+        for mode in ("equal", "fallback", "variable"):
+            # The loss computes its cosines and log-sum-exps in float32 by design (even for float64 inputs). One
+            # process and two differ only in how sums are grouped: a logit is 1/T = 10 times a cosine made of
+            # K = 8 products over keys from N = 12 rows, so rounding moves it by about 10 * (8 + 12) * u = 1.2e-5
+            # relative at worst (2x for the two evaluations); a wrong or missing gradient term would be O(1).
+            tolerance = 2 * 10 * (8 + 12) * U32
+            for name in ("loss_rel_error", "embedding_grad_rel_error", "weight_grad_rel_error"):
+                assert report[mode][name] < tolerance, (mode, report[mode])
+        single = "all_gather_single" if "all_gather_single" in report["equal"]["forward_calls"] else \
+            "all_gather_into_tensor"
+        # Equal sizes: one single-tensor all-gather for the keys and one for the labels, no size exchange, and one
+        # reduce-scatter in the backward.
+        assert report["equal"]["forward_calls"] == {single: 2}, report["equal"]
+        assert set(report["equal"]["backward_calls"]) <= {"reduce_scatter_single", "reduce_scatter_tensor"}
+        assert sum(report["equal"]["backward_calls"].values()) == 1, report["equal"]
+        assert report["fallback"]["forward_calls"] == {"all_gather": 2}, report["fallback"]
+        assert report["modes_bit_identical"]
+        # Variable sizes: a size exchange and a padded gather, for the keys and for the labels.
+        assert report["variable"]["forward_calls"] == {single: 4}, report["variable"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point of the torchrun workers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    mode, output_dir = sys.argv[1], Path(sys.argv[2])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    report = globals()[f"worker_{mode}"](output_dir)
+    report = {key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
+              for key, value in report.items()}
+    (output_dir / f"{mode}_{dist.get_rank()}.json").write_text(json.dumps(report, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
