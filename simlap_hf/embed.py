@@ -1,0 +1,302 @@
+"""Embed a data set or an image folder with a trained SimLAP model into a ``datasets`` folder (an embedding index).
+
+    python -m simlap_hf.embed --model_name_or_path outputs/digits --dataset_name digits --output_dir index
+    python -m simlap_hf.embed --model_name_or_path outputs/simlap --train_dir photos/ --output_dir index
+
+Every image is preprocessed with the model's evaluation transform (its saved ``preprocessor_config.json``) and
+stored with
+
+- ``features`` (D floats): the pooled backbone features (``pooler_output``, what kNN and the probe use);
+- ``embeddings`` (K floats): the projected embeddings, for a pretrained SimLAP model (the space of its gates);
+- ``label`` (int, the data set's class index; class names in ``index.json``), ``source`` (the image file, or
+  ``<split>/<row>`` for images stored inside a data set), ``split`` and ``row``.
+
+The rows are written as parquet shards of ``--shard_size`` rows (``data/shard-00000.parquet``, ...), one shard at a
+time, so memory holds one shard whatever the size of the data. ``index.json`` records the model, the class names,
+the sizes and the shard files. Load the rows with ``datasets.load_dataset("parquet", data_dir=f"{index}/data")``;
+search them with :mod:`simlap_hf.search` / :mod:`simlap_hf.retrieval`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("simlap_hf.embed")
+
+INDEX_FILE = "index.json"
+SHARD_FOLDER = "data"
+SPLITS = ("train", "validation", "all")
+
+
+@dataclass
+class EmbedArguments:
+    """What to embed with which model, and where to write the index."""
+
+    model_name_or_path: str = field(metadata={"help": "A saved SimLAP model folder (pretrained, fine-tuned or Fuse)."})
+    output_dir: str = field(metadata={"help": "Folder of the embedding index (parquet shards + index.json)."})
+    split: str = field(
+        default="all",
+        metadata={"help": "Which split of the loaded data to embed: train, validation or all (both, in that order)."},
+    )
+    batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
+    shard_size: int = field(default=50_000, metadata={"help": "Rows per parquet shard (memory holds one shard)."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing index in output_dir."})
+    seed: int = field(default=42, metadata={"help": "Seed of the validation carve-out and --max_*_samples."})
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}.")
+        for flag in ("batch_size", "shard_size"):
+            if getattr(self, flag) <= 0:
+                raise ValueError(f"--{flag} must be a positive integer, got {getattr(self, flag)}.")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as torch reads it (clear error when unavailable)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu (or auto).")
+    return resolved
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load any saved SimLAP model (pretrained, fine-tuned or Fuse) for inference, with a clear error when the
+    folder is not one."""
+    import transformers
+
+    from . import SimLAPModel  # registers the auto classes
+    from .configuration_simlap import SimLAPConfig
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model_name_or_path {path!r} is not a folder; pass a saved SimLAP model folder.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--model_name_or_path {path!r} is not a saved SimLAP model folder: {error}") from error
+    if not isinstance(config, SimLAPConfig):
+        raise ValueError(
+            f"--model_name_or_path {path!r} holds a {type(config).__name__} ({config.model_type!r}), not a SimLAP "
+            f"model; pass a folder written by train_pretrain.py, train_finetune.py or train_fuse.py."
+        )
+    architectures = getattr(config, "architectures", None) or []
+    if "SimLAPModel" in architectures:
+        model = SimLAPModel.from_pretrained(path)
+    else:
+        model = transformers.AutoModelForImageClassification.from_pretrained(path)
+    return model.to(device).eval()
+
+
+def load_processor(path: str | os.PathLike):
+    """The model folder's :class:`~simlap_hf.SimLAPImageProcessor` (``preprocessor_config.json``), or None."""
+    from .image_processing_simlap import SimLAPImageProcessor
+
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return None
+    values = json.loads(file.read_text())
+    if values.get("image_processor_type") != SimLAPImageProcessor.__name__:
+        return None
+    return SimLAPImageProcessor.from_pretrained(path)
+
+
+def data_args_for_model(data_args: Any, model_dir: str | os.PathLike, model: torch.nn.Module) -> Any:
+    """Preprocess like the model's evaluation: input size, crop, interpolation, mean and std come from its saved
+    image processor (older folders without one: the input size from its config, the rest from the flags)."""
+    processor = load_processor(model_dir)
+    if processor is not None:
+        data_args.input_size = processor.size
+        data_args.crop_pct = processor.crop_pct
+        data_args.interpolation = processor.interpolation
+        data_args.mean = list(processor.image_mean)
+        data_args.std = list(processor.image_std)
+    elif getattr(model.config, "image_size", None):
+        logger.warning("%s has no preprocessor_config.json: input size %s from its config, crop, interpolation and "
+                       "normalisation from the flags.", model_dir, model.config.image_size)
+        data_args.input_size = int(model.config.image_size)
+    return data_args
+
+
+def _sources(dataset: datasets.Dataset, split: str, start: int) -> list[str]:
+    """Where each row's image comes from: its file when it is one on disk, else ``<split>/<row>``."""
+    raw = dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    sources = []
+    for offset, value in enumerate(raw):
+        path = value.get("path") if isinstance(value, dict) else None
+        sources.append(path if path and os.path.isfile(path) else f"{split}/{start + offset}")
+    return sources
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+@torch.no_grad()
+def encode_batch(model: torch.nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``features`` (B, D) for any SimLAP model; ``embeddings`` (B, K) and online-head ``logits`` (B, C) for a
+    pretrained one."""
+    features = model.get_image_features(pixel_values)
+    out = {"features": features.float()}
+    projector = getattr(model, "projector", None)
+    if projector is not None:
+        out["embeddings"] = projector(features).float()
+        out["logits"] = model.online_head(features).float()
+    return out
+
+
+def _embed_rows(
+    model: torch.nn.Module, dataset: datasets.Dataset, data_args: Any, num_channels: int, batch_size: int,
+    device: torch.device, num_workers: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    from .data import create_eval_dataloader, with_image_transforms
+
+    # Any split name other than "train" gets the evaluation transform.
+    view = with_image_transforms(datasets.DatasetDict(embed=dataset), data_args, num_channels)["embed"]
+    for batch in create_eval_dataloader(view, batch_size, num_workers):
+        encoded = encode_batch(model, batch["pixel_values"].to(device, non_blocking=True))
+        yield {name: value.cpu().numpy() for name, value in encoded.items()} | {"label": batch["labels"].numpy()}
+
+
+def write_index(
+    model: torch.nn.Module,
+    splits: dict[str, datasets.Dataset],
+    label_names: Sequence[str],
+    data_args: Any,
+    output_dir: str | os.PathLike,
+    *,
+    model_name_or_path: str,
+    batch_size: int = 256,
+    shard_size: int = 50_000,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    description: str = "",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Embed ``splits`` (name -> data set with ``image`` and ``label`` columns) into ``output_dir``; returns the
+    index description written to ``index.json``."""
+    output_dir = Path(output_dir)
+    shard_dir = output_dir / SHARD_FOLDER
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    num_channels = int(getattr(model.config, "num_channels", 3))
+    total = sum(len(ds) for ds in splits.values())
+    progress = tqdm(total=total, desc="embed", unit="img", disable=not show_progress)
+    shards: list[dict[str, Any]] = []
+    dims: dict[str, int] = {}
+    start_time = time.perf_counter()
+    for split, dataset in splits.items():
+        for start in range(0, len(dataset), shard_size):
+            part = dataset.select(range(start, min(start + shard_size, len(dataset))))
+            columns: dict[str, list[np.ndarray]] = {}
+            for rows in _embed_rows(model, part, data_args, num_channels, batch_size, device, num_workers):
+                for name, value in rows.items():
+                    columns.setdefault(name, []).append(value)
+                progress.update(len(rows["label"]))
+            arrays = {name: np.concatenate(values) for name, values in columns.items()}
+            dims = {name: int(arrays[name].shape[1]) for name in ("features", "embeddings") if name in arrays}
+            table = pa.table({
+                **{name: _fixed_list(arrays[name]) for name in ("features", "embeddings") if name in arrays},
+                "label": pa.array(arrays["label"].astype(np.int64)),
+                "source": pa.array(_sources(part, split, start), pa.string()),
+                "split": pa.array([split] * len(part), pa.string()),
+                "row": pa.array(np.arange(start, start + len(part), dtype=np.int64)),
+            })
+            name = f"shard-{len(shards):05d}.parquet"
+            pq.write_table(table, shard_dir / name)
+            shards.append({"file": f"{SHARD_FOLDER}/{name}", "rows": len(part), "split": split})
+    progress.close()
+    seconds = time.perf_counter() - start_time
+    config = model.config
+    info = {
+        "format": "simlap-embedding-index/1",
+        "model_name_or_path": os.path.abspath(model_name_or_path),
+        "model_class": type(model).__name__,
+        "data": description,
+        "label_names": list(label_names),
+        "model_label_names": [config.id2label[i] for i in range(len(config.id2label))],
+        "num_rows": total,
+        "feature_dim": dims.get("features"),
+        "embedding_dim": dims.get("embeddings"),
+        "has_embeddings": "embeddings" in dims,
+        "shards": shards,
+        "images_per_second": round(total / seconds, 1) if seconds > 0 else None,
+    }
+    (output_dir / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"--output_dir {str(output_dir)!r} exists and is not empty; pass --overwrite_output_dir to replace "
+                f"it, or choose another folder."
+            )
+        if not (output_dir / INDEX_FILE).is_file() and not (output_dir / SHARD_FOLDER).is_dir():
+            raise ValueError(
+                f"--output_dir {str(output_dir)!r} holds files that are not an embedding index; refusing to delete "
+                f"them even with --overwrite_output_dir. Choose another folder."
+            )
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the flags, embed, write the index; returns the contents of ``index.json``."""
+    from transformers import HfArgumentParser
+
+    from .data import DataArguments, get_label_names, load_image_dataset
+
+    parser = HfArgumentParser((EmbedArguments, DataArguments))
+    embed_args, data_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    device = resolve_device(embed_args.device)
+    output_dir = Path(embed_args.output_dir)
+    model = load_model(embed_args.model_name_or_path, device)
+    data_args = data_args_for_model(data_args, embed_args.model_name_or_path, model)
+    _prepare_output(output_dir, embed_args.overwrite_output_dir)
+    data = load_image_dataset(data_args, seed=embed_args.seed)
+    names = ("train", "validation") if embed_args.split == "all" else (embed_args.split,)
+    description = data_args.train_dir or data_args.dataset_name or ""
+    info = write_index(
+        model, {name: data[name] for name in names}, get_label_names(data), data_args, output_dir,
+        model_name_or_path=embed_args.model_name_or_path, batch_size=embed_args.batch_size,
+        shard_size=embed_args.shard_size, device=device, num_workers=data_args.dataloader_num_workers,
+        description=description,
+    )
+    logger.info("Embedded %d images into %s (%s images/s).", info["num_rows"], output_dir, info["images_per_second"])
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        info = run(argv)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({key: info[key] for key in ("num_rows", "feature_dim", "embedding_dim", "images_per_second")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Search an embedding index with an image; prints the hits as JSON.
+
+    python -m simlap_hf.search --index index --image query.png --k 5
+    python -m simlap_hf.search --index index --image query.png --k 5 --target_class Sneaker [--query_class Sandal]
+
+Without ``--target_class``: the nearest neighbours by cosine of the pooled backbone features. With it: the items of
+that class most similar to the query in the subspace the gate g(query class, target class) opens (scores: the
+training loss's gated cosine of the projected embeddings); the query class is ``--query_class`` or the online
+head's prediction. The model is the one recorded in the index unless ``--model_name_or_path`` is given.
+
+Output: ``{"image", "mode", "query_class", "target_class", "open_dimensions", "predicted", "hits": [{"source",
+"label", "score", "label_id", "split", "row", "index_id"}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", required=True, help="embedding index folder (python -m simlap_hf.embed)")
+    parser.add_argument("--image", required=True, help="query image file")
+    parser.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
+    parser.add_argument("--target_class", help="pair-conditioned search: return only items of this class")
+    parser.add_argument("--query_class", help="the query's class for the gate (default: the online head's prediction)")
+    parser.add_argument("--model_name_or_path", help="model folder (default: the one the index was made with)")
+    parser.add_argument("--backend", choices=("torch", "faiss"), default="torch",
+                        help="nearest-neighbour search: exact torch in chunks (default) or a faiss flat index")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1")
+    args = parser.parse_args(argv)
+    if args.k <= 0:
+        parser.error(f"--k must be a positive integer, got {args.k}.")
+    if args.query_class is not None and args.target_class is None:
+        parser.error("--query_class only matters with --target_class (pair-conditioned search); add --target_class.")
+    return args
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from PIL import Image, UnidentifiedImageError
+
+    from .retrieval import Retriever
+
+    args = parse_args(argv)
+    path = Path(args.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {args.image!r} does not exist.")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {args.image!r} is not an image PIL can read: {error}") from error
+    retriever = Retriever(args.model_name_or_path, args.index, device=args.device, backend=args.backend)
+    result: dict[str, Any] = {"image": str(path)}
+    if getattr(retriever.model, "online_head", None) is not None:
+        result["predicted"] = retriever.predict(image, k=min(3, len(retriever.model_label_names)))
+    if args.target_class is None:
+        result.update(mode="nearest", hits=retriever.search(image, k=args.k))
+    else:
+        result.update(mode="pair", **retriever.pair_search(image, args.target_class, args.k, args.query_class))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        result = run(argv)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
