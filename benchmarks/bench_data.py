@@ -9,7 +9,9 @@ Images/s counts augmented samples (``ra`` copies of an image count ``ra`` times)
 batch ``{"pixel_values": FloatTensor(B, 3, 32, 32), "labels": LongTensor(B)}``. The first batch of every
 run is a warm-up (worker start-up) and is not timed.
 
-Prints a markdown table: workers, images/s, ratio vs 0 workers.
+Prints two markdown tables: decoding each image once per repeated-augmentation group (the loader's path) against
+decoding every copy (the earlier path), for 32x32 PNGs and 224x224 JPEGs (``--compare-formats``), measured side by
+side on one core (0 workers, 1 torch thread); then images/s against loader workers (0, 1, 2, ...).
 
 Example::
 
@@ -38,14 +40,18 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
 from simlap_hf.data import DataArguments, create_train_dataloader, with_image_transforms  # noqa: E402
 
 
-def build_dataset(num_images: int, size: int, num_classes: int, seed: int, folder: str) -> datasets.DatasetDict:
-    """Random RGB PNG images (size x size) with random labels, saved to ``folder`` and loaded memory-mapped."""
+def build_dataset(num_images: int, size: int, num_classes: int, seed: int, folder: str,
+                  image_format: str = "PNG") -> datasets.DatasetDict:
+    """Random RGB images (size x size, PNG or JPEG) with random labels, saved to ``folder``, loaded memory-mapped.
+
+    The pixels are smooth noise (a small random image upscaled), so that JPEG files have a realistic size."""
     rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(num_images, size, size, 3), dtype=np.uint8)
+    coarse = rng.integers(0, 256, size=(num_images, max(2, size // 8), max(2, size // 8), 3), dtype=np.uint8)
     encoded = []
-    for image in pixels:
+    for small in coarse:
+        image = PIL.Image.fromarray(small).resize((size, size), PIL.Image.BILINEAR)
         buffer = io.BytesIO()
-        PIL.Image.fromarray(image).save(buffer, format="PNG")
+        image.save(buffer, format=image_format, **({"quality": 90} if image_format == "JPEG" else {}))
         encoded.append({"bytes": buffer.getvalue(), "path": None})
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(num_classes)])}
@@ -74,6 +80,25 @@ def measure(dataset: datasets.Dataset, args: DataArguments, batch_size: int, epo
     return timed_images / max(elapsed, 1e-9), timed_images
 
 
+def compare_decoding(image_format: str, image_size: int, input_size: int, options: argparse.Namespace,
+                     folder: str) -> tuple[float, float]:
+    """Images/s on one core with each image decoded per copy (earlier path) and once per group (the loader's),
+    alternated ``options.repeats`` times; returns the medians."""
+    from simlap_hf.data import ImageTransform, create_train_transform
+
+    count = options.num_images if image_size <= 64 else options.num_images // 4
+    data = build_dataset(count, image_size, 10, options.seed, os.path.join(folder, f"{image_format}{image_size}"),
+                         image_format)["train"]
+    args = DataArguments(dataset_name="bench", input_size=input_size, ra=options.ra, aa=options.aa)
+    raw = data.cast_column("image", datasets.Image(decode=False))
+    speeds: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(options.repeats):
+        for decode_once in (False, True):
+            view = raw.with_transform(ImageTransform(create_train_transform(args), decode_once=decode_once))
+            speeds[decode_once].append(measure(view, args, options.batch_size, 1)[0])
+    return float(np.median(speeds[False])), float(np.median(speeds[True]))
+
+
 def main() -> None:
     """Parse the options, build the data set, time every worker count, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,18 +117,18 @@ def main() -> None:
     parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy or 'none'")
     parser.add_argument("--quick", action="store_true", help="short run: 768 images, batch 96 (before rounding)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (0)")
+    parser.add_argument("--compare-formats", default="png32,jpeg224",
+                        help="decode-once comparison: FORMAT+SIZE items (png32, jpeg224; '' skips it)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternations of the decode comparison (3)")
     options = parser.parse_args()
     if options.quick:
-        options.num_images, options.batch_size = 768, 96
-    requested = options.batch_size
-    options.batch_size = max(options.ra, requested - requested % options.ra)
+        options.num_images, options.batch_size, options.repeats = 768, 96, 1
     workers = [int(w) for w in options.workers.split(",") if w.strip()]
     args = DataArguments(dataset_name="bench", input_size=options.input_size, ra=options.ra, aa=options.aa)
 
     print(
         f"# bench_data: {options.num_images} images {options.image_size}x{options.image_size} RGB PNG, "
         f"batch {options.batch_size}"
-        + (f" (requested {requested}, rounded to a multiple of ra)" if requested != options.batch_size else "")
         + f", ra {options.ra}, input {options.input_size}, aa {options.aa}"
     )
     print(
@@ -111,6 +136,23 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     with tempfile.TemporaryDirectory(prefix="simlap_bench_") as folder:
+        comparisons = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        for item in filter(None, options.compare_formats.split(",")):
+            image_format = "JPEG" if item.startswith("jpeg") else "PNG"
+            size = int(item.removeprefix("jpeg").removeprefix("png"))
+            per_copy, once = compare_decoding(image_format, size, min(size, 224), options, folder)
+            comparisons.append((f"{size}x{size} {image_format}", per_copy, once))
+            print(f"# {item}: decode per copy {per_copy:.0f}, once per group {once:.0f} images/s", flush=True)
+        torch.set_num_threads(threads)
+        if comparisons:
+            print()
+            print(f"| images (ra {options.ra}, 1 core) | decode per copy img/s | decode once img/s | ratio |")
+            print("|---|---:|---:|---:|")
+            for name, per_copy, once in comparisons:
+                print(f"| {name} | {per_copy:,.0f} | {once:,.0f} | {once / per_copy:.2f}x |")
+            print()
         start = time.perf_counter()
         data = build_dataset(options.num_images, options.image_size, 10, options.seed, folder)
         print(f"# built and saved the data set in {time.perf_counter() - start:.1f} s")

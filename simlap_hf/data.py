@@ -48,9 +48,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .idx import read_idx
-from .samplers import RepeatedAugmentationBatchSampler, RepeatedAugmentationSampler
+from .samplers import ClassBalancedBatchSampler, RepeatedAugmentationBatchSampler, RepeatedAugmentationSampler
 
 __all__ = [
+    "ClassBalancedBatchSampler",
     "FASHION_MNIST_LABEL_NAMES",
     "ConvertImageMode",
     "DataArguments",
@@ -89,6 +90,7 @@ FASHION_MNIST_DIR_ENV = "SIMLAP_FASHION_MNIST_DIR"
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
 TRAIN_SPLIT = "train"
+SAMPLERS = ("random", "pk")
 VALIDATION_SPLIT = "validation"
 # Source split names accepted as the validation split, in order of preference.
 _VALIDATION_ALIASES: tuple[str, ...] = ("validation", "valid", "val", "dev", "eval", "test")
@@ -254,6 +256,12 @@ class DataArguments:
         default=None, metadata={"help": "Normalisation std (1 or 3 values); default: per data set."}
     )
     ra: int = field(default=3, metadata={"help": "Repeated augmentation: copies of each image per epoch (1 disables)."})
+    sampler: str = field(
+        default="random",
+        metadata={"help": "Training batches: 'random' (images in random order) or 'pk' (P classes x K images each, "
+                          "--pk_images_per_class; many partners per class for arbitrary pairs when classes are many)."},
+    )
+    pk_images_per_class: int = field(default=4, metadata={"help": "K of --sampler pk: images of each class per batch."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     skip_corrupt_images: bool = field(
         default=False,
@@ -285,6 +293,10 @@ class DataArguments:
             raise ValueError(f"--crop_pct must be in (0, 1], got {self.crop_pct}.")
         if self.ra < 1:
             raise ValueError(f"--ra (repeated augmentation count) must be >= 1, got {self.ra}.")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler={self.sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}.")
+        if self.pk_images_per_class < 1:
+            raise ValueError(f"--pk_images_per_class must be >= 1, got {self.pk_images_per_class}.")
         if self.dataloader_num_workers < 0:
             raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
         for flag in ("mean", "std"):
@@ -1224,19 +1236,39 @@ def _decode_image(value: Any, index: int) -> PIL.Image.Image:
         ) from err
 
 
+def _image_key(value: Any) -> Any:
+    """What identifies a stored image (its path and bytes), or None when it cannot be told apart cheaply."""
+    if isinstance(value, Mapping):
+        return value.get("path"), value.get("bytes")
+    return None
+
+
 class ImageTransform:
     """Batch transform for ``Dataset.with_transform``: ``{"image", "label"}`` -> ``{"pixel_values", "labels"}``.
 
-    ``pixel_values`` is a list of float tensors (C, H, W); ``labels`` a list of ints.
+    ``pixel_values`` is a list of float tensors (C, H, W); ``labels`` a list of ints. With ``decode_once`` (default),
+    an image that appears several times in the batch (its repeated-augmentation copies, which the training sampler
+    puts in one batch) is decoded once and augmented once per copy.
     """
 
-    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor]) -> None:
+    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor], decode_once: bool = True) -> None:
         """``transform``: PIL image -> FloatTensor(C, H, W)."""
         self.transform = transform
+        self.decode_once = decode_once
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """Decode and transform a batch of rows (lists of equal length B)."""
-        images = [_decode_image(value, i) for i, value in enumerate(batch["image"])]
+        decoded: dict[Any, PIL.Image.Image] = {}
+        images = []
+        for index, value in enumerate(batch["image"]):
+            key = _image_key(value) if self.decode_once else None
+            image = decoded.get(key) if key is not None else None
+            if image is None:
+                image = _decode_image(value, index)
+                if key is not None:
+                    image.load()  # decode now, once, rather than lazily in each copy's first operation
+                    decoded[key] = image
+            images.append(image)
         return {
             "pixel_values": [self.transform(image) for image in images],
             "labels": [int(label) for label in batch["label"]],
@@ -1352,7 +1384,8 @@ def create_train_dataloader(
     train_dataset: torch.utils.data.Dataset, args: DataArguments, batch_size: int, seed: int = 42
 ) -> DataLoader:
     """Training loader: :class:`RepeatedAugmentationBatchSampler` (any ``batch_size``, each image ``ra`` times with
-    all its copies in one batch) + :func:`collate_fn`.
+    all its copies in one batch), or with ``args.sampler == "pk"`` :class:`ClassBalancedBatchSampler` (P classes x
+    K images per batch, same copies), + :func:`collate_fn`.
 
     Batches are ``{"pixel_values": FloatTensor(batch_size, C, H, W), "labels": LongTensor(batch_size)}``.
     The image-order sampler stays reachable as ``loader.batch_sampler.sampler`` (accelerate forwards ``set_epoch``
@@ -1363,7 +1396,13 @@ def create_train_dataloader(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    batch_sampler = RepeatedAugmentationBatchSampler(len(train_dataset), batch_size, repeats=args.ra, seed=seed)
+    if args.sampler == "pk":
+        labels = _label_values(train_dataset).to_numpy() if isinstance(train_dataset, datasets.Dataset) else [
+            int(train_dataset[i]["labels"]) for i in range(len(train_dataset))]
+        batch_sampler = ClassBalancedBatchSampler(labels, batch_size, images_per_class=args.pk_images_per_class,
+                                                  repeats=args.ra, seed=seed)
+    else:
+        batch_sampler = RepeatedAugmentationBatchSampler(len(train_dataset), batch_size, repeats=args.ra, seed=seed)
     if len(batch_sampler) == 0:
         raise ValueError(
             f"The training set has {len(train_dataset)} images, fewer than the {batch_sampler.images_per_batch} "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["RepeatedAugmentationBatchSampler", "RepeatedAugmentationSampler"]
+__all__ = ["ClassBalancedBatchSampler", "RepeatedAugmentationBatchSampler", "RepeatedAugmentationSampler"]
 
 
 class RepeatedAugmentationSampler(Sampler[int]):
@@ -109,3 +109,84 @@ class RepeatedAugmentationBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         """Full groups of ``images_per_batch`` images in the data set."""
         return self.sampler.num_samples // self.images_per_batch
+
+
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    """P x K batches: each batch holds ``images_per_class`` (K) images of each of P classes, every image with all its
+    repeated-augmentation copies, so that arbitrary pairs find many partners in the batch.
+
+    A batch holds ``max(1, batch_size // repeats)`` images (as :class:`RepeatedAugmentationBatchSampler`), i.e.
+    P = that // K classes (at least 1; a remainder of images comes from one more class) with copies spread the same
+    way. Each epoch, every class's images are shuffled and cut into groups of K (the last group filled up by drawing
+    the class's images again); each batch takes one group from each of P different classes, chosen at random with
+    weights proportional to the groups they have left (a class that has given all its groups starts a new round).
+    An epoch has as many batches as the plain sampler's (about one pass over the data; each image about ``repeats``
+    times). The order is seeded with ``seed + epoch``, identical on every process, and whole batches go to the
+    processes, so the composition holds on each process. With fewer classes than P, K grows so that a batch still
+    holds ``batch_size`` samples.
+
+    Args:
+        labels: (N,) class index of every image of the data set.
+    """
+
+    def __init__(self, labels: Sequence[int] | torch.Tensor, batch_size: int, images_per_class: int = 4,
+                 repeats: int = 3, shuffle: bool = True, seed: int = 0) -> None:
+        """See the class docstring."""
+        if images_per_class < 1:
+            raise ValueError(f"images_per_class must be >= 1, got {images_per_class}.")
+        self.layout = RepeatedAugmentationBatchSampler(len(labels), batch_size, repeats=repeats, seed=seed)
+        self.sampler = self.layout.sampler  # where accelerate's set_epoch lands
+        self.batch_size = self.layout.batch_size
+        self.drop_last = True
+        self.images_per_class = min(int(images_per_class), self.layout.images_per_batch)
+        self.shuffle = shuffle
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.classes = [torch.nonzero(self.labels == c).flatten() for c in torch.unique(self.labels).tolist()]
+        per_batch = self.layout.images_per_batch
+        if len(self.classes) * self.images_per_class < per_batch:  # too few classes for P x K: more images of each
+            self.images_per_class = -(-per_batch // max(1, len(self.classes)))
+        self.classes_per_batch = max(1, per_batch // self.images_per_class)
+        self.group_sizes = [self.images_per_class] * self.classes_per_batch
+        if per_batch - sum(self.group_sizes) > 0:
+            self.group_sizes.append(per_batch - sum(self.group_sizes))  # the remainder: one more class
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the batches of ``epoch``."""
+        self.sampler.set_epoch(epoch)
+
+    def _class_groups(self, members: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """A class's images in a fresh random order, cut into groups of K (filled up by redrawing when short)."""
+        k = self.images_per_class
+        order = members[torch.randperm(len(members), generator=generator)] if self.shuffle else members
+        if len(order) % k:
+            extra = members[torch.randint(len(members), (k - len(order) % k,), generator=generator)]
+            order = torch.cat([order, extra])
+        return [order[i : i + k] for i in range(0, len(order), k)]
+
+    def _batches(self) -> Iterator[list[int]]:
+        generator = torch.Generator()
+        generator.manual_seed(self.sampler.seed + self.sampler.epoch)
+        groups = [self._class_groups(members, generator) for members in self.classes]
+        needed = min(len(self.group_sizes), len(groups))
+        for _ in range(len(self)):
+            left = torch.tensor([max(len(g), 1) for g in groups], dtype=torch.float64)
+            chosen = torch.multinomial(left, needed, replacement=False, generator=generator).tolist()
+            images = []
+            for c, size in zip(chosen, self.group_sizes, strict=False):
+                if not groups[c]:  # the class has given all its images this epoch: a new round of them
+                    groups[c] = self._class_groups(self.classes[c], generator)
+                images.append(groups[c].pop()[:size])
+            batch = torch.cat(images)
+            yield batch.repeat_interleave(self.layout.copies[: len(batch)]).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The epoch's batches of ``batch_size`` indices."""
+        return self._batches()
+
+    def __len__(self) -> int:
+        """As many batches as :class:`RepeatedAugmentationBatchSampler` gives: about one pass over the images."""
+        return len(self.layout)

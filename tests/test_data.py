@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler
 
 from simlap_hf.data import (
     FASHION_MNIST_LABEL_NAMES,
+    ClassBalancedBatchSampler,
     DataArguments,
     RepeatedAugmentationBatchSampler,
     RepeatedAugmentationSampler,
@@ -585,6 +586,28 @@ def test_copies_in_a_batch_are_augmented_independently(rgb_dataset: datasets.Dat
     assert not torch.equal(batch["pixel_values"][1], batch["pixel_values"][2])
 
 
+def test_each_image_is_decoded_once_per_batch_and_augmented_per_copy(rgb_dataset, monkeypatch) -> None:
+    import simlap_hf.data as data_module
+
+    decoded: list[Any] = []
+    original = data_module._decode_image
+
+    def counting_decode(value: Any, index: int) -> PIL.Image.Image:
+        decoded.append(value)
+        return original(value, index)
+
+    monkeypatch.setattr(data_module, "_decode_image", counting_decode)
+    args = DataArguments(ra=3)
+    loader = create_train_dataloader(with_image_transforms(rgb_dataset, args)["train"], args, batch_size=7)
+    batch = next(iter(loader))  # 2 images: one with 4 copies, one with 3
+    assert len(decoded) == 2 and batch["pixel_values"].shape[0] == 7
+    assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])  # copies still augmented apart
+    decoded.clear()
+    transform = data_module.ImageTransform(create_train_transform(args), decode_once=False)  # the per-copy path
+    transform({"image": [{"bytes": _png_bytes(_color_image(0)), "path": None}] * 3, "label": [0] * 3})
+    assert len(decoded) == 3
+
+
 def test_train_dataloader_with_a_worker_process(rgb_dataset: datasets.DatasetDict) -> None:
     args = DataArguments(ra=2, dataloader_num_workers=1)
     transformed = with_image_transforms(rgb_dataset, args)
@@ -888,3 +911,39 @@ def test_classes_missing_from_a_split_are_named(tmp_path, caplog) -> None:
         load_image_dataset(DataArguments(dataset_name=str(folder)))
     assert "1 of 4 class(es) have no train images: 'owl' (1 of them appear in validation)" in caplog.text
     assert "1 of 4 class(es) have no validation images: 'fox'" in caplog.text
+
+
+def test_class_balanced_sampler_gives_p_classes_of_k_images_on_every_process() -> None:
+    from accelerate.data_loader import BatchSamplerShard
+
+    labels = torch.arange(10).repeat_interleave(6)  # 10 classes x 6 images: groups of K=3 without filling up
+    sampler = ClassBalancedBatchSampler(labels, batch_size=26, images_per_class=3, repeats=3, seed=2)
+    assert sampler.layout.images_per_batch == 8 and sampler.group_sizes == [3, 3, 2]  # P = 2 classes of 3, + 2
+    assert len(sampler) == 60 // 8
+    for process in range(2):
+        sampler.set_epoch(1)
+        shard = list(BatchSamplerShard(sampler, num_processes=2, process_index=process))
+        assert len(shard) == len(sampler) // 2
+        for batch in shard:
+            assert len(batch) == 26
+            images = sorted(set(batch))
+            counts = torch.bincount(labels[images], minlength=10)
+            assert sorted(counts[counts > 0].tolist()) == [2, 3, 3]  # P x K (+ the remainder), distinct classes
+            assert len(_starts(batch)) == 8 and min(batch.count(i) for i in images) == 3  # whole copy groups
+    first, again = list(sampler), list(sampler)
+    assert first == again  # the epoch's order is seeded
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    few = ClassBalancedBatchSampler(torch.tensor([0, 0, 1, 1, 1, 1]), batch_size=6, images_per_class=3, repeats=1)
+    for batch in few:  # class 0 has 2 images: its group of 3 draws one of them again
+        assert torch.bincount(torch.tensor([0, 0, 1, 1, 1, 1])[batch]).tolist() == [3, 3]
+
+
+def test_pk_sampler_through_the_loader(rgb_dataset) -> None:
+    args = DataArguments(ra=2, sampler="pk", pk_images_per_class=2)
+    loader = create_train_dataloader(with_image_transforms(rgb_dataset, args)["train"], args, batch_size=8)
+    assert isinstance(loader.batch_sampler, ClassBalancedBatchSampler)
+    for batch in loader:
+        assert torch.bincount(batch["labels"], minlength=2).tolist() == [4, 4]  # 2 classes x 2 images x 2 copies
+    with pytest.raises(ValueError, match="--sampler='balanced' is not valid; choose one of random, pk"):
+        DataArguments(sampler="balanced")
