@@ -22,6 +22,7 @@ from simlap_hf import SimLAPConfig, SimLAPModel
 from simlap_hf.analysis import analyze_model, summary_markdown
 from simlap_hf.data import DataArguments
 from simlap_hf.evaluation import classification_metrics, extract_features, knn_accuracy
+from simlap_hf.relations import save_class_relations
 from simlap_hf.training import (
     PLACEHOLDER_LABELS,
     RESNET_OUTPUT_STRIDE_HELP,
@@ -136,6 +137,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]
 
     def extra_files(output_dir: Path, trained: SimLAPModel) -> None:
         save_image_processor(output_dir, data_args, model_args.num_channels)
+        save_class_relations(trained, output_dir)  # class_relations.json + heatmap (models with a feature filter)
 
     return train_and_save(
         accelerator, SimLAPModel(config), data, args, simlap_step, make_evaluator, "pretrain", METRICS,

@@ -163,11 +163,13 @@ def _class_names(model: nn.Module, num_classes: int, label_names: Sequence[str] 
 
 
 def _pair_entry(i: int, j: int, names: Sequence[str], activation: np.ndarray, open_fraction: np.ndarray,
-                jaccard: np.ndarray, dim: int) -> dict[str, Any]:
+                jaccard: np.ndarray, dim: int, relatedness: np.ndarray, entropy: np.ndarray) -> dict[str, Any]:
     return {
         "classes": [names[i], names[j]],
         "indices": [i, j],
+        "relatedness": float(relatedness[i, j]),
         "mean_activation": float(activation[i, j]),
+        "entropy": float((entropy[i, j] + entropy[j, i]) / 2),
         "open_dims": float(open_fraction[i, j] * dim),
         "jaccard": float(jaccard[i, j]),
     }
@@ -205,9 +207,13 @@ def analyze_gates(
           K dimensions with g(i, j) >= threshold), ``jaccard`` (|O_i & O_j| / |O_i | O_j| with O_y the open dimensions
           of the single-class gate g(y, y); 0 when both are empty) and ``entropy`` (mean Bernoulli entropy of g(i, j));
         * ``single_class_gates``: the C x K gates g(y, y);
+        * ``relation_measure``: how pairs are ranked (:mod:`simlap_hf.relations`): for a SimLAP filter the gate
+          entropy (most undecided gates first), which names related classes on Fashion-MNIST (precision 0.9-1.0 of
+          the top 5 against the garment groups) where the largest mean activation names unrelated ones (0.0); for
+          SimLAP-Fuse's binary sign gates the share of agreeing dimensions (high_activation);
         * ``most_related`` / ``least_related``: the ``top_k`` off-diagonal unordered pairs with the largest / smallest
-          mean activation (of the symmetrised matrix), each ``{"classes": [name_i, name_j], "indices", "mean_activation",
-          "open_dims", "jaccard"}``;
+          relatedness under that measure (symmetrised), each ``{"classes": [name_i, name_j], "indices",
+          "relatedness", "mean_activation", "entropy", "open_dims", "jaccard"}``;
         * ``stats``: ``mean_entropy_nats`` (mean Bernoulli entropy of all C*C*K gate values), ``mean_entropy_bits``
           (the same in bits, 0..1), ``near_binary_fraction``, ``mean_activation``, ``mean_open_dims``,
           ``same_class_mean_activation`` (diagonal), ``cross_class_mean_activation`` (off-diagonal),
@@ -261,7 +267,12 @@ def analyze_gates(
     symmetric = (act + act.T) / 2
     off_diagonal = ~np.eye(C, dtype=bool)
     pairs = [(i, j) for i in range(C) for j in range(i + 1, C)]
-    ranked = sorted(pairs, key=lambda p: (-symmetric[p], p))
+    from .relations import DEFAULT_MEASURE, MEASURES, ranked_pairs, relatedness_from
+
+    measure = "high_activation" if kind == "fuse" else DEFAULT_MEASURE
+    ent = entropy.numpy()
+    relatedness = relatedness_from({"mean_activation": act, "open_fraction": opn, "entropy": ent}, measure)
+    ranked = ranked_pairs(relatedness)
     k = min(int(top_k), max(1, len(pairs) // 2))  # the two lists do not overlap when there are enough pairs
     report.update(
         dim=int(dim),
@@ -272,8 +283,10 @@ def analyze_gates(
             "entropy": entropy.numpy().tolist(),
         },
         single_class_gates=single.tolist(),
-        most_related=[_pair_entry(i, j, names, symmetric, opn, jac, dim) for i, j in ranked[:k]],
-        least_related=[_pair_entry(i, j, names, symmetric, opn, jac, dim) for i, j in ranked[::-1][:k]],
+        relation_measure={"name": measure, "description": MEASURES[measure][2]},
+        most_related=[_pair_entry(i, j, names, symmetric, opn, jac, dim, relatedness, ent) for i, j in ranked[:k]],
+        least_related=[_pair_entry(i, j, names, symmetric, opn, jac, dim, relatedness, ent)
+                       for i, j in ranked[::-1][:k]],
         stats={
             "mean_entropy_nats": float(entropy.mean()),
             "mean_entropy_bits": float(entropy.mean()) / math.log(2.0),
@@ -480,7 +493,7 @@ def _number(value: Any, digits: int = 2) -> str:
 
 def _pair_text(pair: Mapping[str, Any]) -> str:
     first, second = pair["classes"]
-    return f"**{first} / {second}** ({pair['mean_activation']:.3f})"
+    return f"**{first} / {second}** ({pair.get('relatedness', pair['mean_activation']):.3f})"
 
 
 def _model_markdown(report: Mapping[str, Any]) -> str:
@@ -508,7 +521,8 @@ def _model_markdown(report: Mapping[str, Any]) -> str:
     lines = ["| measure | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
     if gates and gates.get("has_filter"):
         if gates.get("most_related"):
-            lines += ["", "Most related class pairs (largest mean gate activation g(y1, y2)): "
+            measure = (gates.get("relation_measure") or {}).get("description", "mean gate activation")
+            lines += ["", f"Most related class pairs (by {measure}): "
                       + ", ".join(_pair_text(pair) for pair in gates["most_related"]) + "."]
             lines += ["", "Least related class pairs: "
                       + ", ".join(_pair_text(pair) for pair in gates["least_related"]) + "."]

@@ -240,6 +240,12 @@ def build_model_card(
             + f", center crop {config.image_size}, normalise with mean {mean} and std {std} "
             "(`preprocessor_config.json`, used by the pipeline)."
         )
+    relations_file = output_dir / "class_relations.json"
+    if relations_file.is_file():
+        from .relations import HEATMAP_FILE, ClassRelations
+
+        heatmap = HEATMAP_FILE if (output_dir / HEATMAP_FILE).is_file() else None
+        sections.append("## Class relations\n\n" + ClassRelations.load(relations_file).summary_markdown(heatmap=heatmap))
     sections.append("## Training hyperparameters\n\n| option | value |\n|---|---|\n" + hyper_rows)
     for title, body in (extra_sections or {}).items():
         sections.append(f"## {title}\n\n{body}")

@@ -87,17 +87,23 @@ def test_analyze_gates_matrices_pairs_and_statistics():
             expected = np.logical_and(open_sets[i], open_sets[j]).sum() / union if union else 0.0
             assert jaccard[i, j] == pytest.approx(expected)
 
+    # Pairs are ranked by the gate entropy (most undecided gates = most related; see simlap_hf.relations).
+    assert report["relation_measure"]["name"] == "gate_entropy"
+    entropy = np.asarray(report["matrices"]["entropy"])
+    g = gates.double().clamp(1e-7, 1 - 1e-7)
+    np.testing.assert_allclose(entropy, (-(g * g.log() + (1 - g) * (1 - g).log())).mean(-1).numpy(), atol=1e-6)
     most, least = report["most_related"], report["least_related"]
     assert len(most) == len(least) == 3
     for pair in most + least:
         i, j = pair["indices"]
         assert i != j and pair["classes"] == [NAMES[i], NAMES[j]]
         assert pair["mean_activation"] == pytest.approx(activation[i, j])
-    values = [pair["mean_activation"] for pair in most]
+        assert pair["relatedness"] == pytest.approx(entropy[i, j]) == pytest.approx(pair["entropy"])
+    values = [pair["relatedness"] for pair in most]
     assert values == sorted(values, reverse=True)
-    off_diagonal = activation[~np.eye(C, dtype=bool)]
-    assert most[0]["mean_activation"] == pytest.approx(off_diagonal.max())
-    assert least[0]["mean_activation"] == pytest.approx(off_diagonal.min())
+    off_diagonal = entropy[~np.eye(C, dtype=bool)]
+    assert most[0]["relatedness"] == pytest.approx(off_diagonal.max())
+    assert least[0]["relatedness"] == pytest.approx(off_diagonal.min())
 
     stats = report["stats"]
     g = gates.double().clamp(1e-7, 1 - 1e-7)

@@ -160,3 +160,13 @@ def test_embed_refuses_a_non_empty_output_dir(trained, tmp_path):
     assert (tmp_path / "notes.txt").is_file()
     with pytest.raises(FileNotFoundError, match="--model_name_or_path"):
         embed.run([*DATA, "--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x")])
+
+
+def test_pretraining_saves_processor_and_class_relations_beside_the_model(trained):
+    model_dir, _, _, _ = trained
+    for name in ("preprocessor_config.json", "class_relations.json", "class_relations.png"):
+        assert (model_dir / name).is_file(), name
+    relations = json.loads((model_dir / "class_relations.json").read_text())
+    assert relations["measure"] == "gate_entropy" and relations["label_names"] == [str(i) for i in range(10)]
+    card = (model_dir / "README.md").read_text()
+    assert "## Class relations" in card and "class_relations.png" in card

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Do the gates name related classes? Precision of class-relation measures against Fashion-MNIST's garment groups.
+
+Reads the SimLAP and cross-entropy models trained by ``benchmarks/reproduce.py`` (folders
+``simlap_fused_arbitrary_seed<S>`` and ``cross_entropy_seed<S>``), ranks the 45 class pairs by each relation measure
+of :mod:`simlap_hf.relations` (from the gates) and by the cosine similarity of class-mean backbone features (from
+data, for both models), and reports the precision of the 5 and 10 most related pairs against the groups
+{T-shirt/top, Pullover, Coat, Shirt, Dress}, {Sandal, Sneaker, Ankle boot}, {Trouser}, {Bag} (13 of the 45 pairs
+lie within a group: chance 0.29).
+
+    python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml \\
+        --variants simlap_fused_arbitrary cross_entropy --seeds 0 1 --output_dir outputs/relations_8ep
+    python benchmarks/relations_fmnist.py outputs/relations_8ep --seeds 0 1
+
+Writes ``relations_fmnist.json`` and ``relations_fmnist.md`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datasets import DatasetDict  # noqa: E402
+
+from simlap_hf.data import DataArguments, create_eval_dataloader, load_image_dataset, with_image_transforms  # noqa: E402
+from simlap_hf.embed import data_args_for_model, load_model  # noqa: E402
+from simlap_hf.relations import (  # noqa: E402
+    MEASURES,
+    ClassRelations,
+    class_mean_cosine,
+    precision_at_k,
+    ranked_pairs,
+)
+
+GROUPS = [["T-shirt/top", "Pullover", "Coat", "Shirt", "Dress"], ["Sandal", "Sneaker", "Ankle boot"], ["Trouser"],
+          ["Bag"]]
+
+
+@torch.no_grad()
+def test_features(model_dir: Path, model: torch.nn.Module, max_samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of the Fashion-MNIST test split (the first ``max_samples`` after a seeded shuffle)."""
+    data_args = data_args_for_model(DataArguments(dataset_name="fashion_mnist", max_eval_samples=max_samples),
+                                    model_dir, model)
+    test = load_image_dataset(data_args, seed=0)["validation"]
+    view = with_image_transforms(DatasetDict(test=test), data_args, int(model.config.num_channels))["test"]
+    features, labels = [], []
+    for batch in create_eval_dataloader(view, 500):
+        features.append(model.get_image_features(batch["pixel_values"]).float())
+        labels.append(batch["labels"])
+    return torch.cat(features), torch.cat(labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", help="output folder of benchmarks/reproduce.py")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--max_test_samples", type=int, default=None,
+                        help="test images for the class-mean features (default: all 10,000)")
+    parser.add_argument("--threads", type=int, default=None)
+    options = parser.parse_args(argv)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    runs = Path(options.runs)
+    rows: dict[str, dict[str, list[float]]] = {}
+    top_pairs: dict[str, dict[int, list[list[str]]]] = {}
+
+    def record(name: str, seed: int, relatedness, names) -> None:
+        index = {n: i for i, n in enumerate(names)}
+        groups = [[index[n] for n in group] for group in GROUPS]
+        entry = rows.setdefault(name, {"p5": [], "p10": []})
+        entry["p5"].append(precision_at_k(relatedness, groups, 5))
+        entry["p10"].append(precision_at_k(relatedness, groups, 10))
+        top_pairs.setdefault(name, {})[seed] = [[names[i], names[j]] for i, j in ranked_pairs(relatedness)[:5]]
+
+    for seed in options.seeds:
+        simlap_dir = runs / f"simlap_fused_arbitrary_seed{seed}"
+        model = load_model(simlap_dir)
+        for measure in MEASURES:
+            relations = ClassRelations.from_model(model, measure)
+            record(f"SimLAP gates: {measure}", seed, relations.relatedness, relations.names)
+        names = relations.names
+        features, labels = test_features(simlap_dir, model, options.max_test_samples)
+        record("SimLAP backbone: class-mean cosine", seed, class_mean_cosine(features, labels, len(names)), names)
+        ce_dir = runs / f"cross_entropy_seed{seed}"
+        if ce_dir.is_dir():
+            ce_model = load_model(ce_dir)
+            features, labels = test_features(ce_dir, ce_model, options.max_test_samples)
+            record("cross-entropy backbone: class-mean cosine", seed, class_mean_cosine(features, labels, len(names)),
+                   names)
+        print(f"seed {seed} done", flush=True)
+
+    def cell(values: list[float]) -> str:
+        text = " / ".join(f"{v:.2f}" for v in values)
+        return f"{statistics.mean(values):.2f} ({text})" if len(values) > 1 else text
+
+    lines = ["| relation measure (most related first) | precision@5 | precision@10 | top-5 pairs, seed "
+             f"{options.seeds[0]} |", "|---|---|---|---|"]
+    for name, entry in rows.items():
+        pairs = "; ".join(f"{a} / {b}" for a, b in top_pairs[name][options.seeds[0]])
+        lines.append(f"| {name} | {cell(entry['p5'])} | {cell(entry['p10'])} | {pairs} |")
+    table = "\n".join(lines)
+    print(table)
+    (runs / "relations_fmnist.md").write_text(table + "\n")
+    (runs / "relations_fmnist.json").write_text(json.dumps(
+        {"seeds": options.seeds, "groups": GROUPS, "chance": 13 / 45, "precision": rows, "top_pairs": top_pairs},
+        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

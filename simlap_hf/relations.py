@@ -1,0 +1,268 @@
+"""Class relations learned by a SimLAP model's gates, as an API.
+
+The feature filter gives every pair of classes (a, b) a gate g(a, b) in (0, 1)^K: the dimensions in which a sample
+of class b counts as a positive for an anchor of class a. :class:`ClassRelations` turns the C x C x K gates into a
+C x C *relatedness* matrix (higher = more related), lists a class's most related classes by name and the
+dimensions a pair shares, and saves all of it as ``class_relations.json`` beside the model.
+
+**Which measure.** Intuition says related classes share many open dimensions (high mean gate). Measured on
+Fashion-MNIST it is the other way round (README "Results", ``benchmarks/relations_fmnist.py``): against the garment
+groups {T-shirt/top, Pullover, Coat, Shirt, Dress}, {Sandal, Sneaker, Ankle boot}, {Trouser}, {Bag}, the pairs with
+the *highest* mean gate activation are almost never in one group, while the pairs with the *most undecided* gates
+(highest mean Bernoulli entropy of g(a, b)), the *lowest* mean activation or the *fewest* open dimensions are. A
+plausible reading: the negatives of a pair (a, b) include the nearest confusers of both, so a close pair can only
+open few, less decided dimensions. The default measure, :data:`DEFAULT_MEASURE`, is the gate entropy; the others stay
+available by name (``measure=``).
+
+    from simlap_hf import SimLAPModel
+    from simlap_hf.relations import ClassRelations
+    relations = ClassRelations.from_model(SimLAPModel.from_pretrained("outputs/simlap"))
+    relations.related_classes("Shirt", k=3)        # [("T-shirt/top", 0.61), ("Pullover", 0.58), ...]
+    relations.shared_dimensions("Shirt", "Coat")   # indices of the dimensions g(Shirt, Coat) opens
+    relations.save("outputs/simlap/class_relations.json")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+RELATIONS_FILE = "class_relations.json"
+HEATMAP_FILE = "class_relations.png"
+DEFAULT_THRESHOLD = 0.5
+
+# name: (matrix it is computed from, sign: +1 when a larger value means more related, description)
+MEASURES: dict[str, tuple[str, float, str]] = {
+    "gate_entropy": ("entropy", 1.0, "mean Bernoulli entropy of g(a, b) (higher: more related)"),
+    "low_activation": ("mean_activation", -1.0, "minus the mean gate value of g(a, b) (lower gates: more related)"),
+    "low_open_fraction": ("open_fraction", -1.0, "minus the share of open dimensions of g(a, b) (fewer: more related)"),
+    "high_activation": ("mean_activation", 1.0, "the mean gate value of g(a, b) (measured to be backwards)"),
+}
+DEFAULT_MEASURE = "gate_entropy"
+
+
+def _bernoulli_entropy(gates: Tensor, eps: float = 1e-7) -> Tensor:
+    g = gates.double().clamp(eps, 1.0 - eps)
+    return -(g * g.log() + (1.0 - g) * (1.0 - g).log())
+
+
+def gate_matrices(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Tensor]:
+    """The C x C matrices of every gate statistic: ``mean_activation``, ``open_fraction`` (share of dimensions with
+    g >= threshold), ``entropy`` (mean Bernoulli entropy, nats); and ``open`` (C, C, K) bool masks. Eval mode, no
+    gradient (the model's train/eval flags are restored)."""
+    from .analysis import _iter_gate_rows, gate_kind
+
+    if gate_kind(model) == "open":
+        raise ValueError("The model has the open gate (no feature filter): there are no class relations to read.")
+    blocks: dict[str, list[Tensor]] = {"mean_activation": [], "open_fraction": [], "entropy": [], "open": []}
+    for _, gates in _iter_gate_rows(model):  # (R, C, K)
+        blocks["mean_activation"].append(gates.double().mean(dim=2))
+        blocks["open_fraction"].append((gates >= threshold).double().mean(dim=2))
+        blocks["entropy"].append(_bernoulli_entropy(gates).mean(dim=2))
+        blocks["open"].append(gates >= threshold)
+    return {name: torch.cat(values) for name, values in blocks.items()}
+
+
+def relatedness_from(matrices: Mapping[str, Any], measure: str = DEFAULT_MEASURE) -> np.ndarray:
+    """C x C symmetric relatedness (higher = more related) of one of :data:`MEASURES`; the diagonal is NaN."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}.")
+    source, sign, _ = MEASURES[measure]
+    matrix = sign * np.asarray(matrices[source], dtype=np.float64)
+    matrix = (matrix + matrix.T) / 2
+    np.fill_diagonal(matrix, np.nan)
+    return matrix
+
+
+def class_mean_cosine(features: Tensor, labels: Tensor, num_classes: int) -> np.ndarray:
+    """C x C cosine similarity of the class-mean feature vectors (a relation measure from data, for comparison);
+    the diagonal is NaN."""
+    features = features.double()
+    means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
+    means.index_add_(0, labels.long(), features)
+    counts = torch.bincount(labels.long(), minlength=num_classes).clamp_min(1).double()
+    means = torch.nn.functional.normalize(means / counts[:, None], dim=1)
+    matrix = (means @ means.T).numpy()
+    np.fill_diagonal(matrix, np.nan)
+    return matrix
+
+
+def ranked_pairs(relatedness: np.ndarray) -> list[tuple[int, int]]:
+    """Unordered off-diagonal pairs (i < j), most related first (ties by index)."""
+    size = relatedness.shape[0]
+    return sorted(combinations(range(size), 2), key=lambda p: (-relatedness[p], p))
+
+
+def precision_at_k(relatedness: np.ndarray, groups: Sequence[Sequence[int]], k: int) -> float:
+    """Share of the ``k`` most related pairs whose two classes lie in one of ``groups`` (lists of class indices)."""
+    group_of = {index: g for g, members in enumerate(groups) for index in members}
+    top = ranked_pairs(relatedness)[:k]
+    return sum(group_of.get(i, -1) == group_of.get(j, -2) for i, j in top) / max(len(top), 1)
+
+
+class ClassRelations:
+    """The class relations of a trained SimLAP model.
+
+    Attributes:
+        names: the C class names (the model's ``id2label``).
+        relatedness: C x C symmetric numpy matrix, higher = more related (the chosen ``measure``); NaN diagonal.
+        measure: the name of the measure (:data:`MEASURES`).
+        matrices: the gate statistics it is read from (``mean_activation``, ``open_fraction``, ``entropy``).
+    """
+
+    def __init__(
+        self, names: Sequence[str], matrices: Mapping[str, Any], measure: str = DEFAULT_MEASURE,
+        open_masks: Tensor | None = None, threshold: float = DEFAULT_THRESHOLD,
+    ) -> None:
+        self.names = [str(name) for name in names]
+        self.matrices = {name: np.asarray(value, dtype=np.float64) for name, value in matrices.items()
+                         if name in ("mean_activation", "open_fraction", "entropy")}
+        self.measure = measure
+        self.relatedness = relatedness_from(self.matrices, measure)
+        self.threshold = threshold
+        self._open = open_masks
+        if self.relatedness.shape != (len(self.names), len(self.names)):
+            raise ValueError(f"{len(self.names)} class names for a {self.relatedness.shape} relation matrix.")
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, measure: str = DEFAULT_MEASURE, threshold: float = DEFAULT_THRESHOLD,
+        label_names: Sequence[str] | None = None,
+    ) -> ClassRelations:
+        """Read the relations from a SimLAPModel's gates (or a SimLAP-Fuse classifier's sign gates)."""
+        from .analysis import _class_names, _gate_function
+
+        inner, _, _, num_classes = _gate_function(model)
+        names = _class_names(inner, num_classes, label_names)
+        matrices = gate_matrices(model, threshold)
+        return cls(names, matrices, measure, open_masks=matrices["open"], threshold=threshold)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, measure: str | None = None) -> ClassRelations:
+        """Read a ``class_relations.json`` (a file or the model folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RELATIONS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} does not exist; write it with ClassRelations.save().")
+        data = json.loads(path.read_text())
+        return cls(data["label_names"], data["matrices"], measure or data["measure"], threshold=data["threshold"])
+
+    # -- queries -----------------------------------------------------------------------------------------------
+    def index(self, name: str) -> int:
+        if name in self.names:
+            return self.names.index(name)
+        raise ValueError(f"{name!r} is not a class of the model; its classes are: {', '.join(self.names)}.")
+
+    def related_classes(self, name: str, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` classes most related to ``name`` with their relatedness, most related first."""
+        i = self.index(name)
+        others = [j for j in range(len(self.names)) if j != i]
+        others.sort(key=lambda j: (-self.relatedness[i, j], j))
+        return [(self.names[j], float(self.relatedness[i, j])) for j in others[: max(int(k), 0)]]
+
+    def shared_dimensions(self, a: str, b: str) -> list[int]:
+        """Indices of the embedding dimensions the gate g(a, b) opens (g >= threshold): the subspace in which a
+        class-b sample is a positive for a class-a anchor. Needs the gates (:meth:`from_model`)."""
+        i, j = self.index(a), self.index(b)
+        if self._open is None:
+            raise ValueError("shared_dimensions needs the gates: build the relations with ClassRelations.from_model.")
+        return self._open[i, j].nonzero().flatten().tolist()
+
+    def most_related_pairs(self, k: int = 5) -> list[tuple[str, str, float]]:
+        return [(self.names[i], self.names[j], float(self.relatedness[i, j]))
+                for i, j in ranked_pairs(self.relatedness)[:k]]
+
+    def least_related_pairs(self, k: int = 5) -> list[tuple[str, str, float]]:
+        return [(self.names[i], self.names[j], float(self.relatedness[i, j]))
+                for i, j in ranked_pairs(self.relatedness)[::-1][:k]]
+
+    # -- saving ------------------------------------------------------------------------------------------------
+    def to_dict(self, top_k: int = 5) -> dict[str, Any]:
+        pairs = lambda items: [{"classes": [a, b], "relatedness": score} for a, b, score in items]  # noqa: E731
+        return {
+            "measure": self.measure,
+            "measure_description": MEASURES[self.measure][2],
+            "threshold": self.threshold,
+            "label_names": self.names,
+            "relatedness": [[None if math.isnan(v) else float(v) for v in row] for row in self.relatedness],
+            "related_classes": {name: [{"class": other, "relatedness": score}
+                                       for other, score in self.related_classes(name, top_k)] for name in self.names},
+            "most_related": pairs(self.most_related_pairs(top_k)),
+            "least_related": pairs(self.least_related_pairs(top_k)),
+            "matrices": {name: matrix.tolist() for name, matrix in self.matrices.items()},
+        }
+
+    def save(self, path: str | os.PathLike, top_k: int = 5) -> Path:
+        """Write ``class_relations.json`` (a file path, or a folder to write it into)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RELATIONS_FILE
+        path.write_text(json.dumps(self.to_dict(top_k), indent=1) + "\n")
+        return path
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Heatmap of the relatedness matrix with class names on both axes (PNG)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        size = len(self.names)
+        side = min(4.0 + 0.35 * size, 16.0)
+        figure = Figure(figsize=(side + 1.2, side))
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot(1, 1, 1)
+        image = axes.imshow(np.ma.masked_invalid(self.relatedness), cmap="viridis")
+        step = max(1, math.ceil(size / 36))
+        ticks = list(range(0, size, step))
+        axes.set_xticks(ticks, [self.names[t] for t in ticks], rotation=90, fontsize=8)
+        axes.set_yticks(ticks, [self.names[t] for t in ticks], fontsize=8)
+        axes.set_title(title or f"Class relatedness ({MEASURES[self.measure][2]})", fontsize=9)
+        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="relatedness (higher: more related)")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        return Path(path)
+
+    def summary_markdown(self, top_k: int = 5, heatmap: str | None = HEATMAP_FILE) -> str:
+        """A model-card section: the measure, the most / least related pairs, each class's closest classes."""
+        lines = [
+            f"Read from the gates g(a, b) of every class pair; measure: **{self.measure}**, "
+            f"{MEASURES[self.measure][2]} (`class_relations.json`; "
+            "`simlap_hf.relations.ClassRelations.load(folder)`).",
+            "",
+            "Most related pairs: " + ", ".join(f"{a} / {b}" for a, b, _ in self.most_related_pairs(top_k)) + ".",
+            "",
+            "Least related pairs: " + ", ".join(f"{a} / {b}" for a, b, _ in self.least_related_pairs(top_k)) + ".",
+        ]
+        if len(self.names) <= 30:
+            lines += ["", "| class | most related classes |", "|---|---|"]
+            lines += [f"| {name} | " + ", ".join(other for other, _ in self.related_classes(name, 3)) + " |"
+                      for name in self.names]
+        if heatmap:
+            lines += ["", f"![class relatedness]({heatmap})"]
+        return "\n".join(lines)
+
+
+def save_class_relations(model: nn.Module, output_dir: str | os.PathLike, measure: str = DEFAULT_MEASURE) -> bool:
+    """Write ``class_relations.json`` and its heatmap beside a saved model; False (nothing written) for a model
+    without a feature filter (open gate) or without gates."""
+    from .analysis import gate_kind
+
+    try:
+        kind = gate_kind(model)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    if kind not in ("fused", "product"):  # no filter (open), none at all, or Fuse's binary sign gates
+        return False
+    relations = ClassRelations.from_model(model, measure)
+    relations.save(Path(output_dir) / RELATIONS_FILE)
+    relations.plot(Path(output_dir) / HEATMAP_FILE)
+    return True
