@@ -747,6 +747,61 @@ def plot_gate_histogram(gates: Mapping[str, Any], path: str | Path, title: str |
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def embedding_map(vectors: Tensor, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D map of (N, d) vectors for plotting: t-SNE of scikit-learn on the cosine geometry (L2-normalised
+    vectors), or UMAP when ``method="umap"`` (or ``"auto"`` and ``umap-learn`` is installed). Returns the (N, 2)
+    points and the method used."""
+    if method not in ("auto", "tsne", "umap"):
+        raise ValueError(f"--map_method must be auto, tsne or umap, got {method!r}.")
+    data = torch.nn.functional.normalize(vectors.double(), dim=1).numpy()
+    if len(data) < 5:
+        raise ValueError(f"an embedding map needs at least 5 points, got {len(data)}.")
+    if method in ("auto", "umap"):
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            if method == "umap":
+                raise ImportError("--map_method umap needs umap-learn: pip install umap-learn (or use tsne).") from None
+        else:
+            reducer = umap.UMAP(n_components=2, metric="cosine", random_state=seed)
+            return np.asarray(reducer.fit_transform(data)), "umap"
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, (len(data) - 1) / 3))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine")
+    return tsne.fit_transform(data), "tsne"
+
+
+def plot_embedding_map(
+    points: np.ndarray, labels: Sequence[int], names: Sequence[str], path: str | Path, title: str | None = None,
+) -> Path:
+    """Scatter plot of a 2-D embedding map coloured by class, with the class names in a legend (up to 20 classes)
+    and written at each class's median point."""
+    import matplotlib
+
+    points = np.asarray(points)
+    labels = np.asarray(labels)
+    classes = sorted(set(labels.tolist()))
+    colormap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20" if len(names) <= 20 else "turbo"]
+    figure = _new_figure(8.0, 7.0)
+    axes = figure.add_subplot(1, 1, 1)
+    for c in classes:
+        colour = colormap(c % 20 if len(names) <= 20 else c / max(len(names) - 1, 1))
+        member = labels == c
+        name = names[c] if 0 <= c < len(names) else str(c)
+        axes.scatter(points[member, 0], points[member, 1], s=6, color=colour, alpha=0.7, label=name, linewidths=0)
+        if len(classes) <= 50:
+            x, y = np.median(points[member], axis=0)
+            axes.annotate(name, (x, y), fontsize=8, ha="center", va="center", weight="bold",
+                          bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    if len(classes) <= 20:
+        axes.legend(markerscale=3, fontsize=8, loc="best", frameon=True)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_title(title or "2-D map of the embeddings", fontsize=10)
+    return _save(figure, path)
+
+
 def to_jsonable(value: Any) -> Any:
     """Recursively convert tensors, numpy values and paths to plain JSON types; NaN and infinities become ``None``."""
     if isinstance(value, Mapping):

@@ -44,9 +44,11 @@ from torch import nn
 
 from .analysis import (
     analyze_model,
+    embedding_map,
     extract_representations,
     gate_kind,
     gate_matrix,
+    plot_embedding_map,
     plot_gate_heatmap,
     plot_gate_histogram,
     plot_singular_values,
@@ -103,6 +105,13 @@ class AnalyzeArguments:
         default=0.05, metadata={"help": "Gate values within this distance of 0 or 1 count as near-binary."}
     )
     top_k_pairs: int = field(default=5, metadata={"help": "Number of most / least related class pairs listed."})
+    map_samples: int = field(
+        default=2000,
+        metadata={"help": "Validation images in the 2-D embedding map (embedding_map_<model>.png; 0: no map)."},
+    )
+    map_method: str = field(
+        default="auto", metadata={"help": "2-D map: tsne (scikit-learn), umap (umap-learn) or auto (umap if installed)."}
+    )
     batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
     seed: int = field(default=42, metadata={"help": "Seed of the data subsampling / split and of the probe."})
     device: str | None = field(default=None, metadata={"help": "Torch device (default: cuda when available, else cpu)."})
@@ -112,6 +121,10 @@ class AnalyzeArguments:
             raise ValueError(f"--knn_k must be >= 1, got {self.knn_k}.")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
+        if self.map_samples < 0:
+            raise ValueError(f"--map_samples must be >= 0 (0: no map), got {self.map_samples}.")
+        if self.map_method not in ("auto", "tsne", "umap"):
+            raise ValueError(f"--map_method must be auto, tsne or umap, got {self.map_method!r}.")
         if not 0.0 < self.gate_threshold < 1.0:
             raise ValueError(f"--gate_threshold must lie in (0, 1), got {self.gate_threshold}.")
         if not 0.0 <= self.near_binary_margin < 0.5:
@@ -375,11 +388,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(summary_markdown(model).rstrip())
         for warning in model.get("warnings", []):
             lines += ["", f"Warning: {warning}."]
-        for key, caption in (("gate_heatmap", "Class-pair gate heatmap"), ("gate_histogram", "Gate histogram")):
+        for key, caption in (("embedding_map", "2-D map of the embeddings"),
+                             ("gate_heatmap", "Class-pair gate heatmap"), ("gate_histogram", "Gate histogram")):
             if key in model.get("figures", {}):
                 lines += ["", f"![{caption} of {model['name']}]({model['figures'][key]})"]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _embedding_map_figure(
+    model: nn.Module, loader: Any, names: Sequence[str], model_name: str, path: Path, samples: int, method: str,
+    seed: int, source: str,
+) -> tuple[str, str]:
+    """The 2-D map (t-SNE / UMAP) of at most ``samples`` validation embeddings, coloured by class."""
+    features, embeddings, labels = extract_representations(model, loader, show_progress=False)
+    use_embeddings = source == "embeddings" and embeddings is not None
+    vectors = embeddings if use_embeddings else features
+    if len(vectors) > samples:
+        keep = torch.from_numpy(np.random.default_rng(seed).permutation(len(vectors))[:samples])
+        vectors, labels = vectors[keep], labels[keep]
+    points, used = embedding_map(vectors, method, seed)
+    what = "projected embeddings" if use_embeddings else "backbone features"
+    title = f"{model_name}: {'t-SNE' if used == 'tsne' else 'UMAP'} of {len(vectors)} validation {what}"
+    plot_embedding_map(points, labels.tolist(), names, path, title=title)
+    return path.name, used
 
 
 def _input_size_given(argv: Sequence[str]) -> bool:
@@ -451,6 +483,11 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
                                  len(transfer.label_names), knn_k=args.knn_k, knn_temperature=args.knn_temperature,
                                  run_linear_probe=not args.no_linear_probe, seed=args.seed),
             }
+        if args.map_samples:
+            result["figures"]["embedding_map"], result["embedding_map_method"] = _embedding_map_figure(
+                model, validation_loader, data.label_names, entry.name, output_dir / f"embedding_map_{slug}.png",
+                args.map_samples, args.map_method, args.seed, result.get("embedding_source", "embeddings"),
+            )
         gates = result.get("gates")
         if gates and gates["has_filter"]:
             result["figures"]["gate_heatmap"] = plot_gate_heatmap(

@@ -222,9 +222,14 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
 
     spectrum_size = _check_png(output / "singular_values.png", min_width=1000)
     assert spectrum_size[0] > spectrum_size[1]
-    assert sorted(p.name for p in output.glob("*.png")) == [
-        "gate_heatmap_SimLAP.png", "gate_histogram_SimLAP.png", "singular_values.png"
-    ]
+    maps = [model["figures"]["embedding_map"] for model in saved["models"]]
+    assert sorted(p.name for p in output.glob("*.png")) == sorted([
+        "gate_heatmap_SimLAP.png", "gate_histogram_SimLAP.png", "singular_values.png", *maps
+    ])
+    for model, name in zip(saved["models"], maps):  # one t-SNE map per model, coloured by class, in the report
+        assert name.startswith("embedding_map_") and model["embedding_map_method"] in ("tsne", "umap")
+        _check_png(output / name)
+        assert f"({name})" in markdown
     _check_png(output / simlap["figures"]["gate_heatmap"], min_width=1000)
     _check_png(output / simlap["figures"]["gate_histogram"])
     arrays = np.load(output / simlap["figures"]["gate_arrays"])
