@@ -191,6 +191,7 @@ def write_index(
     num_workers: int = 0,
     description: str = "",
     show_progress: bool = True,
+    data_source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Embed ``splits`` (name -> data set with ``image`` and ``label`` columns) into ``output_dir``; returns the
     index description written to ``index.json``."""
@@ -240,9 +241,25 @@ def write_index(
         "has_embeddings": "embeddings" in dims,
         "shards": shards,
         "images_per_second": round(total / seconds, 1) if seconds > 0 else None,
+        # How to load the data again (images of hits stored inside a data set: EmbeddingIndex.image).
+        "data_source": data_source,
     }
     (output_dir / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _data_source(data_args: Any, seed: int) -> dict[str, Any]:
+    """The data flags that reproduce the embedded splits (local paths made absolute)."""
+    from dataclasses import asdict
+
+    values = asdict(data_args)
+    for key in ("train_dir", "validation_dir"):
+        if values.get(key):
+            values[key] = os.path.abspath(values[key])
+    name = values.get("dataset_name")
+    if name and os.path.exists(name):
+        values["dataset_name"] = os.path.abspath(name)
+    return {"data_args": values, "seed": seed}
 
 
 def _prepare_output(output_dir: Path, overwrite: bool) -> None:
@@ -281,7 +298,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, {name: data[name] for name in names}, get_label_names(data), data_args, output_dir,
         model_name_or_path=embed_args.model_name_or_path, batch_size=embed_args.batch_size,
         shard_size=embed_args.shard_size, device=device, num_workers=data_args.dataloader_num_workers,
-        description=description,
+        description=description, data_source=_data_source(data_args, embed_args.seed),
     )
     logger.info("Embedded %d images into %s (%s images/s).", info["num_rows"], output_dir, info["images_per_second"])
     return info

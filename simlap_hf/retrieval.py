@@ -81,6 +81,7 @@ class EmbeddingIndex:
         self._vectors: dict[tuple[int, str], Tensor] = {}
         self._labels: dict[int, Tensor] = {}
         self._faiss: dict[str, Any] = {}
+        self._data = None  # the data set the index was made from, loaded by image() when needed
         offsets = np.cumsum([0] + [shard["rows"] for shard in self.info["shards"]])
         self._offsets = offsets
 
@@ -182,6 +183,27 @@ class EmbeddingIndex:
                 "index_id": global_id,
             })
         return result
+
+    def image(self, index_id: int):
+        """The PIL image of a stored row: its file, or the row of the data set the index was made from (reloaded
+        with the data flags recorded in ``index.json``)."""
+        from PIL import Image
+
+        row = self.rows([index_id])[0]
+        if os.path.isfile(row["source"]):
+            return Image.open(row["source"])
+        source = self.info.get("data_source")
+        if not source:
+            raise ValueError(f"The index does not record its data, so row {index_id} ({row['source']}) cannot be shown.")
+        if self._data is None:
+            from dataclasses import fields
+
+            from .data import DataArguments, load_image_dataset
+
+            known = {f.name for f in fields(DataArguments)}
+            values = {key: value for key, value in source["data_args"].items() if key in known}
+            self._data = load_image_dataset(DataArguments(**values), seed=source["seed"])
+        return self._data[row["split"]][row["row"]]["image"]
 
     # -- search ------------------------------------------------------------------------------------------------
     def search(

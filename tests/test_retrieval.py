@@ -62,6 +62,8 @@ def test_nearest_neighbours_are_exact_cosine_and_find_the_image_itself(trained):
     train = load_image_dataset(DataArguments(dataset_name="digits", max_train_samples=160))["train"]
     hits = retriever.search(train[123]["image"], k=4)
     assert hits[0]["index_id"] == 123 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    for hit in hits:  # the images of the hits, reloaded from the data the index records
+        assert retriever.index.image(hit["index_id"]).tobytes() == train[hit["row"]]["image"].tobytes()
     stored = retriever.index.all_vectors("features").double()
     query = retriever.encode(train[123]["image"])["features"].double()
     expected = F.cosine_similarity(stored, query.unsqueeze(0), dim=1).topk(4)
