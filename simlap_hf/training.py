@@ -100,6 +100,22 @@ class TrainingArguments:
     debug: bool = field(
         default=False, metadata={"help": "Show the full traceback of input errors (also: SIMLAP_DEBUG=1)."}
     )
+    channels_last: bool = field(
+        default=False, metadata={"help": "Model and training batches in channels-last memory format (faster convs "
+                                         "on GPUs with tensor cores)."}
+    )
+    tf32: bool = field(default=False, metadata={"help": "Allow TF32 float32 matmuls and convolutions on NVIDIA GPUs."})
+    cudnn_benchmark: bool = field(
+        default=False, metadata={"help": "Let cuDNN pick the fastest convolution algorithms for the (fixed) shapes."}
+    )
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the model with torch.compile (accelerate's TorchDynamoPlugin); "
+                                         "`accelerate launch --dynamo_backend inductor` does the same."}
+    )
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode: default, reduce-overhead, max-autotune."}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +271,18 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         mixed_precision = "bf16"
     # Without a GPU, accelerate only forms a multi-process (gloo) group when told to run on the CPU.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    dynamo_plugin = None
+    if args.torch_compile:
+        from accelerate.utils import TorchDynamoPlugin
+
+        dynamo_plugin = TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
     accelerator = Accelerator(
+        dynamo_plugin=dynamo_plugin,
         cpu=multi_process_cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -313,9 +340,18 @@ def create_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, 
 
 
 def prepare_model(model: torch.nn.Module, args: TrainingArguments, accelerator: Accelerator) -> torch.nn.Module:
-    """Optionally convert BatchNorm to SyncBatchNorm (multi-process runs only)."""
+    """``--sync_bn`` (multi-process runs only): BatchNorm statistics of the global batch. On GPUs timm's converter
+    (torch ``SyncBatchNorm``, keeping the activation of timm's fused ``BatchNormAct2d``); elsewhere (CPU processes
+    on gloo, where ``SyncBatchNorm`` cannot run) :mod:`simlap_hf.sync_batchnorm`'s all-gathered batch moments."""
     if args.sync_bn and accelerator.num_processes > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if accelerator.device.type == "cuda":
+            from timm.layers import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model)
+        else:
+            from .sync_batchnorm import convert_distributed_batchnorm
+
+            model = convert_distributed_batchnorm(model)
     return model
 
 
@@ -731,6 +767,8 @@ def fit(
             epoch_start = time.perf_counter()
             pending_logs: dict[str, torch.Tensor] = {}
             for step, batch in enumerate(batches, start=skip):
+                if args.channels_last:
+                    batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
                 with accelerator.accumulate(model):
                     loss, logs = compute_loss(model, batch)
                     bad_processes = _processes_with_non_finite_loss(accelerator, loss)
@@ -1160,6 +1198,8 @@ def train_and_save(
     :func:`fit`, and :func:`save_final_outputs`. ``card_sections(model)`` may add sections to the model card.
     Returns the trained (unwrapped) model and the results."""
     model = prepare_model(model, args, accelerator)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, args)
     model, optimizer, data.train, data.validation, data.train_eval = accelerator.prepare(
         model, optimizer, data.train, data.validation, data.train_eval

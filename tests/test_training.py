@@ -190,3 +190,20 @@ def test_two_processes_gather_loss_and_train_identically(tiny_image_folder, tmp_
         assert "on process(es) [1]" in report["nan_error"]
     assert reports[0]["trained_steps"] == reports[1]["trained_steps"] == 4
     assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
+
+
+def test_gpu_switches_parse_and_run_on_cpu(tiny_image_folder, tmp_path):
+    """--channels_last, --tf32, --cudnn_benchmark and --torch_compile (the aot_eager backend: dynamo tracing without
+    a C++ compile, so that it runs in seconds on a CPU) go through the real training loop."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    flags = tiny_flags(tiny_image_folder, tmp_path / "switches", epochs=1)
+    model, results = train_pretrain.run(flags + ["--channels_last", "--tf32", "--cudnn_benchmark", "--torch_compile",
+                                                 "--torch_compile_backend", "aot_eager"])
+    assert results["global_step"] == 9 and 0 <= results["eval_top1"] <= 100  # 36 images, 4 per batch
+    conv = next(module for module in model.backbone.modules() if isinstance(module, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.benchmark = False
+    assert SimLAPModel.from_pretrained(tmp_path / "switches").config.backbone == "resnet10t"
