@@ -297,6 +297,7 @@ class Retriever:
 
         self.index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex(index, device=device)
         model_path = model_name_or_path or self.index.info.get("model_name_or_path")
+        self.model_dir = str(model_path)
         self.model = load_model(model_path, device)
         self.processor = load_processor(model_path)
         if self.processor is None:
