@@ -298,7 +298,9 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         logging.getLogger(name).setLevel(logging.WARNING)
     logger.info("Mixed precision: %s (%s).", accelerator.mixed_precision,
                 "--mixed_precision" if from_flag else "accelerate launch / accelerate config / default")
-    set_seed(args.seed)
+    # One random stream per process (seed + process index; process 0 keeps the seed): processes augment differently
+    # and draw their own partners and dropout masks. Weights start equal anyway (DDP broadcasts process 0's).
+    set_seed(args.seed, device_specific=True)
     return accelerator
 
 

@@ -1,5 +1,5 @@
 """Two-process checks (torchrun, CPU, gloo) of the distributed pieces: the sharded kNN evaluation, the key gather
-with gradient, BatchNorm with global batch statistics (``--sync_bn``).
+with gradient, BatchNorm with global batch statistics (``--sync_bn``), per-process random streams.
 
 Each test starts ``torchrun --nproc_per_node 2 tests/test_distributed.py MODE OUTPUT_DIR``; the workers (the
 ``worker_*`` functions below, selected by MODE) write one JSON report per process, which the test reads.
@@ -407,6 +407,51 @@ def test_two_processes_with_sync_bn_train_like_one_process_with_the_whole_batch(
     assert [row["step"] for row in logs[1] if "loss" in row] == [1, 2, 3]
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-process random streams
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _draws() -> dict:
+    import random
+
+    import numpy as np
+
+    from simlap_hf.losses import sample_pair_labels
+
+    labels = torch.arange(12) % 4
+    return {"torch": torch.rand(3).tolist(), "numpy": np.random.rand(3).tolist(), "python": random.random(),
+            "partners": sample_pair_labels(labels, "arbitrary", 4).tolist()}
+
+
+def worker_seeds(output_dir: Path) -> dict:
+    """The streams every training script seeds through create_accelerator, on each of two processes."""
+    from simlap_hf.training import TrainingArguments, create_accelerator
+
+    create_accelerator(TrainingArguments(output_dir=str(output_dir / "run"), seed=5))
+    return _draws()
+
+
+def test_each_process_has_its_own_random_stream(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from simlap_hf.training import TrainingArguments, create_accelerator
+
+    reports = run_torchrun("seeds", tmp_path)
+    # Processes augment differently and draw different partners: every stream differs between them.
+    for name in ("torch", "numpy", "python", "partners"):
+        assert reports[0][name] != reports[1][name], name
+    # Process 0 keeps the seed itself: one-process runs (and process 0) draw what they drew before.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        create_accelerator(TrainingArguments(output_dir=str(tmp_path / "single"), seed=5))
+        assert _draws() == reports[0]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 # --------------------------------------------------------------------------------------------------------------
