@@ -56,8 +56,9 @@ MIB = 2.0**20
 
 
 @torch.no_grad()
-def old_knn_classify(train_features, train_labels, query_features, num_classes, k=20, temperature=0.07,
-                     batch_size=1024):
+def old_knn_classify(
+    train_features, train_labels, query_features, num_classes, k=20, temperature=0.07, batch_size=1024
+):
     """The previous ``knn_classify`` (argument checks left out): normalised copies, 1,024 queries x N blocks."""
     train = train_features
     device = train.device
@@ -171,19 +172,35 @@ def main() -> None:
 
     # Old: every process holds everything on the CPU and classifies every query.
     old_scores, seconds, memory = timed(
-        lambda: old_knn_classify(train, train_labels, queries, args.classes, args.k, args.temperature), device, world)
+        lambda: old_knn_classify(train, train_labels, queries, args.classes, args.k, args.temperature), device, world
+    )
     old_accuracy = 100.0 * (old_scores.argmax(dim=1) == query_labels).double().mean().item()
-    rows.append({"path": "old (every process: whole bank on the CPU)", "bank_mib": bank_bytes / MIB,
-                 "extra_host_mib": memory.host_mib, "extra_device_mib": 0.0, "seconds": seconds,
-                 "accuracy": old_accuracy})
+    rows.append(
+        {
+            "path": "old (every process: whole bank on the CPU)",
+            "bank_mib": bank_bytes / MIB,
+            "extra_host_mib": memory.host_mib,
+            "extra_device_mib": 0.0,
+            "seconds": seconds,
+            "accuracy": old_accuracy,
+        }
+    )
 
     if device.type == "cuda":
         on_device = [tensor.to(device) for tensor in (train, train_labels, queries)]
         _, seconds, memory = timed(
-            lambda: old_knn_classify(*on_device, args.classes, args.k, args.temperature), device, world)
-        rows.append({"path": "old, on device (every process: whole bank)", "bank_mib": bank_bytes / MIB,
-                     "extra_host_mib": memory.host_mib, "extra_device_mib": memory.device_mib, "seconds": seconds,
-                     "accuracy": old_accuracy})
+            lambda: old_knn_classify(*on_device, args.classes, args.k, args.temperature), device, world
+        )
+        rows.append(
+            {
+                "path": "old, on device (every process: whole bank)",
+                "bank_mib": bank_bytes / MIB,
+                "extra_host_mib": memory.host_mib,
+                "extra_device_mib": memory.device_mib,
+                "seconds": seconds,
+                "accuracy": old_accuracy,
+            }
+        )
         del on_device
 
     # New: each process holds its shard of the bank (on the device) and classifies its share of the queries.
@@ -192,35 +209,49 @@ def main() -> None:
     shard_labels = train_labels[mine].to(device)
     local_queries = queries[my_queries].to(device)
     new_scores, seconds, memory = timed(
-        lambda: knn_classify(shard, shard_labels, local_queries, args.classes, args.k, args.temperature,
-                             sharded=True), device, world)
-    correct = torch.tensor([(new_scores.argmax(dim=1).cpu() == query_labels[my_queries]).sum().item()],
-                           dtype=torch.float64)
+        lambda: knn_classify(shard, shard_labels, local_queries, args.classes, args.k, args.temperature, sharded=True),
+        device,
+        world,
+    )
+    correct = torch.tensor(
+        [(new_scores.argmax(dim=1).cpu() == query_labels[my_queries]).sum().item()], dtype=torch.float64
+    )
     # Agreement: a query whose k-th and (k+1)-th neighbours are closer than float32 rounding may pick a different
     # k-th neighbour in the two paths (their cosines are rounded differently); count those and the predictions.
     old_mine = old_scores[my_queries]
     relative = (new_scores.cpu() - old_mine).abs().amax(dim=1) / old_mine.sum(dim=1)
-    agreement = torch.tensor([(relative > 1e-4).sum().item(),
-                              (new_scores.argmax(dim=1).cpu() != old_mine.argmax(dim=1)).sum().item()],
-                             dtype=torch.float64)
+    agreement = torch.tensor(
+        [(relative > 1e-4).sum().item(), (new_scores.argmax(dim=1).cpu() != old_mine.argmax(dim=1)).sum().item()],
+        dtype=torch.float64,
+    )
     difference = torch.tensor([relative[relative <= 1e-4].max().item()], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(correct)
         dist.all_reduce(agreement)
         dist.all_reduce(difference, op=dist.ReduceOp.MAX)
     new_bank = (mine.stop - mine.start) * (args.dim * 4 + 8)
-    rows.append({"path": "new (sharded bank, chunked queries)", "bank_mib": new_bank / MIB,
-                 "extra_host_mib": memory.host_mib if device.type == "cpu" else memory.host_mib,
-                 "extra_device_mib": memory.device_mib if device.type == "cuda" else 0.0, "seconds": seconds,
-                 "accuracy": 100.0 * correct.item() / args.num_queries})
+    rows.append(
+        {
+            "path": "new (sharded bank, chunked queries)",
+            "bank_mib": new_bank / MIB,
+            "extra_host_mib": memory.host_mib,
+            "extra_device_mib": memory.device_mib if device.type == "cuda" else 0.0,
+            "seconds": seconds,
+            "accuracy": 100.0 * correct.item() / args.num_queries,
+        }
+    )
 
     if rank == 0:
-        agree = {"queries_with_another_neighbour": int(agreement[0]), "different_predictions": int(agreement[1]),
-                 "max_relative_difference_same_neighbours": difference.item()}
+        agree = {
+            "queries_with_another_neighbour": int(agreement[0]),
+            "different_predictions": int(agreement[1]),
+            "max_relative_difference_same_neighbours": difference.item(),
+        }
         print_table(args, world, device, rows, agree)
         if args.json:
-            Path(args.json).write_text(json.dumps({"settings": vars(args), "processes": world, "rows": rows,
-                                                   "agreement": agree}, indent=2))
+            Path(args.json).write_text(
+                json.dumps({"settings": vars(args), "processes": world, "rows": rows, "agreement": agree}, indent=2)
+            )
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -232,23 +263,33 @@ def print_table(args, world: int, device: torch.device, rows: list[dict], agree:
         return row["bank_mib"] + sum(extra)
 
     cpu = platform.processor() or platform.machine()
-    print(f"\nkNN over {args.num_train:,} x {args.dim} train features and {args.num_queries:,} queries, k={args.k}, "
-          f"{args.classes} classes; {world} process(es) on {device.type} ({cpu}, {torch.get_num_threads()} "
-          f"thread(s) per process)\n")
-    print("| path | bank held per process (MiB) | peak extra host memory (MiB) | peak extra device memory (MiB) "
-          "| bank + peak extra (MiB) | time (s) | kNN top-1 (%) |")
+    print(
+        f"\nkNN over {args.num_train:,} x {args.dim} train features and {args.num_queries:,} queries, k={args.k}, "
+        f"{args.classes} classes; {world} process(es) on {device.type} ({cpu}, {torch.get_num_threads()} "
+        f"thread(s) per process)\n"
+    )
+    print(
+        "| path | bank held per process (MiB) | peak extra host memory (MiB) | peak extra device memory (MiB) "
+        "| bank + peak extra (MiB) | time (s) | kNN top-1 (%) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['path']} | {row['bank_mib']:.0f} | {row['extra_host_mib']:.0f} | {row['extra_device_mib']:.0f} "
-              f"| {total(row):.0f} | {row['seconds']:.2f} | {row['accuracy']:.2f} |")
+        print(
+            f"| {row['path']} | {row['bank_mib']:.0f} | {row['extra_host_mib']:.0f} | {row['extra_device_mib']:.0f} "
+            f"| {total(row):.0f} | {row['seconds']:.2f} | {row['accuracy']:.2f} |"
+        )
     new = rows[-1]
     for old in rows[:-1]:
-        print(f"\n{old['path']} / new: time {old['seconds'] / new['seconds']:.2f}x, memory (bank + peak extra) "
-              f"{total(old) / total(new):.2f}x")
-    print(f"new vs old: {agree['queries_with_another_neighbour']} of {args.num_queries:,} queries picked another k-th "
-          f"neighbour (a near tie within float32 rounding), {agree['different_predictions']} prediction(s) differ; "
-          f"the others' class scores agree to {agree['max_relative_difference_same_neighbours']:.1e} of the query's "
-          "total weight\n")
+        print(
+            f"\n{old['path']} / new: time {old['seconds'] / new['seconds']:.2f}x, memory (bank + peak extra) "
+            f"{total(old) / total(new):.2f}x"
+        )
+    print(
+        f"new vs old: {agree['queries_with_another_neighbour']} of {args.num_queries:,} queries picked another k-th "
+        f"neighbour (a near tie within float32 rounding), {agree['different_predictions']} prediction(s) differ; "
+        f"the others' class scores agree to {agree['max_relative_difference_same_neighbours']:.1e} of the query's "
+        "total weight\n"
+    )
 
 
 if __name__ == "__main__":

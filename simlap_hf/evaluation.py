@@ -375,8 +375,10 @@ def knn_classify(
         info = all_gather_equal(info)
     train_sizes, query_sizes, bad = info[:, 0].tolist(), info[:, 1].tolist(), info[:, 2].tolist()
     if any(bad):
-        raise ValueError(f"train_labels must lie in [0, {num_classes}) (violated on process(es) "
-                         f"{[index for index, flag in enumerate(bad) if flag]})")
+        raise ValueError(
+            f"train_labels must lie in [0, {num_classes}) (violated on process(es) "
+            f"{[index for index, flag in enumerate(bad) if flag]})"
+        )
     num_train = sum(train_sizes)
     if num_train == 0:
         raise ValueError("knn_classify needs at least one train sample")
@@ -471,8 +473,17 @@ def knn_accuracy(
     With ``sharded=True`` every process passes its shards (train and queries) and receives the accuracy over all
     processes' queries: the counts are reduced once, at the end.
     """
-    scores = knn_classify(train_features, train_labels, query_features, num_classes, k, temperature, batch_size,
-                          sharded=sharded, max_block_elements=max_block_elements)
+    scores = knn_classify(
+        train_features,
+        train_labels,
+        query_features,
+        num_classes,
+        k,
+        temperature,
+        batch_size,
+        sharded=sharded,
+        max_block_elements=max_block_elements,
+    )
     targets = _to_tensor(query_labels).to(scores.device).long().reshape(-1)
     if targets.shape[0] != scores.shape[0]:
         raise ValueError(f"query features and labels differ in length: {scores.shape[0]} vs {targets.shape[0]}")

@@ -29,8 +29,18 @@ def run_torchrun(mode: str, output_dir: Path, timeout: int = 300) -> list[dict]:
     with socket.socket() as probe:  # a free local port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(Path(__file__).resolve()), mode, str(output_dir)]
+    command = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(Path(__file__).resolve()),
+        mode,
+        str(output_dir),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     return [json.loads((output_dir / f"{mode}_{rank}.json").read_text()) for rank in (0, 1)]
@@ -61,24 +71,43 @@ def worker_knn(output_dir: Path) -> dict:
     mine = slice(sum(train_split[:rank]), sum(train_split[: rank + 1]))
     my_queries = slice(sum(query_split[:rank]), sum(query_split[: rank + 1]))
 
-    sims = torch.nn.functional.normalize(queries.double(), dim=1) @ torch.nn.functional.normalize(
-        train.double(), dim=1).T
+    sims = (
+        torch.nn.functional.normalize(queries.double(), dim=1) @ torch.nn.functional.normalize(train.double(), dim=1).T
+    )
     top = sims.topk(k + 1, dim=1).values
     report["kth_margin"] = (top[:, k - 1] - top[:, k]).min().item()
 
     single = knn_classify(train, train_labels, queries, classes, k=k, temperature=temperature)[my_queries]
     errors = []
     for batch_size, block in ((None, 1 << 24), (7, 1 << 24), (None, 2 * 161 * 3)):  # 1 chunk, 7 queries, 3 queries
-        sharded = knn_classify(train[mine], train_labels[mine], queries[my_queries], classes, k=k,
-                               temperature=temperature, batch_size=batch_size, sharded=True, max_block_elements=block)
+        sharded = knn_classify(
+            train[mine],
+            train_labels[mine],
+            queries[my_queries],
+            classes,
+            k=k,
+            temperature=temperature,
+            batch_size=batch_size,
+            sharded=True,
+            max_block_elements=block,
+        )
         errors.append(((sharded - single).abs() / single.abs().clamp_min(1e-30)).max().item())
         report["zero_pattern_equal"] = bool(torch.equal(sharded == 0, single == 0))
     report["knn_max_rel_error"] = max(errors)
-    report["accuracy_sharded"] = knn_accuracy(train[mine], train_labels[mine], queries[my_queries],
-                                              query_labels[my_queries], classes, k=k, temperature=temperature,
-                                              batch_size=5, sharded=True)
-    report["accuracy_single"] = knn_accuracy(train, train_labels, queries, query_labels, classes, k=k,
-                                             temperature=temperature)
+    report["accuracy_sharded"] = knn_accuracy(
+        train[mine],
+        train_labels[mine],
+        queries[my_queries],
+        query_labels[my_queries],
+        classes,
+        k=k,
+        temperature=temperature,
+        batch_size=5,
+        sharded=True,
+    )
+    report["accuracy_single"] = knn_accuracy(
+        train, train_labels, queries, query_labels, classes, k=k, temperature=temperature
+    )
 
     # Exact cosines (+-1 vectors in 16 dimensions: multiples of 1/16) with duplicates across the two shards:
     # ties at the k-th neighbour must be broken the same way (lower global index) as by one process.
@@ -89,18 +118,33 @@ def worker_knn(output_dir: Path) -> dict:
     tie_mine = slice(0, 11) if rank == 0 else slice(11, 24)
     tie_my_queries = slice(0, 3) if rank == 0 else slice(3, 8)
     expected = knn_classify(tie_train, tie_labels, tie_queries, 4, k=5, temperature=0.5)[tie_my_queries]
-    got = knn_classify(tie_train[tie_mine], tie_labels[tie_mine], tie_queries[tie_my_queries], 4, k=5,
-                       temperature=0.5, batch_size=2, sharded=True)
+    got = knn_classify(
+        tie_train[tie_mine],
+        tie_labels[tie_mine],
+        tie_queries[tie_my_queries],
+        4,
+        k=5,
+        temperature=0.5,
+        batch_size=2,
+        sharded=True,
+    )
     report["ties_max_rel_error"] = ((got - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
     report["ties_zero_pattern_equal"] = bool(torch.equal(got == 0, expected == 0))
 
     # k larger than a shard (rank 0 holds 2 rows) but not than the whole train set.
-    small = knn_classify(train[:2] if rank == 0 else train[2:9], train_labels[:2] if rank == 0 else train_labels[2:9],
-                         queries[my_queries], classes, k=5, temperature=temperature, sharded=True)
+    small = knn_classify(
+        train[:2] if rank == 0 else train[2:9],
+        train_labels[:2] if rank == 0 else train_labels[2:9],
+        queries[my_queries],
+        classes,
+        k=5,
+        temperature=temperature,
+        sharded=True,
+    )
     small_expected = knn_classify(train[:9], train_labels[:9], queries, classes, k=5, temperature=temperature)
     report["small_shard_max_rel_error"] = (
-        (small - small_expected[my_queries]).abs() / small_expected[my_queries].abs().clamp_min(1e-30)
-    ).max().item()
+        ((small - small_expected[my_queries]).abs() / small_expected[my_queries].abs().clamp_min(1e-30)).max().item()
+    )
     return report
 
 
@@ -153,8 +197,14 @@ def worker_gather(output_dir: Path) -> dict:
     part = slice(rank * local, (rank + 1) * local)
     calls: dict[str, int] = {}
     originals = {}
-    for name in ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
-                 "all_gather", "all_reduce"):
+    for name in (
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "reduce_scatter_single",
+        "reduce_scatter_tensor",
+        "all_gather",
+        "all_reduce",
+    ):
         if hasattr(dist, name):
             originals[name] = getattr(dist, name)
 
@@ -182,8 +232,9 @@ def worker_gather(output_dir: Path) -> dict:
             keys = losses.gather_with_grad(embeddings, equal_sizes=equal)
             key_labels = losses.gather_labels(labels[part], equal_sizes=equal)
             forward_calls = dict(calls)
-            terms = losses.simlap_contrastive_terms(embeddings, labels[part], pair_labels[part], gates[part], 0.1,
-                                                    keys, key_labels)
+            terms = losses.simlap_contrastive_terms(
+                embeddings, labels[part], pair_labels[part], gates[part], 0.1, keys, key_labels
+            )
             loss = losses.distributed_mean(terms.loss_sum, terms.num_positives)
             calls.clear()
             loss.backward()
@@ -195,17 +246,25 @@ def worker_gather(output_dir: Path) -> dict:
             mean_loss = loss.detach().clone()
             originals["all_reduce"](mean_loss)
             mean_loss /= world
-            errors = torch.stack([
-                (mean_loss - reference.detach()).abs() / reference.detach().abs(),
-                # The objective is the mean of the per-process losses: its gradient is each process's / world.
-                ((embeddings.grad / world - reference_embeddings.grad[part]).abs().max()
-                 / reference_embeddings.grad.abs().max()),
-                (grad - reference_weight.grad).abs().max() / reference_weight.grad.abs().max(),
-            ])
+            errors = torch.stack(
+                [
+                    (mean_loss - reference.detach()).abs() / reference.detach().abs(),
+                    # The objective is the mean of the per-process losses: its gradient is each process's / world.
+                    (
+                        (embeddings.grad / world - reference_embeddings.grad[part]).abs().max()
+                        / reference_embeddings.grad.abs().max()
+                    ),
+                    (grad - reference_weight.grad).abs().max() / reference_weight.grad.abs().max(),
+                ]
+            )
             originals["all_reduce"](errors, op=dist.ReduceOp.MAX)
-            report[mode] = {"loss_rel_error": errors[0].item(), "embedding_grad_rel_error": errors[1].item(),
-                            "weight_grad_rel_error": errors[2].item(), "forward_calls": forward_calls,
-                            "backward_calls": backward_calls}
+            report[mode] = {
+                "loss_rel_error": errors[0].item(),
+                "embedding_grad_rel_error": errors[1].item(),
+                "weight_grad_rel_error": errors[2].item(),
+                "forward_calls": forward_calls,
+                "backward_calls": backward_calls,
+            }
             gradients[mode] = (embeddings.grad.clone(), grad)
     finally:
         for name, function in originals.items():
@@ -215,7 +274,8 @@ def worker_gather(output_dir: Path) -> dict:
     # With two processes every cross-process sum has two terms (commutative in floating point): the three gathers
     # must give bit-identical gradients.
     report["modes_bit_identical"] = all(
-        torch.equal(gradients["equal"][i], gradients[mode][i]) for mode in ("fallback", "variable") for i in (0, 1))
+        torch.equal(gradients["equal"][i], gradients[mode][i]) for mode in ("fallback", "variable") for i in (0, 1)
+    )
     return report
 
 
@@ -230,8 +290,9 @@ def test_gather_with_grad_equals_one_process_with_the_whole_batch(tmp_path):
             tolerance = 2 * 10 * (8 + 12) * U32
             for name in ("loss_rel_error", "embedding_grad_rel_error", "weight_grad_rel_error"):
                 assert report[mode][name] < tolerance, (mode, report[mode])
-        single = "all_gather_single" if "all_gather_single" in report["equal"]["forward_calls"] else \
-            "all_gather_into_tensor"
+        single = (
+            "all_gather_single" if "all_gather_single" in report["equal"]["forward_calls"] else "all_gather_into_tensor"
+        )
         # Equal sizes: one single-tensor all-gather for the keys and one for the labels, no size exchange, and one
         # reduce-scatter in the backward.
         assert report["equal"]["forward_calls"] == {single: 2}, report["equal"]
@@ -304,7 +365,7 @@ def worker_syncbn(output_dir: Path) -> dict:
     for dtype in (torch.float64, torch.float32):
         gen = torch.Generator().manual_seed(1)
         for shape, layer_type in (((8, 4, 3, 3), torch.nn.BatchNorm2d), ((8, 6), torch.nn.BatchNorm1d)):
-            inputs = (torch.randn(*shape, generator=gen, dtype=dtype) * 3 + 1)
+            inputs = torch.randn(*shape, generator=gen, dtype=dtype) * 3 + 1
             upstream = torch.randn(*shape, generator=gen, dtype=dtype)
             reference = layer_type(shape[1], momentum=0.3).to(dtype)
             with torch.no_grad():
@@ -323,15 +384,19 @@ def worker_syncbn(output_dir: Path) -> dict:
             dist.all_reduce(weight_grad)  # parameter gradients summed over processes (the objective is the sum)
             # The reference's output on the whole batch with batch statistics (no second running-statistics update).
             reference_output = torch.nn.functional.batch_norm(
-                inputs, None, None, reference.weight.detach(), reference.bias.detach(), True, 0.0, reference.eps)
+                inputs, None, None, reference.weight.detach(), reference.bias.detach(), True, 0.0, reference.eps
+            )
             errors = {
                 "output": (output.detach() - reference_output[mine]).abs().max().item(),
                 "input_grad": (part.grad - whole.grad[mine]).abs().max().item() / whole.grad.abs().max().item(),
-                "weight_grad": ((weight_grad - torch.cat([reference.weight.grad, reference.bias.grad])).abs().max()
-                                / torch.cat([reference.weight.grad, reference.bias.grad]).abs().max()).item(),
+                "weight_grad": (
+                    (weight_grad - torch.cat([reference.weight.grad, reference.bias.grad])).abs().max()
+                    / torch.cat([reference.weight.grad, reference.bias.grad]).abs().max()
+                ).item(),
                 "running_mean": (layer.running_mean - reference.running_mean).abs().max().item(),
-                "running_var": ((layer.running_var - reference.running_var).abs().max()
-                                / reference.running_var.abs().max()).item(),
+                "running_var": (
+                    (layer.running_var - reference.running_var).abs().max() / reference.running_var.abs().max()
+                ).item(),
                 "batches_tracked": int(layer.num_batches_tracked.item()),
             }
             report[f"{str(dtype).split('.')[-1]}_{layer_type.__name__}"] = errors
@@ -361,13 +426,60 @@ def equivalence_flags(train_dir: Path, output_dir: Path, batch_size: int) -> lis
     (BatchNorm removes it), so its computed gradient is rounding noise, which Adam's per-entry normalisation turns
     into a full learning-rate step of random sign with any batch layout, one process or two."""
     return [
-        "--train_dir", str(train_dir), "--train_val_split", "0.25", "--output_dir", str(output_dir),
-        "--model_name", "resnet10t", "--out_dim", "16", "--mlp_dim", "32", "--input_size", "16",
-        "--pair_mode", "identical", "--aa", "none", "--reprob", "0", "--hflip", "0", "--scale", "1", "1",
-        "--ratio", "1", "1", "--mixed_precision", "no", "--per_device_train_batch_size", str(batch_size),
-        "--per_device_eval_batch_size", "32", "--ra", "3", "--num_train_epochs", "1", "--warmup_epochs", "0",
-        "--eval_every", "1", "--checkpointing_epochs", "0", "--opt", "sgd", "--momentum", "0.9",
-        "--learning_rate", "0.002", "--seed", "7", "--logging_steps", "1",
+        "--train_dir",
+        str(train_dir),
+        "--train_val_split",
+        "0.25",
+        "--output_dir",
+        str(output_dir),
+        "--model_name",
+        "resnet10t",
+        "--out_dim",
+        "16",
+        "--mlp_dim",
+        "32",
+        "--input_size",
+        "16",
+        "--pair_mode",
+        "identical",
+        "--aa",
+        "none",
+        "--reprob",
+        "0",
+        "--hflip",
+        "0",
+        "--scale",
+        "1",
+        "1",
+        "--ratio",
+        "1",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--per_device_train_batch_size",
+        str(batch_size),
+        "--per_device_eval_batch_size",
+        "32",
+        "--ra",
+        "3",
+        "--num_train_epochs",
+        "1",
+        "--warmup_epochs",
+        "0",
+        "--eval_every",
+        "1",
+        "--checkpointing_epochs",
+        "0",
+        "--opt",
+        "sgd",
+        "--momentum",
+        "0.9",
+        "--learning_rate",
+        "0.002",
+        "--seed",
+        "7",
+        "--logging_steps",
+        "1",
     ]
 
 
@@ -394,15 +506,25 @@ def test_two_processes_with_sync_bn_train_like_one_process_with_the_whole_batch(
     write_image_folder(tmp_path / "images", images_per_class=4)
     run_torchrun("train_sync_bn", tmp_path, timeout=600)
     single = subprocess.run(
-        [sys.executable, "-c", "import sys, train_pretrain; train_pretrain.run(sys.argv[1:])",
-         *equivalence_flags(tmp_path / "images", tmp_path / "one", 12)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+        [
+            sys.executable,
+            "-c",
+            "import sys, train_pretrain; train_pretrain.run(sys.argv[1:])",
+            *equivalence_flags(tmp_path / "images", tmp_path / "one", 12),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     expected = load_file(tmp_path / "one" / "model.safetensors")
     actual = load_file(tmp_path / "two_sync_bn" / "model.safetensors")
     assert set(actual) == set(expected)
-    logs = [[json.loads(line) for line in (tmp_path / run / "training_log.jsonl").read_text().splitlines()]
-            for run in ("one", "two_sync_bn")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "training_log.jsonl").read_text().splitlines()]
+        for run in ("one", "two_sync_bn")
+    ]
     assert [row["step"] for row in logs[0] if "loss" in row] == [1, 2, 3]  # 3 optimizer steps in both
     assert [row["step"] for row in logs[1] if "loss" in row] == [1, 2, 3]
     for name, tensor in expected.items():
@@ -422,8 +544,12 @@ def _draws() -> dict:
     from simlap_hf.losses import sample_pair_labels
 
     labels = torch.arange(12) % 4
-    return {"torch": torch.rand(3).tolist(), "numpy": np.random.rand(3).tolist(), "python": random.random(),
-            "partners": sample_pair_labels(labels, "arbitrary", 4).tolist()}
+    return {
+        "torch": torch.rand(3).tolist(),
+        "numpy": np.random.rand(3).tolist(),
+        "python": random.random(),
+        "partners": sample_pair_labels(labels, "arbitrary", 4).tolist(),
+    }
 
 
 def worker_seeds(output_dir: Path) -> dict:
@@ -469,8 +595,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     report = globals()[f"worker_{mode}"](output_dir)
-    report = {key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
-              for key, value in report.items()}
+    report = {
+        key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
+        for key, value in report.items()
+    }
     (output_dir / f"{mode}_{rank}.json").write_text(json.dumps(report, indent=2))
     if dist.is_initialized():  # a training run closes the group itself
         dist.barrier()

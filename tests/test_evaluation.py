@@ -186,19 +186,23 @@ def test_knn_classify_matches_definition_and_batching():
     # Classes without a neighbour score exactly 0 in both, so no absolute tolerance is needed.
     torch.testing.assert_close(scores, expected, rtol=rtol, atol=0.0)
     for batch_size in (1, 2, 7):  # chunks of queries: the matmul blocking changes, the neighbours do not
-        chunked = knn_classify(train, train_labels, queries, num_classes=4, k=k, temperature=temperature,
-                               batch_size=batch_size)
+        chunked = knn_classify(
+            train, train_labels, queries, num_classes=4, k=k, temperature=temperature, batch_size=batch_size
+        )
         torch.testing.assert_close(chunked, scores, rtol=rtol, atol=0.0)
     # A bound on the similarity block gives the same chunks as the explicit batch size.
-    bounded = knn_classify(train, train_labels, queries, num_classes=4, k=k, temperature=temperature,
-                           max_block_elements=2 * 50)
+    bounded = knn_classify(
+        train, train_labels, queries, num_classes=4, k=k, temperature=temperature, max_block_elements=2 * 50
+    )
     torch.testing.assert_close(bounded, scores, rtol=rtol, atol=0.0)
 
     # k > N is clamped to N: every train sample votes.
     all_votes = knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=100, temperature=0.1)
     torch.testing.assert_close(
-        all_votes, knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=3, temperature=0.1),
-        rtol=rtol, atol=0.0,
+        all_votes,
+        knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=3, temperature=0.1),
+        rtol=rtol,
+        atol=0.0,
     )
     assert torch.all((all_votes > 0).sum(dim=1) == train_labels[:3].unique().numel())
 
@@ -218,8 +222,9 @@ def test_knn_classify_ties_go_to_the_lower_train_index_in_any_chunking():
     top = sims.topk(k + 1, dim=1).values
     assert (top[:, k - 1] == top[:, k]).sum() >= 5  # most queries have a tie across the k-th neighbour
     for batch_size in (None, 1, 3):
-        scores = knn_classify(train, train_labels, queries, num_classes=5, k=k, temperature=temperature,
-                              batch_size=batch_size)
+        scores = knn_classify(
+            train, train_labels, queries, num_classes=5, k=k, temperature=temperature, batch_size=batch_size
+        )
         torch.testing.assert_close(scores, expected, rtol=2 * k * U32, atol=0.0)
 
 
