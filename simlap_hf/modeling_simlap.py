@@ -74,6 +74,39 @@ def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None
         )
 
 
+# transformers' output switches that these models accept and ignore (they have no attentions or hidden states).
+_IGNORED_FORWARD_ARGUMENTS = frozenset({"output_attentions", "output_hidden_states"})
+
+
+def reject_unknown_arguments(forward: Callable, kwargs: dict) -> None:
+    """Raise a TypeError naming the keyword arguments that ``forward`` does not take (``model(x, label=y)`` would
+    otherwise return no loss without a word)."""
+    unknown = sorted(set(kwargs) - _IGNORED_FORWARD_ARGUMENTS)
+    if unknown:
+        import inspect
+
+        valid = [name for name in inspect.signature(forward).parameters if name not in ("self", "kwargs")]
+        raise TypeError(
+            f"{forward.__qualname__}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; it takes "
+            f"{', '.join(valid)}."
+        )
+
+
+# The gates g(y1, y2) of the feature filter, by config.gate ('open' has no filter: g = 1). A new kind registers a
+# function (filter, labels (B,), pair_labels (B,)) -> (B, K) here and adds its name to configuration_simlap.GATE_KINDS.
+GATE_FUNCTIONS: dict[str, Callable[[SimLAPFeatureFilter, Tensor, Tensor], Tensor]] = {}
+
+
+def register_gate(name: str) -> Callable:
+    """Decorator: register a gate function under ``name``."""
+
+    def register(function: Callable) -> Callable:
+        GATE_FUNCTIONS[name] = function
+        return function
+
+    return register
+
+
 class SimLAPProjector(nn.Sequential):
     """Linear(D, mlp) -> BatchNorm1d -> ReLU -> Linear(mlp, K, no bias) -> LayerNorm(K): (B, D) -> (B, K)."""
 
@@ -97,6 +130,8 @@ class SimLAPFeatureFilter(nn.Module):
 
     def __init__(self, num_classes: int, embed_dim: int, hidden_dim: int, out_dim: int, kind: str) -> None:
         super().__init__()
+        if kind not in GATE_FUNCTIONS:
+            raise ValueError(f"Unknown gate kind {kind!r} for the feature filter; registered: {sorted(GATE_FUNCTIONS)}.")
         self.kind = kind
         self.label_embedding = nn.Embedding(num_classes, embed_dim)
         self.mlp = nn.Sequential(
@@ -110,13 +145,23 @@ class SimLAPFeatureFilter(nn.Module):
 
     def forward(self, labels: Tensor, pair_labels: Tensor) -> Tensor:
         """(B,), (B,) int64 -> (B, K) gates."""
-        if self.kind == "fused":
-            mean_embedding = (self.label_embedding(labels) + self.label_embedding(pair_labels)) / 2
-            return torch.sigmoid(self.mlp(mean_embedding))
-        # One pass over both label sets so that BatchNorm sees a single batch of 2B embeddings.
-        both = self.mlp(self.label_embedding(torch.cat([labels, pair_labels])))
-        first, second = torch.sigmoid(both).chunk(2)
-        return first * second
+        return GATE_FUNCTIONS[self.kind](self, labels, pair_labels)
+
+
+@register_gate("fused")
+def fused_gate(feature_filter: SimLAPFeatureFilter, labels: Tensor, pair_labels: Tensor) -> Tensor:
+    """The reference's gate: sigmoid(mlp((E[y1] + E[y2]) / 2)), (B, K)."""
+    embedding = feature_filter.label_embedding
+    return torch.sigmoid(feature_filter.mlp((embedding(labels) + embedding(pair_labels)) / 2))
+
+
+@register_gate("product")
+def product_gate(feature_filter: SimLAPFeatureFilter, labels: Tensor, pair_labels: Tensor) -> Tensor:
+    """sigmoid(mlp(E[y1])) * sigmoid(mlp(E[y2])), (B, K)."""
+    # One pass over both label sets so that BatchNorm sees a single batch of 2B embeddings.
+    both = feature_filter.mlp(feature_filter.label_embedding(torch.cat([labels, pair_labels])))
+    first, second = torch.sigmoid(both).chunk(2)
+    return first * second
 
 
 class SimLAPPreTrainedModel(PreTrainedModel):
@@ -334,6 +379,7 @@ class SimLAPModel(SimLAPPreTrainedModel):
             pair_labels: (B,) partner classes; drawn with ``config.pair_mode`` when omitted.
             gather_keys: use the embeddings of every process as keys (default: when training distributed).
         """
+        reject_unknown_arguments(SimLAPModel.forward, kwargs)
         features = self.backbone(pixel_values)  # (B, D)
         embeddings = self.projector(features)  # (B, K)
         logits = self.online_head(features.detach() if self.config.detach_head else features)  # (B, C)
@@ -404,6 +450,7 @@ class SimLAPForImageClassification(SimLAPPreTrainedModel):
         self, pixel_values: Tensor, labels: Tensor | None = None, return_dict: bool | None = None, **kwargs
     ) -> ImageClassifierOutput | tuple:
         """(B, C_in, H, W) -> logits (B, C). ``labels``: (B,) class indices, or (B, C) soft targets (mixup)."""
+        reject_unknown_arguments(SimLAPForImageClassification.forward, kwargs)
         features = self.backbone(pixel_values)  # (B, D)
         logits = self.classifier(self.dropout(features))  # (B, C)
         loss = classification_loss(logits, labels) if labels is not None else None
@@ -504,6 +551,7 @@ class SimLAPFuseForImageClassification(SimLAPPreTrainedModel):
             labels: (B,) classes: enable the loss (ArcGrad cross-entropy + SimLAP term).
             soft_labels: (B, C) optional soft targets (mixup/label smoothing) for the cross-entropy part.
         """
+        reject_unknown_arguments(SimLAPFuseForImageClassification.forward, kwargs)
         features = self.backbone(pixel_values)  # (B, D)
         cosine = self.classifier(self.margin_head(features))  # (B, C)
         logits = arcgrad_logits(cosine, self.config.arc_scale) if self.training else cosine
@@ -554,6 +602,7 @@ class SimLAPFuseModel(SimLAPPreTrainedModel):
 
     def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> ModelOutput | tuple:
         """(B, C_in, H, W) -> ``pooler_output`` (B, D)."""
+        reject_unknown_arguments(SimLAPFuseModel.forward, kwargs)
         output = BaseModelOutputWithPooling(pooler_output=self.backbone(pixel_values))
         if return_dict is False:
             return output.to_tuple()

@@ -181,3 +181,28 @@ def test_labels_out_of_range_are_rejected(batch):
         model(pixels, labels=torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]))
     with pytest.raises(ValueError, match=r"from -1"):
         model.gate(torch.tensor([-1]), torch.tensor([0]))
+
+
+def test_unknown_forward_arguments_are_named():
+    from simlap_hf.modeling_simlap import SimLAPFuseForImageClassification
+
+    config = SimLAPConfig(backbone="resnet10t", num_classes=3, out_dim=8, mlp_dim=16, filter_embed_dim=8,
+                          filter_hidden_dim=8, image_size=16)
+    pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    for model in (SimLAPModel(config), SimLAPForImageClassification(config)):
+        with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'label'; it takes pixel_values, labels"):
+            model(pixels, label=labels)
+        model(pixels, output_hidden_states=False)  # transformers' switches are accepted
+    fuse = SimLAPFuseForImageClassification(SimLAPFuseConfig(backbone="resnet10t", num_classes=3, image_size=16,
+                                                             head_hidden_mult=1))
+    with pytest.raises(TypeError, match="'soft_label'"):
+        fuse(pixels, soft_label=labels)
+
+
+def test_gate_registry_matches_the_config_kinds():
+    from simlap_hf.configuration_simlap import GATE_KINDS
+    from simlap_hf.modeling_simlap import GATE_FUNCTIONS, SimLAPFeatureFilter
+
+    assert set(GATE_FUNCTIONS) | {"open"} == set(GATE_KINDS)
+    with pytest.raises(ValueError, match="Unknown gate kind 'sigmoid'"):
+        SimLAPFeatureFilter(3, 8, 8, 8, kind="sigmoid")
