@@ -106,15 +106,19 @@ def make_evaluator(accelerator, data, ema=None):
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         val_features, val_labels = extract_features(model, data.validation, accelerator)
-        train_features, train_labels = extract_features(model, data.train_eval, accelerator)
+        # The kNN memory bank stays split across the processes, on their devices; each process classifies its own
+        # slice of the validation queries against every shard, and the counts are reduced once.
+        train_features, train_labels = extract_features(model, data.train_eval, accelerator, shard=True)
         unwrapped = accelerator.unwrap_model(model)
         head = unwrapped.online_head
         with torch.no_grad():
             logits = head(val_features.to(head.weight.device)).float().cpu()
         metrics = classification_metrics(logits, val_labels)
         training = data.training_args
-        knn = knn_accuracy(train_features, train_labels, val_features, val_labels, unwrapped.config.num_classes,
-                           k=training.knn_k, temperature=training.knn_temperature)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        knn = knn_accuracy(train_features, train_labels, val_features[rank::world].to(train_features.device),
+                           val_labels[rank::world], unwrapped.config.num_classes, k=training.knn_k,
+                           temperature=training.knn_temperature, sharded=world > 1)
         return {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_knn_top1": knn}
 
     return evaluate
