@@ -214,6 +214,7 @@ class EmbeddingIndex:
         queries = self._as_queries(queries)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}.")
+        k = min(k, self.num_rows)
         if backend == "faiss":
             return self._faiss_search(queries, k, column)
         if backend != "torch":

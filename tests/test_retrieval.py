@@ -108,6 +108,8 @@ def test_chunked_search_equals_one_pass(trained):
     chunked = index.search(queries, k=7, chunk_size=13)
     assert torch.equal(full[1], chunked[1])
     torch.testing.assert_close(full[0], chunked[0])
+    everything = index.search(queries, k=10_000, chunk_size=50)  # k beyond the index: every row once, ranked
+    assert everything[1].shape == (3, 160) and all(len(set(row.tolist())) == 160 for row in everything[1])
     gate = torch.rand(16)
     one = index.pair_search(index.all_vectors("embeddings")[3], gate, 4, k=5, chunk_size=1_000_000)
     many = index.pair_search(index.all_vectors("embeddings")[3], gate, 4, k=5, chunk_size=3)
