@@ -244,13 +244,17 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def apply_overrides(budget: dict[str, Any], overrides: list[str]) -> None:
-    """Set ``KEY=VALUE`` items (values read as YAML) in the budget's training values; unknown keys are refused."""
+    """Set ``KEY=VALUE`` items (values read as YAML) in the budget's training values, or ``evaluation.KEY=VALUE`` in
+    its evaluation values; unknown keys are refused."""
     for item in overrides:
         key, separator, value = item.partition("=")
-        if not separator or key not in budget["train"]:
-            raise ValueError(f"--override {item!r}: expected KEY=VALUE with KEY one of the budget's training keys: "
-                             + ", ".join(budget["train"]))
-        budget["train"][key] = yaml.safe_load(value)
+        section, _, name = key.rpartition(".")
+        values = budget.get(section or "train")
+        if not separator or not isinstance(values, dict) or name not in values:
+            raise ValueError(f"--override {item!r}: expected KEY=VALUE with KEY one of the budget's training keys ("
+                             + ", ".join(budget["train"]) + ") or evaluation.KEY ("
+                             + ", ".join(f"evaluation.{k}" for k in budget.get("evaluation", {})) + ")")
+        values[name] = yaml.safe_load(value)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="override the budget's torch threads (e.g. 1 per process when "
                         "several reproduce.py processes share the cores, each with its own --variants)")
     parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="change training values of the budget, e.g. --override num_train_epochs=3 eval_every=3 "
+                        help="change training values of the budget, e.g. --override num_train_epochs=3 eval_every=3, or "
+                        "evaluation values, e.g. evaluation.transfer_dataset_name=cifar100 "
                         "(values are read as YAML; repeated --override flags add up, the last value of a key wins)")
     options = parser.parse_args(argv)
     budget = yaml.safe_load(Path(options.budget).read_text())

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +51,11 @@ README_COMMAND_TESTS = {
     "python train_pretrain.py --dataset_name digits --output_dir outputs/digits --num_train_epochs 2":
         "test_flag_only_digits_command",
     "python train_pretrain.py configs/quickstart_digits.yaml --num_train_epochs 1": "test_quickstart_command",
-    "python -m simlap_hf.analyze --model_name_or_path outputs/simlap outputs/supcon --labels SimLAP SupCon "
-    "--dataset_name cifar10 --transfer_dataset_name cifar100 --output_dir report": "test_analyze_command",
+    "accelerate launch train_pretrain.py configs/pretrain_cifar10_resnet18.yaml --gate open --pair_mode identical "
+    "--output_dir outputs/supcon/cifar10_resnet18": "test_analyze_command",
+    "python -m simlap_hf.analyze --model_name_or_path outputs/simlap/cifar10_resnet18 outputs/supcon/cifar10_resnet18 "
+    "--labels SimLAP SupCon --dataset_name cifar10 --transfer_dataset_name cifar100 --output_dir report":
+        "test_analyze_command",
     "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir "
     "outputs/reproduce_8ep --threads 1 --seeds 0": "test_reproduce_commands",
     "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir "
@@ -281,12 +283,13 @@ def test_make_demo(tmp_path):
 # Analysis and the reproduction
 
 
-def test_analyze_command(seed_pretrain, workdir, cifar10, cifar100):
-    (command,) = command_for("test_analyze_command")
-    pretrained, _ = seed_pretrain
-    for name in ("simlap", "supcon"):  # the command's two model folders: trained runs put where it expects them
-        shutil.copytree(pretrained, workdir / "outputs" / name, ignore=shutil.ignore_patterns("checkpoints"))
-    run_command(command, workdir, "--dataset_name", cifar10, "--transfer_dataset_name", cifar100)
+def test_analyze_command(seed_pretrain, workdir, cifar10, cifar100, tmp_path):
+    """The SupCon baseline run, then the analysis of both runs (the SimLAP one is the seed pretrain command's)."""
+    supcon, analyze = command_for("test_analyze_command")
+    run_command(supcon, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", env=accelerate_env(tmp_path))
+    config = json.loads((workdir / "outputs" / "supcon" / "cifar10_resnet18" / "config.json").read_text())
+    assert config["gate"] == "open" and config["pair_mode"] == "identical"
+    run_command(analyze, workdir, "--dataset_name", cifar10, "--transfer_dataset_name", cifar100)
     report = json.loads((workdir / "report" / "report.json").read_text())
     assert [model["name"] for model in report["models"]] == ["SimLAP", "SupCon"]
     assert (workdir / "report" / "report.md").is_file()
@@ -295,10 +298,12 @@ def test_analyze_command(seed_pretrain, workdir, cifar10, cifar100):
 @pytest.mark.slow
 def test_reproduce_commands(workdir, tmp_path):
     """The reproduction's four commands in README order (two seeds, the gathering call, the 3-epoch budget) on a
-    Fashion-MNIST stand-in of 10 x 12 images, 1 epoch of 96 images; the transfer set is the real digits."""
+    Fashion-MNIST stand-in of 10 x 12 images, 1 epoch of 96 images, and a digits stand-in (90 images) as the
+    transfer set."""
     standin = write_standin(tmp_path / "fmnist", FASHION_NAMES, "image", "label", 28, "L", 12, 6)
+    transfer = write_standin(tmp_path / "digits", tuple(str(i) for i in range(10)), "image", "label", 8, "L", 6, 3)
     overrides = ["--override", f"dataset_name={standin}", "num_train_epochs=1", "eval_every=1",
-                 "max_train_samples=96", "max_eval_samples=60"]
+                 "max_train_samples=96", "max_eval_samples=60", f"evaluation.transfer_dataset_name={transfer}"]
     for command in command_for("test_reproduce_commands"):
         run_command(command, workdir, *overrides)
     report = json.loads((workdir / "outputs" / "reproduce_8ep" / "results.json").read_text())
