@@ -54,6 +54,10 @@ def test_feature_extraction_pipeline_returns_pooled_backbone_features(kind, tmp_
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == (
         "SimLAPImageProcessor")
     extractor = pipeline("image-feature-extraction", model=str(folder))
+    # AutoModel: a SimLAP configuration (pretrained or fine-tuned folder) gives SimLAPModel (a fine-tuned folder's
+    # projector, filter and online head are then new), a Fuse configuration its backbone alone.
+    assert type(extractor.model).__name__ == {"pretrained": "SimLAPModel", "finetuned": "SimLAPModel",
+                                              "fuse": "SimLAPFuseModel"}[kind]
     processor = AutoImageProcessor.from_pretrained(folder)
     assert isinstance(processor, SimLAPImageProcessor)
     images = [random_image(21, 19, seed=1), random_image(8, 8, "L", seed=2)]  # colour and grayscale inputs
