@@ -6,6 +6,8 @@ TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 OUTPUT_DIR ?= outputs/quickstart_digits
 # Extra flags for the demo run, e.g. `make demo DEMO_ARGS="--num_train_epochs 1"`.
 DEMO_ARGS ?=
+# accelerate launch gives a CPU process one thread unless told otherwise; the demo uses every core.
+DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: install demo test bench clean
 
@@ -20,6 +22,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: install
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $(DEMO_THREADS) \
 		train_pretrain.py configs/quickstart_digits.yaml --output_dir $(OUTPUT_DIR) $(DEMO_ARGS)
 	@echo "metrics ($(OUTPUT_DIR)/all_results.json):"
 	@cat $(OUTPUT_DIR)/all_results.json

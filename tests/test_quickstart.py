@@ -1,4 +1,4 @@
-"""The quickstart config on the real digits data (slow: about 3 minutes of training on 2 CPU cores)."""
+"""The quickstart config on the real digits data (slow: about half a minute of training on 2 idle CPU cores)."""
 
 import json
 from pathlib import Path
