@@ -487,14 +487,20 @@ def test_run_main_exit_codes():
         raise KeyboardInterrupt
 
     def broken(argv):
-        raise ValueError("bad flag")
+        raise ValueError("bad flag")  # raised by the project's own code: an input error
+
+    def bug(argv):
+        return {}["missing"]  # a KeyError: a bug keeps its traceback
 
     assert training.run_main(lambda argv: None, []) == 0
     assert training.run_main(stopped(signal.SIGTERM), []) == 143
     assert training.run_main(stopped(signal.SIGINT), []) == 130
     assert training.run_main(ctrl_c, []) == 130
+    assert training.run_main(broken, []) == 1
     with pytest.raises(ValueError, match="bad flag"):
-        training.run_main(broken, [])
+        training.run_main(broken, ["--debug"])
+    with pytest.raises(KeyError):
+        training.run_main(bug, [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -811,7 +817,7 @@ def test_resumed_epoch_sees_exactly_the_remaining_batches(num_samples, ra, group
     batch_size = ra * groups_per_batch
     args = DataArguments(ra=ra)
     if num_samples * ra < batch_size:
-        with pytest.raises(ValueError, match="fewer than one batch"):
+        with pytest.raises(ValueError, match="images of one batch"):
             create_train_dataloader(_Indices(num_samples), args, batch_size, seed=5)
         return
 

@@ -74,10 +74,15 @@ def test_overrides_change_known_training_values_and_refuse_others():
     budget = {"train": {"num_train_epochs": 8, "mean": [0.5]}}
     reproduce.apply_overrides(budget, ["num_train_epochs=3", "mean=[0.25]"])
     assert budget["train"] == {"num_train_epochs": 3, "mean": [0.25]}
-    with pytest.raises(ValueError, match=r"'epochs=3'.*one of the budget's training keys: num_train_epochs, mean"):
+    with pytest.raises(ValueError, match=r"'epochs=3'.*one of the budget's training keys \(num_train_epochs, mean\)"):
         reproduce.apply_overrides(budget, ["epochs=3"])
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         reproduce.apply_overrides(budget, ["num_train_epochs"])
+    budget["evaluation"] = {"transfer_dataset_name": "digits"}
+    reproduce.apply_overrides(budget, ["evaluation.transfer_dataset_name=cifar100"])
+    assert budget["evaluation"] == {"transfer_dataset_name": "cifar100"}
+    with pytest.raises(ValueError, match=r"evaluation.KEY \(evaluation.transfer_dataset_name\)"):
+        reproduce.apply_overrides(budget, ["evaluation.knn_k=5"])
 
 
 @pytest.mark.parametrize("name", ["reproduce_fmnist_cpu.yaml", "reproduce_fmnist_cpu_8ep.yaml"])

@@ -14,8 +14,10 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -66,6 +68,19 @@ README_COMMAND_TESTS = {
     "eval_every=3 --seeds 0 --variants simlap_fused_arbitrary supcon_open_arbitrary untrained --output_dir "
     "outputs/reproduce_os32_3ep": "test_reproduce_commands",
 }
+README_COMMAND_TESTS.update({
+    "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --variants simlap_fused_arbitrary "
+    "cross_entropy --seeds 0 1 --threads 1 --output_dir outputs/relations_8ep": "test_relations_embed_search_demo",
+    "python benchmarks/relations_fmnist.py outputs/relations_8ep --seeds 0 1": "test_relations_embed_search_demo",
+    "python -m simlap_hf.embed --model_name_or_path outputs/relations_8ep/simlap_fused_arbitrary_seed0 --dataset_name "
+    "fashion_mnist --output_dir index": "test_relations_embed_search_demo",
+    "python -m simlap_hf.embed --model_name_or_path outputs/relations_8ep/simlap_fused_arbitrary_seed0 --train_dir "
+    "photos/ --output_dir photo_index": "test_relations_embed_search_demo",
+    "python -m simlap_hf.search --index index --image sandal.png --k 3": "test_relations_embed_search_demo",
+    "python -m simlap_hf.search --index index --image sandal.png --k 3 --target_class 'Ankle boot'":
+        "test_relations_embed_search_demo",
+    "python -m simlap_hf.demo --index index --port 7860": "test_relations_embed_search_demo",
+})
 # Files of configs/ not named by a README command, and the test that runs each as written.
 CONFIG_TESTS = {"quickstart_digits.yaml": "tests/test_quickstart.py::test_quickstart_reaches_97_percent_online_head_top1"}
 
@@ -92,6 +107,18 @@ def test_every_readme_command_is_run():
     assert not stale, f"entries for commands that are no longer in the README: {stale}"
     for test in set(README_COMMAND_TESTS.values()):
         assert test in globals(), test
+
+
+# README sections whose ```python blocks run in a test, and the test.
+PYTHON_BLOCK_TESTS = {"Python API": "tests/test_readme.py::test_python_api_example_runs",
+                      "Embeddings, search and class relations": "test_relations_embed_search_demo"}
+
+
+def test_every_readme_python_block_is_run():
+    for section in README.read_text().split("\n## ")[1:]:
+        title = section.splitlines()[0].strip()
+        if "```python" in section:
+            assert title in PYTHON_BLOCK_TESTS, f"README section {title!r} has Python code that no test runs"
 
 
 def test_every_config_file_is_run():
@@ -295,15 +322,77 @@ def test_analyze_command(seed_pretrain, workdir, cifar10, cifar100, tmp_path):
     assert (workdir / "report" / "report.md").is_file()
 
 
+@pytest.fixture(scope="module")
+def fashion_standin(tmp_path_factory) -> tuple[list[str], str]:
+    """Overrides that put reproduce.py on a Fashion-MNIST stand-in (10 x 12 training images, 1 epoch of 96) with a
+    digits stand-in (90 images) as the transfer set; and the stand-in's folder."""
+    folder = tmp_path_factory.mktemp("fashion")
+    standin = write_standin(folder / "fmnist", FASHION_NAMES, "image", "label", 28, "L", 12, 6)
+    transfer = write_standin(folder / "digits", tuple(str(i) for i in range(10)), "image", "label", 8, "L", 6, 3)
+    overrides = ["--override", f"dataset_name={standin}", "num_train_epochs=1", "eval_every=1",
+                 "max_train_samples=96", "max_eval_samples=60", f"evaluation.transfer_dataset_name={transfer}"]
+    return overrides, standin
+
+
 @pytest.mark.slow
-def test_reproduce_commands(workdir, tmp_path):
+def test_relations_embed_search_demo(workdir, fashion_standin, tiny_image_folder):
+    """The relation measurement (reproduce.py on the stand-in, then relations_fmnist.py on 200 real Fashion-MNIST
+    test images), then embedding, search and the web demo on its SimLAP model."""
+    import urllib.request
+
+    commands = command_for("test_relations_embed_search_demo")
+    overrides, standin = fashion_standin
+    run_command(commands[0], workdir, *overrides)
+    model_dir = workdir / "outputs" / "relations_8ep" / "simlap_fused_arbitrary_seed0"
+    assert (model_dir / "class_relations.json").is_file()
+    run_command(commands[1], workdir, "--max_test_samples", "200")
+    run_command(commands[2], workdir, "--dataset_name", standin)
+    run_command(commands[3], workdir, "--train_dir", tiny_image_folder)
+    assert json.loads((workdir / "photo_index" / "index.json").read_text())
+    Image.open(Path(tiny_image_folder) / "red" / "0.png").save(workdir / "sandal.png")  # the query image
+    hits = json.loads(run_command(commands[4], workdir).stdout)
+    assert len(hits["hits"] if isinstance(hits, dict) else hits) == 3
+    paired = json.loads(run_command(commands[5], workdir).stdout)
+    assert {hit["label"] for hit in paired["hits"]} == {"Ankle boot"}
+    # The section's Python examples, as written, one after the other in one namespace.
+    section = README.read_text().split("## Embeddings, search and class relations", 1)[1].split("\n## ", 1)[0]
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for block in re.findall(r"```python\n(.*?)```", section, re.S):
+            exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert namespace["features"].shape[0] == 1 and namespace["relations"].relatedness.shape == (10, 10)
+    with socket.socket() as probe:  # a free port instead of 7860, which may be taken
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    tokens = shlex.split(commands[6])
+    demo = subprocess.Popen([sys.executable, *tokens[1:], "--port", port], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert demo.poll() is None, demo.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    assert response.status == 200 and b"gradio" in response.read().lower()
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the demo did not serve its page within 300 s"
+                time.sleep(1)
+    finally:
+        demo.terminate()
+        demo.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_reproduce_commands(workdir, fashion_standin):
     """The reproduction's four commands in README order (two seeds, the gathering call, the 3-epoch budget) on a
     Fashion-MNIST stand-in of 10 x 12 images, 1 epoch of 96 images, and a digits stand-in (90 images) as the
     transfer set."""
-    standin = write_standin(tmp_path / "fmnist", FASHION_NAMES, "image", "label", 28, "L", 12, 6)
-    transfer = write_standin(tmp_path / "digits", tuple(str(i) for i in range(10)), "image", "label", 8, "L", 6, 3)
-    overrides = ["--override", f"dataset_name={standin}", "num_train_epochs=1", "eval_every=1",
-                 "max_train_samples=96", "max_eval_samples=60", f"evaluation.transfer_dataset_name={transfer}"]
+    overrides, _ = fashion_standin
     for command in command_for("test_reproduce_commands"):
         run_command(command, workdir, *overrides)
     report = json.loads((workdir / "outputs" / "reproduce_8ep" / "results.json").read_text())
