@@ -9,9 +9,11 @@ Images/s counts augmented samples (``ra`` copies of an image count ``ra`` times)
 batch ``{"pixel_values": FloatTensor(B, 3, 32, 32), "labels": LongTensor(B)}``. The first batch of every
 run is a warm-up (worker start-up) and is not timed.
 
-Prints two markdown tables: decoding each image once per repeated-augmentation group (the loader's path) against
-decoding every copy (the earlier path), for 32x32 PNGs and 224x224 JPEGs (``--compare-formats``), measured side by
-side on one core (0 workers, 1 torch thread); then images/s against loader workers (0, 1, 2, ...).
+Prints two markdown tables: the loader's path (each image decoded once per repeated-augmentation group, samples
+left as uint8 for the device to normalise) against the earlier path (every copy decoded, normalised to float32 in
+the loader), and each change alone, for 32x32 PNGs and 224x224 JPEGs (``--compare-formats``), measured side by side
+on one core (0 workers, 1 torch thread), alternated ``--repeats`` times (medians); then images/s against loader
+workers (0, 1, 2, ...) on the loader's path.
 
 Example::
 
@@ -80,23 +82,31 @@ def measure(dataset: datasets.Dataset, args: DataArguments, batch_size: int, epo
     return timed_images / max(elapsed, 1e-9), timed_images
 
 
-def compare_decoding(image_format: str, image_size: int, input_size: int, options: argparse.Namespace,
-                     folder: str) -> tuple[float, float]:
-    """Images/s on one core with each image decoded per copy (earlier path) and once per group (the loader's),
-    alternated ``options.repeats`` times; returns the medians."""
+PATHS = {  # name: (decode once per group, uint8 samples)
+    "earlier (decode per copy, float32)": (False, False),
+    "decode once, float32": (True, False),
+    "decode per copy, uint8": (False, True),
+    "now (decode once, uint8)": (True, True),
+}
+
+
+def compare_paths(image_format: str, image_size: int, input_size: int, options: argparse.Namespace,
+                  folder: str) -> dict[str, float]:
+    """Median images/s on one core of every path of :data:`PATHS`, alternated ``options.repeats`` times."""
     from simlap_hf.data import ImageTransform, create_train_transform
 
     count = options.num_images if image_size <= 64 else options.num_images // 4
     data = build_dataset(count, image_size, 10, options.seed, os.path.join(folder, f"{image_format}{image_size}"),
                          image_format)["train"]
-    args = DataArguments(dataset_name="bench", input_size=input_size, ra=options.ra, aa=options.aa)
     raw = data.cast_column("image", datasets.Image(decode=False))
-    speeds: dict[bool, list[float]] = {False: [], True: []}
+    speeds: dict[str, list[float]] = {name: [] for name in PATHS}
     for _ in range(options.repeats):
-        for decode_once in (False, True):
+        for name, (decode_once, uint8) in PATHS.items():
+            args = DataArguments(dataset_name="bench", input_size=input_size, ra=options.ra, aa=options.aa,
+                                 uint8_transfer=uint8)
             view = raw.with_transform(ImageTransform(create_train_transform(args), decode_once=decode_once))
-            speeds[decode_once].append(measure(view, args, options.batch_size, 1)[0])
-    return float(np.median(speeds[False])), float(np.median(speeds[True]))
+            speeds[name].append(measure(view, args, options.batch_size, 1)[0])
+    return {name: float(np.median(values)) for name, values in speeds.items()}
 
 
 def main() -> None:
@@ -142,16 +152,18 @@ def main() -> None:
         for item in filter(None, options.compare_formats.split(",")):
             image_format = "JPEG" if item.startswith("jpeg") else "PNG"
             size = int(item.removeprefix("jpeg").removeprefix("png"))
-            per_copy, once = compare_decoding(image_format, size, min(size, 224), options, folder)
-            comparisons.append((f"{size}x{size} {image_format}", per_copy, once))
-            print(f"# {item}: decode per copy {per_copy:.0f}, once per group {once:.0f} images/s", flush=True)
+            speeds = compare_paths(image_format, size, min(size, 224), options, folder)
+            comparisons.append((f"{size}x{size} {image_format}", speeds))
+            print(f"# {item}: " + ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()), flush=True)
         torch.set_num_threads(threads)
         if comparisons:
+            names = list(PATHS)
             print()
-            print(f"| images (ra {options.ra}, 1 core) | decode per copy img/s | decode once img/s | ratio |")
-            print("|---|---:|---:|---:|")
-            for name, per_copy, once in comparisons:
-                print(f"| {name} | {per_copy:,.0f} | {once:,.0f} | {once / per_copy:.2f}x |")
+            print(f"| images (ra {options.ra}, 1 core), images/s | " + " | ".join(names) + " | now / earlier |")
+            print("|---|" + "---:|" * (len(names) + 1))
+            for label, speeds in comparisons:
+                ratio = speeds[names[-1]] / speeds[names[0]]
+                print(f"| {label} | " + " | ".join(f"{speeds[n]:,.0f}" for n in names) + f" | {ratio:.2f}x |")
             print()
         start = time.perf_counter()
         data = build_dataset(options.num_images, options.image_size, 10, options.seed, folder)

@@ -64,6 +64,7 @@ __all__ = [
     "create_eval_dataloader",
     "create_eval_transform",
     "create_train_dataloader",
+    "create_train_normalizer",
     "create_train_transform",
     "get_label_names",
     "load_image_dataset",
@@ -263,6 +264,11 @@ class DataArguments:
     )
     pk_images_per_class: int = field(default=4, metadata={"help": "K of --sampler pk: images of each class per batch."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    uint8_transfer: bool = field(
+        default=True,
+        metadata={"help": "Training samples leave the loader as uint8 (4x less to copy to the device) and are "
+                          "normalised on the device; --no_uint8_transfer normalises in the loader (float32)."},
+    )
     skip_corrupt_images: bool = field(
         default=False,
         metadata={
@@ -1150,6 +1156,65 @@ class ConvertImageMode:
         return f"{type(self).__name__}(mode={self.mode!r})"
 
 
+class UInt8RandomErasing:
+    """Random erasing of one rectangle of a (C, H, W) uint8 image, filled with a constant colour (the mean, so that
+    it normalises to 0 like timm's ``RandomErasing(mode='const')`` of a normalised image).
+
+    With probability ``probability``: an area of 2% to 1/3 of the image and an aspect ratio log-uniform in
+    (0.3, 1/0.3), up to 10 tries to fit it. Draws from Python's ``random`` (the loader's resumable state).
+    """
+
+    def __init__(self, probability: float, fill: Sequence[int], min_area: float = 0.02, max_area: float = 1 / 3,
+                 min_aspect: float = 0.3) -> None:
+        self.probability = probability
+        self.fill = torch.tensor(list(fill), dtype=torch.uint8).view(-1, 1, 1)
+        self.min_area, self.max_area = min_area, max_area
+        self.log_aspect = (np.log(min_aspect), np.log(1 / min_aspect))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.probability <= 0 or random.random() > self.probability:
+            return image
+        _, height, width = image.shape
+        for _ in range(10):
+            area = random.uniform(self.min_area, self.max_area) * height * width
+            aspect = float(np.exp(random.uniform(*self.log_aspect)))
+            h, w = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
+            if 0 < h < height and 0 < w < width:
+                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                image = image.clone()
+                image[:, top : top + h, left : left + w] = self.fill
+                return image
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.probability}, fill={self.fill.flatten().tolist()})"
+
+
+class TrainNormalizer:
+    """On the device: (B, C, H, W) uint8 training batches -> float32 ``(x / 255 - mean) / std``, the same operations
+    (and so the same values) as ToTensor + Normalize in the loader. Float batches pass unchanged."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.is_floating_point():
+            return pixel_values
+        if self.mean.device != pixel_values.device:
+            self.mean, self.std = self.mean.to(pixel_values.device), self.std.to(pixel_values.device)
+        return pixel_values.to(torch.float32).div(255).sub(self.mean).div(self.std)
+
+
+def create_train_normalizer(args: DataArguments, num_channels: int = 3) -> TrainNormalizer | None:
+    """The device-side normalisation of uint8 training batches, or None when the loader normalises."""
+    if not args.uint8_transfer:
+        return None
+    mean, std = resolve_mean_std(args)
+    return TrainNormalizer(_stats_for_channels(mean, num_channels, "mean"), _stats_for_channels(std, num_channels,
+                                                                                                  "std"))
+
+
 class _Compose:
     """Picklable composition of callables (used so DataLoader workers can receive the transform)."""
 
@@ -1173,14 +1238,36 @@ def create_train_transform(args: DataArguments, num_channels: int = 3) -> Callab
 
     RandomResizedCrop(input_size, scale, ratio, interpolation) -> horizontal flip -> RandAugment (``args.aa``)
     -> ToTensor -> Normalize -> RandomErasing(``args.reprob``). Color jitter only when ``args.color_jitter``
-    is set and ``aa`` is disabled.
+    is set and ``aa`` is disabled. With ``args.uint8_transfer`` the result stays uint8 (no ToTensor scaling, no
+    Normalize; the erased rectangle gets the mean colour, which normalises to 0 as timm's erasing) and
+    :class:`TrainNormalizer` finishes it on the device.
 
     Returns:
-        A callable mapping any PIL image to a float tensor of shape (num_channels, input_size, input_size).
+        A callable mapping any PIL image to a tensor of shape (num_channels, input_size, input_size): float32, or
+        uint8 with ``args.uint8_transfer``.
     """
     from timm.data import create_transform
 
     mean, std = resolve_mean_std(args)
+    if args.uint8_transfer:
+        timm_transform = create_transform(
+            input_size=args.input_size,
+            is_training=True,
+            scale=tuple(args.scale),
+            ratio=tuple(args.ratio),
+            hflip=args.hflip,
+            color_jitter=args.color_jitter if args.color_jitter else None,
+            auto_augment=_auto_augment(args.aa),
+            interpolation=args.interpolation,
+            mean=_stats_for_channels(mean, num_channels, "mean"),  # RandAugment's fill colour
+            std=_stats_for_channels(std, num_channels, "std"),
+            normalize=False,
+        )
+        steps = [ConvertImageMode(num_channels), timm_transform]
+        if args.reprob > 0:
+            fill = tuple(round(255 * value) for value in _stats_for_channels(mean, num_channels, "mean"))
+            steps.append(UInt8RandomErasing(args.reprob, fill))
+        return _Compose(steps)
     timm_transform = create_transform(
         input_size=args.input_size,
         is_training=True,
@@ -1295,9 +1382,10 @@ def with_image_transforms(
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack rows into ``{"pixel_values": FloatTensor(B, C, H, W), "labels": LongTensor(B)}``."""
+    """Stack rows into ``{"pixel_values": (B, C, H, W), "labels": LongTensor(B)}``: float32, or uint8 samples kept
+    as uint8 (normalised on the device by :class:`TrainNormalizer`); other dtypes become float32."""
     pixel_values = torch.stack([example["pixel_values"] for example in examples])
-    if not pixel_values.is_floating_point():
+    if not pixel_values.is_floating_point() and pixel_values.dtype != torch.uint8:
         pixel_values = pixel_values.float()
     labels = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.int64)
     return {"pixel_values": pixel_values, "labels": labels}

@@ -281,7 +281,11 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         from accelerate.utils import TorchDynamoPlugin
 
         dynamo_plugin = TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+    from accelerate.utils import DataLoaderConfiguration
+
     accelerator = Accelerator(
+        # Batches come from pinned memory on a GPU machine, so the copy to the device need not wait.
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         dynamo_plugin=dynamo_plugin,
         cpu=multi_process_cpu,
         mixed_precision=mixed_precision,
@@ -900,6 +904,8 @@ class DataBundle:
     validation: torch.utils.data.DataLoader
     train_eval: torch.utils.data.DataLoader
     training_args: TrainingArguments
+    # Normalises uint8 training batches on the device (None: the loader already normalised them).
+    train_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> DataBundle:
@@ -909,6 +915,7 @@ def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> 
     from .data import (
         create_eval_dataloader,
         create_train_dataloader,
+        create_train_normalizer,
         get_label_names,
         load_image_dataset,
         with_image_transforms,
@@ -937,6 +944,7 @@ def prepare_data(data_args: Any, args: TrainingArguments, num_channels: int) -> 
         validation=create_eval_dataloader(views["validation"], args.per_device_eval_batch_size, workers),
         train_eval=create_eval_dataloader(views["train_eval"], args.per_device_eval_batch_size, workers),
         training_args=args,
+        train_normalizer=create_train_normalizer(data_args, num_channels),
     )
 
 
@@ -1179,6 +1187,15 @@ def save_image_processor(output_dir: Path, data_args: Any, num_channels: int) ->
 # One job, from a built model to saved outputs
 
 
+def _with_normalized_inputs(compute_loss: LossFunction, normalize: Callable[[torch.Tensor], torch.Tensor]):
+    """``compute_loss`` on batches whose uint8 ``pixel_values`` are first normalised on their device."""
+
+    def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        return compute_loss(model, {**batch, "pixel_values": normalize(batch["pixel_values"])})
+
+    return step
+
+
 def train_and_save(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -1221,6 +1238,8 @@ def train_and_save(
         def on_checkpoint(path: Path) -> None:
             push_checkpoint(path, repo_id, args.hub_token)
 
+    if data.train_normalizer is not None:
+        compute_loss = _with_normalized_inputs(compute_loss, data.train_normalizer)
     if args.with_tracking:
         accelerator.init_trackers(f"simlap_{task}", {k: str(v) for k, v in hyperparameters.items()})
     result = fit(accelerator, model, optimizer, data.train, args, compute_loss,

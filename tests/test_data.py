@@ -579,7 +579,7 @@ def test_copies_in_a_batch_are_augmented_independently(rgb_dataset: datasets.Dat
     transformed = with_image_transforms(rgb_dataset, args)
     loader = create_train_dataloader(transformed["train"], args, batch_size=6)
     batch = next(iter(loader))
-    assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
     assert batch["labels"].shape == (6,) and batch["labels"].dtype == torch.int64
     assert batch["labels"][0] == batch["labels"][1] == batch["labels"][2]
     assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
@@ -947,3 +947,43 @@ def test_pk_sampler_through_the_loader(rgb_dataset) -> None:
         assert torch.bincount(batch["labels"], minlength=2).tolist() == [4, 4]  # 2 classes x 2 images x 2 copies
     with pytest.raises(ValueError, match="--sampler='balanced' is not valid; choose one of random, pk"):
         DataArguments(sampler="balanced")
+
+
+def test_uint8_transfer_equals_normalising_in_the_loader(rgb_dataset) -> None:
+    """Without erasing, the uint8 path normalised on the device gives exactly the float path's values (the same
+    random crops and RandAugment operations, the same arithmetic); batches travel as uint8."""
+    import random
+
+    from simlap_hf.data import create_train_normalizer
+
+    images = [rgb_dataset["train"][i]["image"] for i in range(4)]
+    for num_channels in (3, 1):
+        outputs = {}
+        for uint8 in (False, True):
+            args = DataArguments(ra=3, reprob=0.0, uint8_transfer=uint8)
+            transform = create_train_transform(args, num_channels)
+            random.seed(3), np.random.seed(3), torch.manual_seed(3)
+            outputs[uint8] = torch.stack([transform(image) for image in images])
+        assert outputs[True].dtype == torch.uint8 and outputs[False].dtype == torch.float32
+        normalize = create_train_normalizer(DataArguments(), num_channels)
+        assert torch.equal(normalize(outputs[True]), outputs[False])  # same operations on the same values
+    args = DataArguments(ra=3)
+    batch = next(iter(create_train_dataloader(with_image_transforms(rgb_dataset, args)["train"], args, batch_size=6)))
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert create_train_normalizer(DataArguments(uint8_transfer=False)) is None
+
+
+def test_uint8_random_erasing_fills_a_rectangle_with_the_mean_colour() -> None:
+    import random
+
+    from simlap_hf.data import UInt8RandomErasing
+
+    random.seed(0)
+    image = torch.full((3, 32, 32), 7, dtype=torch.uint8)
+    erased = UInt8RandomErasing(1.0, fill=(125, 123, 114))(image)
+    changed = (erased != image).any(0)
+    rows, cols = changed.nonzero(as_tuple=True)
+    assert changed.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # one filled rectangle
+    assert 0.02 * 1024 * 0.5 <= changed.sum() <= 1024 / 3 * 1.5
+    assert erased[:, rows[0], cols[0]].tolist() == [125, 123, 114] and torch.equal(image, torch.full_like(image, 7))
+    assert torch.equal(UInt8RandomErasing(0.0, fill=(1, 1, 1))(image), image)
