@@ -48,7 +48,7 @@ README_COMMAND_TESTS = {
     "accelerate launch train_finetune.py configs/finetune_cifar10_resnet18.yaml --model_name_or_path "
     "outputs/simlap/cifar10_resnet18": "test_seed_finetune_command",
     "accelerate launch train_finetune.py configs/finetune_cifar10_resnet18.yaml --model_name resnet18 "
-    "--from_scratch": "test_finetune_from_scratch_command",
+    "--from_scratch --output_dir outputs/cross_entropy/cifar10_resnet18": "test_finetune_from_scratch_command",
     "accelerate launch train_fuse.py configs/fuse_cifar10_resnet18.yaml": "test_seed_fuse_command",
     "python train_pretrain.py --dataset_name digits --output_dir outputs/digits --num_train_epochs 2":
         "test_flag_only_digits_command",
@@ -259,10 +259,8 @@ def test_seed_finetune_command(seed_pretrain, workdir, cifar10, tmp_path):
 
 def test_finetune_from_scratch_command(workdir, cifar10, tmp_path):
     (command,) = command_for("test_finetune_from_scratch_command")
-    # The config's output_dir is that of the command above; this run gets its own (an output path).
-    output_dir = tmp_path / "scratch"
-    run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", "--output_dir",
-                str(output_dir), env=accelerate_env(tmp_path))
+    run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", env=accelerate_env(tmp_path))
+    output_dir = workdir / "outputs" / "cross_entropy" / "cifar10_resnet18"
     config = json.loads((output_dir / "config.json").read_text())
     assert config["backbone"] == "resnet18" and config["backbone_kwargs"]["output_stride"] == 8
     assert results_of(output_dir)["global_step"] == 2
