@@ -1249,25 +1249,9 @@ def create_train_transform(args: DataArguments, num_channels: int = 3) -> Callab
     from timm.data import create_transform
 
     mean, std = resolve_mean_std(args)
-    if args.uint8_transfer:
-        timm_transform = create_transform(
-            input_size=args.input_size,
-            is_training=True,
-            scale=tuple(args.scale),
-            ratio=tuple(args.ratio),
-            hflip=args.hflip,
-            color_jitter=args.color_jitter if args.color_jitter else None,
-            auto_augment=_auto_augment(args.aa),
-            interpolation=args.interpolation,
-            mean=_stats_for_channels(mean, num_channels, "mean"),  # RandAugment's fill colour
-            std=_stats_for_channels(std, num_channels, "std"),
-            normalize=False,
-        )
-        steps = [ConvertImageMode(num_channels), timm_transform]
-        if args.reprob > 0:
-            fill = tuple(round(255 * value) for value in _stats_for_channels(mean, num_channels, "mean"))
-            steps.append(UInt8RandomErasing(args.reprob, fill))
-        return _Compose(steps)
+    mean, std = _stats_for_channels(mean, num_channels, "mean"), _stats_for_channels(std, num_channels, "std")
+    # uint8: timm stops before ToTensor/Normalize (mean still sets RandAugment's fill) and erasing is done here.
+    finish = {"normalize": False} if args.uint8_transfer else {"re_prob": args.reprob}
     timm_transform = create_transform(
         input_size=args.input_size,
         is_training=True,
@@ -1277,11 +1261,14 @@ def create_train_transform(args: DataArguments, num_channels: int = 3) -> Callab
         color_jitter=args.color_jitter if args.color_jitter else None,
         auto_augment=_auto_augment(args.aa),
         interpolation=args.interpolation,
-        mean=_stats_for_channels(mean, num_channels, "mean"),
-        std=_stats_for_channels(std, num_channels, "std"),
-        re_prob=args.reprob,
+        mean=mean,
+        std=std,
+        **finish,
     )
-    return _Compose([ConvertImageMode(num_channels), timm_transform])
+    steps = [ConvertImageMode(num_channels), timm_transform]
+    if args.uint8_transfer and args.reprob > 0:
+        steps.append(UInt8RandomErasing(args.reprob, tuple(round(255 * value) for value in mean)))
+    return _Compose(steps)
 
 
 def create_eval_transform(args: DataArguments, num_channels: int = 3) -> Callable[[PIL.Image.Image], torch.Tensor]:

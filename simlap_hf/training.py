@@ -681,7 +681,8 @@ def _processes_with_non_finite_loss(accelerator: Accelerator, loss: torch.Tensor
     return [rank for rank, ok in enumerate(finite) if not ok]
 
 
-def _adapt_schedule_length(state: TrainerState, args: TrainingArguments, scheduler: Any, rebuilt: Any) -> None:
+def _adapt_schedule_length(state: TrainerState, args: TrainingArguments, scheduler: Any,
+                           rebuild: Callable[[], Any]) -> None:
     """Resuming with another ``--num_train_epochs``: the learning-rate schedule is rebuilt for the new length (warmup
     and cosine over the new total, continued at the current step) instead of the checkpoint's, which would train the
     extra epochs at ``min_lr``. Fewer epochs than already trained is an error."""
@@ -694,7 +695,7 @@ def _adapt_schedule_length(state: TrainerState, args: TrainingArguments, schedul
             f"already trained; pass --num_train_epochs {saved} (the run's length) or more."
         )
     before = scheduler._get_lr(state.global_step)[0]
-    scheduler.load_state_dict(rebuilt.state_dict())
+    scheduler.load_state_dict(rebuild().state_dict())
     after = scheduler._get_lr(state.global_step)[0]
     logger.warning(
         "--num_train_epochs changed from %d (the checkpoint's schedule) to %d: the %s schedule is rebuilt for %d "
@@ -743,7 +744,7 @@ def fit(
         rng_file = path / _augmentation_rng_file(accelerator)
         if augmentations is not None and state.step_in_epoch and rng_file.is_file():
             resume_augmentations = (torch.load(rng_file, weights_only=False), capture_rng_state())
-        _adapt_schedule_length(state, args, scheduler, create_scheduler(optimizer, args, updates_per_epoch))
+        _adapt_schedule_length(state, args, scheduler, lambda: create_scheduler(optimizer, args, updates_per_epoch))
     state.num_train_epochs = args.num_train_epochs
     scheduler.step_update(state.global_step)
     if accelerator.is_main_process:
