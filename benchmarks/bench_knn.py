@@ -5,7 +5,7 @@ What is compared
 ``old``: what training evaluation did before: every process held the whole train feature set (gathered to the
 CPU by ``extract_features``) and ran the whole kNN itself, in blocks of 1,024 queries against all N train features
 (a 1,024 x N similarity matrix per block, after an L2-normalised copy of the train set). Its code is kept below
-(``old_knn_classify``) exactly as it was in ``simlap_hf/evaluation.py``. It runs on the CPU, where the old
+(``old_knn_classify``) exactly as the package had it. It runs on the CPU, where the old
 ``extract_features`` left the features; on a GPU the old code is also timed with its inputs moved to the GPU
 (``old, on device``), which is the fairer comparison of the algorithm alone.
 
@@ -142,7 +142,7 @@ def timed(fn, device: torch.device, world: int):
     return result, seconds, memory
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-train", type=int, default=100_000)
     parser.add_argument("--num-queries", type=int, default=10_000)
@@ -153,8 +153,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (main process)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def start_processes(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(world size, rank, device) of this process, the process group initialised when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -165,45 +168,49 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return world, rank, device
 
-    train, train_labels, queries, query_labels = make_data(args)
-    bank_bytes = args.num_train * (args.dim * 4 + 8)  # features + int64 labels
-    rows = []
 
-    # Old: every process holds everything on the CPU and classifies every query.
+def result_row(
+    path: str, bank_mib: float, memory: PeakMemory, device_mib: float, seconds: float, accuracy: float
+) -> dict:
+    return {
+        "path": path,
+        "bank_mib": bank_mib,
+        "extra_host_mib": memory.host_mib,
+        "extra_device_mib": device_mib,
+        "seconds": seconds,
+        "accuracy": accuracy,
+    }
+
+
+def run_old(args: argparse.Namespace, data: tuple[torch.Tensor, ...], device: torch.device, world: int):
+    """The old path (every process holds everything, on the CPU; also on the device on a GPU): its (M, C) scores
+    and its result rows."""
+    train, train_labels, queries, query_labels = data
+    bank_mib = args.num_train * (args.dim * 4 + 8) / MIB  # features + int64 labels
     old_scores, seconds, memory = timed(
         lambda: old_knn_classify(train, train_labels, queries, args.classes, args.k, args.temperature), device, world
     )
     old_accuracy = 100.0 * (old_scores.argmax(dim=1) == query_labels).double().mean().item()
-    rows.append(
-        {
-            "path": "old (every process: whole bank on the CPU)",
-            "bank_mib": bank_bytes / MIB,
-            "extra_host_mib": memory.host_mib,
-            "extra_device_mib": 0.0,
-            "seconds": seconds,
-            "accuracy": old_accuracy,
-        }
-    )
-
+    rows = [result_row("old (every process: whole bank on the CPU)", bank_mib, memory, 0.0, seconds, old_accuracy)]
     if device.type == "cuda":
         on_device = [tensor.to(device) for tensor in (train, train_labels, queries)]
         _, seconds, memory = timed(
             lambda: old_knn_classify(*on_device, args.classes, args.k, args.temperature), device, world
         )
-        rows.append(
-            {
-                "path": "old, on device (every process: whole bank)",
-                "bank_mib": bank_bytes / MIB,
-                "extra_host_mib": memory.host_mib,
-                "extra_device_mib": memory.device_mib,
-                "seconds": seconds,
-                "accuracy": old_accuracy,
-            }
-        )
+        path = "old, on device (every process: whole bank)"
+        rows.append(result_row(path, bank_mib, memory, memory.device_mib, seconds, old_accuracy))
         del on_device
+    return old_scores, rows
 
-    # New: each process holds its shard of the bank (on the device) and classifies its share of the queries.
+
+def run_new(
+    args, data: tuple[torch.Tensor, ...], old_scores: torch.Tensor, device: torch.device, world: int, rank: int
+) -> tuple[dict, dict]:
+    """The new path (each process: its shard of the bank on the device, its share of the queries): its result row
+    and its agreement with the old scores, over all processes."""
+    train, train_labels, queries, query_labels = data
     mine, my_queries = shard_slice(args.num_train, world, rank), shard_slice(args.num_queries, world, rank)
     shard = train[mine].to(device)
     shard_labels = train_labels[mine].to(device)
@@ -229,24 +236,26 @@ def main() -> None:
         dist.all_reduce(correct)
         dist.all_reduce(agreement)
         dist.all_reduce(difference, op=dist.ReduceOp.MAX)
-    new_bank = (mine.stop - mine.start) * (args.dim * 4 + 8)
-    rows.append(
-        {
-            "path": "new (sharded bank, chunked queries)",
-            "bank_mib": new_bank / MIB,
-            "extra_host_mib": memory.host_mib,
-            "extra_device_mib": memory.device_mib if device.type == "cuda" else 0.0,
-            "seconds": seconds,
-            "accuracy": 100.0 * correct.item() / args.num_queries,
-        }
-    )
+    new_bank_mib = (mine.stop - mine.start) * (args.dim * 4 + 8) / MIB
+    device_mib = memory.device_mib if device.type == "cuda" else 0.0
+    accuracy = 100.0 * correct.item() / args.num_queries
+    row = result_row("new (sharded bank, chunked queries)", new_bank_mib, memory, device_mib, seconds, accuracy)
+    agree = {
+        "queries_with_another_neighbour": int(agreement[0]),
+        "different_predictions": int(agreement[1]),
+        "max_relative_difference_same_neighbours": difference.item(),
+    }
+    return row, agree
 
+
+def main() -> None:
+    args = parse_args()
+    world, rank, device = start_processes(args)
+    data = make_data(args)
+    old_scores, rows = run_old(args, data, device, world)
+    new_row, agree = run_new(args, data, old_scores, device, world, rank)
+    rows.append(new_row)
     if rank == 0:
-        agree = {
-            "queries_with_another_neighbour": int(agreement[0]),
-            "different_predictions": int(agreement[1]),
-            "max_relative_difference_same_neighbours": difference.item(),
-        }
         print_table(args, world, device, rows, agree)
         if args.json:
             Path(args.json).write_text(

@@ -55,18 +55,44 @@ def embedding_throughput(num_images: int, batch_size: int, workdir: Path) -> dic
     names = [f"c{i}" for i in range(10)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     table = datasets.Dataset.from_dict({"image": images, "label": (np.arange(num_images) % 10).tolist()}, features)
-    config = SimLAPConfig(backbone="resnet18", backbone_kwargs={"stem_type": "deep", "output_stride": 8},
-                          num_classes=10, image_size=32, id2label=dict(enumerate(names)))
+    config = SimLAPConfig(
+        backbone="resnet18",
+        backbone_kwargs={"stem_type": "deep", "output_stride": 8},
+        num_classes=10,
+        image_size=32,
+        id2label=dict(enumerate(names)),
+    )
     model = SimLAPModel(config).eval()
     data_args = DataArguments(dataset_name="cifar10", input_size=32)
-    write_index(model, {"train": table.select(range(min(64, num_images)))}, names, data_args, workdir / "warmup",
-                model_name_or_path="benchmark", batch_size=batch_size, show_progress=False)
+    write_index(
+        model,
+        {"train": table.select(range(min(64, num_images)))},
+        names,
+        data_args,
+        workdir / "warmup",
+        model_name_or_path="benchmark",
+        batch_size=batch_size,
+        show_progress=False,
+    )
     start = time.perf_counter()
-    info = write_index(model, {"train": table}, names, data_args, workdir / "embed", model_name_or_path="benchmark",
-                       batch_size=batch_size, show_progress=False)
+    info = write_index(
+        model,
+        {"train": table},
+        names,
+        data_args,
+        workdir / "embed",
+        model_name_or_path="benchmark",
+        batch_size=batch_size,
+        show_progress=False,
+    )
     seconds = time.perf_counter() - start
-    return {"images": num_images, "seconds": seconds, "images_per_second": num_images / seconds,
-            "feature_dim": info["feature_dim"], "embedding_dim": info["embedding_dim"]}
+    return {
+        "images": num_images,
+        "seconds": seconds,
+        "images_per_second": num_images / seconds,
+        "feature_dim": info["feature_dim"],
+        "embedding_dim": info["embedding_dim"],
+    }
 
 
 def synthetic_index(path: Path, rows: int, dim: int, shard_size: int = 250_000, seed: int = 0) -> None:
@@ -78,17 +104,28 @@ def synthetic_index(path: Path, rows: int, dim: int, shard_size: int = 250_000, 
         count = min(shard_size, rows - start)
         vectors = rng.standard_normal((count, dim), dtype=np.float32)
         column = _fixed_list(vectors)
-        table = pa.table({
-            "features": column, "embeddings": column,
-            "label": pa.array(rng.integers(0, 10, count)),
-            "source": pa.array([f"synthetic/{start + i}" for i in range(count)]),
-            "split": pa.array(["train"] * count), "row": pa.array(np.arange(start, start + count)),
-        })
+        table = pa.table(
+            {
+                "features": column,
+                "embeddings": column,
+                "label": pa.array(rng.integers(0, 10, count)),
+                "source": pa.array([f"synthetic/{start + i}" for i in range(count)]),
+                "split": pa.array(["train"] * count),
+                "row": pa.array(np.arange(start, start + count)),
+            }
+        )
         name = f"shard-{number:05d}.parquet"
         pq.write_table(table, path / "data" / name)
         shards.append({"file": f"data/{name}", "rows": count, "split": "train"})
-    info = {"format": "simlap-embedding-index/1", "label_names": [f"c{i}" for i in range(10)], "num_rows": rows,
-            "feature_dim": dim, "embedding_dim": dim, "has_embeddings": True, "shards": shards}
+    info = {
+        "format": "simlap-embedding-index/1",
+        "label_names": [f"c{i}" for i in range(10)],
+        "num_rows": rows,
+        "feature_dim": dim,
+        "embedding_dim": dim,
+        "has_embeddings": True,
+        "shards": shards,
+    }
     (path / "index.json").write_text(json.dumps(info))
 
 
@@ -156,28 +193,45 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         embed = embedding_throughput(options.num_images, options.batch_size, workdir)
         searches = [search_latency(rows, options.dim, options.queries, workdir) for rows in options.sizes]
-    print(f"Embedding ({embed['images']} 32x32 PNG images, SimLAP ResNet-18 deep stem os8, batch "
-          f"{options.batch_size}, {torch.get_num_threads()} torch threads): {embed['images_per_second']:.1f} "
-          f"images/s\n")
+    print(
+        f"Embedding ({embed['images']} 32x32 PNG images, SimLAP ResNet-18 deep stem os8, batch "
+        f"{options.batch_size}, {torch.get_num_threads()} torch threads): {embed['images_per_second']:.1f} "
+        f"images/s\n"
+    )
     has_faiss = "faiss_ms" in searches[0]
-    header = ["stored vectors", "torch exact ms/query", f"torch ms/query (batch of {options.queries})",
-              "pair-conditioned ms/query"]
+    header = [
+        "stored vectors",
+        "torch exact ms/query",
+        f"torch ms/query (batch of {options.queries})",
+        "pair-conditioned ms/query",
+    ]
     if has_faiss:
         header += ["faiss flat ms/query", "faiss ms/query (batch)", "same top-10 as torch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in searches:
-        row = [f"{result['rows']:,} x {result['dim']}", f"{result['torch_ms']:.1f}",
-               f"{result['torch_batch_ms_per_query']:.2f}", f"{result['pair_ms']:.1f}"]
+        row = [
+            f"{result['rows']:,} x {result['dim']}",
+            f"{result['torch_ms']:.1f}",
+            f"{result['torch_batch_ms_per_query']:.2f}",
+            f"{result['pair_ms']:.1f}",
+        ]
         if has_faiss:
-            row += [f"{result['faiss_ms']:.1f}", f"{result['faiss_batch_ms_per_query']:.2f}",
-                    result["faiss_same_hits"]]
+            row += [f"{result['faiss_ms']:.1f}", f"{result['faiss_batch_ms_per_query']:.2f}", result["faiss_same_hits"]]
         lines.append("| " + " | ".join(row) + " |")
     print("\n".join(lines))
     if options.output:
-        Path(options.output).write_text(json.dumps({
-            "embedding": embed, "search": searches, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-        }, indent=2) + "\n")
+        Path(options.output).write_text(
+            json.dumps(
+                {
+                    "embedding": embed,
+                    "search": searches,
+                    "threads": torch.get_num_threads(),
+                    "machine": platform.processor() or platform.machine(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import argparse
 
 import torch
 
+from simlap_hf.data.samplers import ClassBalancedBatchSampler, RepeatedAugmentationBatchSampler
 from simlap_hf.losses import sample_pair_labels
-from simlap_hf.samplers import ClassBalancedBatchSampler, RepeatedAugmentationBatchSampler
 
 
 def batch_statistics(indices: list[int], labels: torch.Tensor, num_classes: int, pair_mode: str,

@@ -1,13 +1,13 @@
 """Short SimLAP pretraining run on Fashion-MNIST at the reference recipe, with a plain torch data path.
 
 Made for a lent GPU without the ``datasets``/``evaluate`` libraries: the IDX files are parsed with numpy
-(``simlap_hf.idx``), a plain ``torch.utils.data.Dataset`` produces PIL images that go through timm's
+(``simlap_hf.data.idx``), a plain ``torch.utils.data.Dataset`` produces PIL images that go through timm's
 ``create_transform``, and only modules that need neither library are imported from the package (the models,
-``simlap_hf.idx``, ``simlap_hf.samplers``, ``simlap_hf.evaluation``'s kNN; not ``simlap_hf.data``). Runs on the CPU
-as well, for a smoke test.
+``simlap_hf.data.idx``, ``simlap_hf.data.samplers``, ``simlap_hf.evaluation``'s kNN; not the rest of
+``simlap_hf.data``). Runs on the CPU as well, for a smoke test.
 
-Recipe (SPEC section 5, CIFAR-10 pretraining, applied to Fashion-MNIST)
------------------------------------------------------------------------
+Recipe (the reference's CIFAR-10 pretraining recipe, applied to Fashion-MNIST)
+------------------------------------------------------------------------------
 * Model: ``SimLAPModel(SimLAPConfig(...))``: ResNet-18, deep stem, output stride 8, K=256, mlp 2048, T=0.1, fused
   gate, arbitrary pairs, online linear head on detached features (the package defaults).
 * Input: the 28x28 grayscale images stay single-channel: the model is built with ``num_channels=1`` (timm
@@ -57,6 +57,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from simlap_hf.configuration_simlap import SimLAPConfig  # noqa: E402
+from simlap_hf.data.idx import read_idx  # noqa: E402
+from simlap_hf.data.samplers import RepeatedAugmentationSampler  # noqa: E402
 from simlap_hf.evaluation import knn_accuracy  # noqa: E402
-from simlap_hf.idx import read_idx  # noqa: E402
 from simlap_hf.modeling_simlap import SimLAPModel  # noqa: E402
-from simlap_hf.samplers import RepeatedAugmentationSampler  # noqa: E402
 
 DATA_DIR_ENV = "SIMLAP_FASHION_MNIST_DIR"
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -289,8 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def start(args: argparse.Namespace) -> tuple[torch.device, str, str]:
+    """Seed, CUDA settings and the run's header; returns (device, command line, device name)."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was given but CUDA is not available")
@@ -299,7 +300,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run_start = time.perf_counter()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     print(f"command: {command}", flush=True)
@@ -309,19 +309,36 @@ def main(argv: list[str] | None = None) -> None:
         f"channels-last {args.channels_last}, /dev/shm free "
         + ("n/a" if shared_memory_free() is None else f"{shared_memory_free() / 2**30:.1f} GiB")
     )
+    return device, command, device_name
 
+
+@dataclass
+class Data:
+    """The two splits (uint8 images, labels), the evaluation transform and the repeated-augmentation train loader."""
+
+    folder: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    eval_transform: Any
+    sampler: RepeatedAugmentationSampler
+    train_loader: DataLoader
+    steps_per_epoch: int
+
+
+def load_data(args: argparse.Namespace, device: torch.device) -> Data:
+    """Read (and subsample) the IDX files and build the train loader: ``ra`` views of each image in a batch."""
     folder, files = locate_data(args.data_dir)
     train_images, train_labels = subset(*load_split(files, "train"), args.max_train_samples, args.seed)
     test_images, test_labels = subset(*load_split(files, "test"), args.max_test_samples, args.seed + 1)
     print(f"data: {folder} -> train {train_images.shape}, test {test_images.shape}", flush=True)
 
     train_transform, eval_transform = build_transforms(args)
-    rgb = args.in_chans == 3
-    train_set = GrayscaleImages(train_images, train_labels, train_transform, rgb)
+    train_set = GrayscaleImages(train_images, train_labels, train_transform, args.in_chans == 3)
     sampler = RepeatedAugmentationSampler(len(train_set), repeats=args.ra, seed=args.seed)
     batches = BatchSampler(sampler, args.batch_size, drop_last=True)
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
+    if len(batches) == 0:
         raise SystemExit(f"{len(train_set)} images x {args.ra} views do not fill one batch of {args.batch_size}")
     train_loader = DataLoader(
         train_set,
@@ -329,7 +346,21 @@ def main(argv: list[str] | None = None) -> None:
         persistent_workers=args.num_workers > 0,
         **loader_kwargs(args, device, args.batch_size),
     )
+    return Data(
+        folder,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        eval_transform,
+        sampler,
+        train_loader,
+        len(batches),
+    )
 
+
+def build_model(args: argparse.Namespace, device: torch.device, steps_per_epoch: int):
+    """The SimLAPModel of the recipe, its Adam optimizer and its per-iteration warmup + cosine schedule."""
     config = SimLAPConfig(
         backbone="resnet18",
         backbone_kwargs={"stem_type": "deep", "output_stride": 8},
@@ -360,128 +391,193 @@ def main(argv: list[str] | None = None) -> None:
         f"epochs, warmup {args.warmup_epochs:g} epochs",
         flush=True,
     )
+    return model, optimizer, scheduler
 
-    stop = {"requested": False}
+
+@dataclass
+class TrainState:
+    """Counters of the training loop (steps, samples, time waiting for data, losses, early stop)."""
+
+    warm_steps: int
+    train_start: float
+    warm_start: float
+    global_step: int = 0
+    samples: int = 0
+    warm_samples: int = 0
+    data_wait: float = 0.0
+    nonfinite: int = 0
+    last_loss: float | None = None
+    epoch_losses: list[float] = field(default_factory=list)
+    completed_epochs: int = 0
+    stopped_early: str = ""
+    stop_requested: bool = False
+    train_s: float = 0.0
+    images_per_s: float = 0.0
+    steady_images_per_s: float | None = None
+
+
+def train_step(
+    args,
+    model,
+    optimizer,
+    scheduler,
+    images: Tensor,
+    labels: Tensor,
+    device: torch.device,
+    state: TrainState,
+    epoch: int,
+) -> Tensor:
+    """One optimizer step on a batch; updates the counters and logs every ``--log_every`` steps; the loss."""
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, args.bf16):
+        output = model(images, labels=labels)
+    loss = output.loss
+    loss.backward()
+    optimizer.step()
+    state.global_step += 1
+    scheduler.step_update(num_updates=state.global_step)
+    state.samples += images.shape[0]
+    if state.global_step == state.warm_steps:
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        synchronize()
+        state.warm_start, state.warm_samples = time.perf_counter(), state.samples
+    if state.global_step % args.log_every == 0:
+        state.last_loss = float(loss.detach())
+        if not math.isfinite(state.last_loss):
+            state.nonfinite += 1
+        rate = state.samples / (time.perf_counter() - state.train_start)
+        contrastive, head = float(output.contrastive_loss.detach()), float(output.head_loss.detach())
+        print(
+            f"epoch {epoch + 1}/{args.epochs} step {state.global_step}: loss {state.last_loss:.4f} "
+            f"(contrastive {contrastive:.4f}, head {head:.4f}), "
+            f"lr {optimizer.param_groups[0]['lr']:.2e}, {rate:,.0f} images/s",
+            flush=True,
+        )
+    return loss
+
+
+def train_epoch(
+    args, model, optimizer, scheduler, data: Data, device: torch.device, state: TrainState, epoch: int
+) -> None:
+    """One epoch (``ra`` passes over the images), stopping early at the time budget or after SIGTERM."""
+    data.sampler.set_epoch(epoch)
+    epoch_loss = torch.zeros((), device=device)
+    epoch_steps = 0
+    iterator = iter(data.train_loader)
+    while True:
+        wait_start = time.perf_counter()
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            break
+        state.data_wait += time.perf_counter() - wait_start
+        loss = train_step(args, model, optimizer, scheduler, images, labels, device, state, epoch)
+        epoch_loss += loss.detach().float()
+        epoch_steps += 1
+        elapsed = time.perf_counter() - state.train_start
+        if args.time_budget_s > 0 and elapsed > args.time_budget_s:
+            state.stopped_early = (
+                f"time budget {args.time_budget_s:g} s reached at epoch {epoch + 1}, step {state.global_step}"
+            )
+        elif state.stop_requested:
+            state.stopped_early = f"SIGTERM at epoch {epoch + 1}, step {state.global_step}"
+        if state.stopped_early:
+            break
+    del iterator
+    state.epoch_losses.append(float(epoch_loss) / max(epoch_steps, 1))
+    print(f"epoch {epoch + 1}: mean loss {state.epoch_losses[-1]:.4f} ({epoch_steps} steps)", flush=True)
+
+
+def train(args, model, optimizer, scheduler, data: Data, device: torch.device) -> TrainState:
+    """The training loop: a SIGTERM or the time budget ends it early (the model is evaluated all the same)."""
+    now = time.perf_counter()
+    state = TrainState(
+        warm_steps=min(20, max(1, data.steps_per_epoch * args.epochs // 10)), train_start=now, warm_start=now
+    )
 
     def request_stop(signum: int, frame: Any) -> None:
-        stop["requested"] = True
+        state.stop_requested = True
         print(f"signal {signum}: stopping the training, then evaluating", flush=True)
 
     previous_handler = signal.signal(signal.SIGTERM, request_stop)
-    warm_steps = min(20, max(1, steps_per_epoch * args.epochs // 10))
-    global_step, samples, warm_samples, data_wait, nonfinite = 0, 0, 0, 0.0, 0
-    last_loss: float | None = None
-    epoch_losses: list[float] = []
-    completed_epochs = 0
-    stopped_early = ""
-    train_start = time.perf_counter()
-    warm_start = train_start
     model.train()
     for epoch in range(args.epochs):
-        sampler.set_epoch(epoch)
-        epoch_loss = torch.zeros((), device=device)
-        epoch_steps = 0
-        iterator = iter(train_loader)
-        while True:
-            wait_start = time.perf_counter()
-            try:
-                images, labels = next(iterator)
-            except StopIteration:
-                break
-            data_wait += time.perf_counter() - wait_start
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, args.bf16):
-                output = model(images, labels=labels)
-            loss = output.loss
-            loss.backward()
-            optimizer.step()
-            global_step += 1
-            scheduler.step_update(num_updates=global_step)
-            samples += images.shape[0]
-            epoch_loss += loss.detach().float()
-            epoch_steps += 1
-            if global_step == warm_steps:
-                synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-                synchronize()
-                warm_start, warm_samples = time.perf_counter(), samples
-            if global_step % args.log_every == 0:
-                last_loss = float(loss.detach())
-                if not math.isfinite(last_loss):
-                    nonfinite += 1
-                rate = samples / (time.perf_counter() - train_start)
-                contrastive, head = float(output.contrastive_loss.detach()), float(output.head_loss.detach())
-                print(
-                    f"epoch {epoch + 1}/{args.epochs} step {global_step}: loss {last_loss:.4f} "
-                    f"(contrastive {contrastive:.4f}, head {head:.4f}), "
-                    f"lr {optimizer.param_groups[0]['lr']:.2e}, {rate:,.0f} images/s",
-                    flush=True,
-                )
-            elapsed = time.perf_counter() - train_start
-            if args.time_budget_s > 0 and elapsed > args.time_budget_s:
-                stopped_early = f"time budget {args.time_budget_s:g} s reached at epoch {epoch + 1}, step {global_step}"
-            elif stop["requested"]:
-                stopped_early = f"SIGTERM at epoch {epoch + 1}, step {global_step}"
-            if stopped_early:
-                break
-        del iterator
-        epoch_losses.append(float(epoch_loss) / max(epoch_steps, 1))
-        print(f"epoch {epoch + 1}: mean loss {epoch_losses[-1]:.4f} ({epoch_steps} steps)", flush=True)
-        if stopped_early:
-            print(f"stopped early: {stopped_early}", flush=True)
+        train_epoch(args, model, optimizer, scheduler, data, device, state, epoch)
+        if state.stopped_early:
+            print(f"stopped early: {state.stopped_early}", flush=True)
             break
-        completed_epochs += 1
+        state.completed_epochs += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_end = time.perf_counter()
-    train_s = train_end - train_start
+    state.train_s = train_end - state.train_start
     signal.signal(signal.SIGTERM, previous_handler)
-    images_per_s = samples / train_s
-    steady_images_per_s = (
-        (samples - warm_samples) / (train_end - warm_start) if samples > warm_samples and warm_samples else None
-    )
+    state.images_per_s = state.samples / state.train_s
+    if state.samples > state.warm_samples and state.warm_samples:
+        state.steady_images_per_s = (state.samples - state.warm_samples) / (train_end - state.warm_start)
+    return state
 
-    eval_start = time.perf_counter()
+
+def evaluate(args, model, data: Data, device: torch.device) -> dict[str, float]:
+    """Online-head top-1 / top-5 on the test images; kNN top-1 against the training images (both under the
+    evaluation transform) on the backbone features and on the projected embeddings."""
     eval_kwargs = {"batch_size": 512, "shuffle": False, **loader_kwargs(args, device, 512)}
-    test = extract(
-        model, DataLoader(GrayscaleImages(test_images, test_labels, eval_transform, rgb), **eval_kwargs), device, args
-    )
-    train = extract(
-        model, DataLoader(GrayscaleImages(train_images, train_labels, eval_transform, rgb), **eval_kwargs), device, args
-    )
+    rgb = args.in_chans == 3
+    test_set = GrayscaleImages(data.test_images, data.test_labels, data.eval_transform, rgb)
+    train_set = GrayscaleImages(data.train_images, data.train_labels, data.eval_transform, rgb)
+    test = extract(model, DataLoader(test_set, **eval_kwargs), device, args)
+    train = extract(model, DataLoader(train_set, **eval_kwargs), device, args)
     metrics = {
         "online_head_top1": top_k_accuracy(test["logits"], test["labels"], 1),
         "online_head_top5": top_k_accuracy(test["logits"], test["labels"], 5),
     }
     for name in ("features", "embeddings"):
-        metrics[f"knn_top1_{name}"] = knn_accuracy(train[name], train["labels"], test[name], test["labels"],
-                                                   NUM_CLASSES, k=args.knn_k, temperature=args.knn_temperature)
-    eval_s = time.perf_counter() - eval_start
-    total_s = time.perf_counter() - run_start
+        metrics[f"knn_top1_{name}"] = knn_accuracy(
+            train[name],
+            train["labels"],
+            test[name],
+            test["labels"],
+            NUM_CLASSES,
+            k=args.knn_k,
+            temperature=args.knn_temperature,
+        )
+    return metrics
 
+
+def print_report(
+    args, data: Data, state: TrainState, metrics: dict[str, float], eval_s: float, total_s: float, device_name: str
+) -> None:
+    """The results as a markdown table."""
+    stopped = state.stopped_early
     rows = [
         (
             "epochs completed / planned",
-            f"{completed_epochs} / {args.epochs}" + (" (stopped early)" if stopped_early else ""),
+            f"{state.completed_epochs} / {args.epochs}" + (" (stopped early)" if stopped else ""),
         ),
-        ("optimizer steps (batch)", f"{global_step} ({args.batch_size} = {args.batch_size // args.ra} x {args.ra})"),
-        ("training samples seen (views)", f"{samples:,}"),
-        ("training wall time", f"{train_s:.1f} s"),
+        (
+            "optimizer steps (batch)",
+            f"{state.global_step} ({args.batch_size} = {args.batch_size // args.ra} x {args.ra})",
+        ),
+        ("training samples seen (views)", f"{state.samples:,}"),
+        ("training wall time", f"{state.train_s:.1f} s"),
         (
             "training images/s (all steps; after warm-up)",
-            f"{images_per_s:,.0f}; " + (f"{steady_images_per_s:,.0f}" if steady_images_per_s else "n/a"),
+            f"{state.images_per_s:,.0f}; "
+            + (f"{state.steady_images_per_s:,.0f}" if state.steady_images_per_s else "n/a"),
         ),
-        ("time waiting for data", f"{data_wait:.1f} s ({100 * data_wait / max(train_s, 1e-9):.0f}%)"),
-        ("mean loss of the last epoch", f"{epoch_losses[-1]:.4f}" if epoch_losses else "n/a"),
+        ("time waiting for data", f"{state.data_wait:.1f} s ({100 * state.data_wait / max(state.train_s, 1e-9):.0f}%)"),
+        ("mean loss of the last epoch", f"{state.epoch_losses[-1]:.4f}" if state.epoch_losses else "n/a"),
         (
-            f"online head top-1 / top-5 ({len(test_labels):,} test images)",
+            f"online head top-1 / top-5 ({len(data.test_labels):,} test images)",
             f"{metrics['online_head_top1']:.2f} / {metrics['online_head_top5']:.2f}",
         ),
         (
-            f"kNN top-1, backbone features (k={args.knn_k}, T={args.knn_temperature:g}, {len(train_labels):,} train)",
+            f"kNN top-1, backbone features (k={args.knn_k}, T={args.knn_temperature:g}, "
+            f"{len(data.train_labels):,} train)",
             f"{metrics['knn_top1_features']:.2f}",
         ),
         ("kNN top-1, projected embeddings", f"{metrics['knn_top1_embeddings']:.2f}"),
@@ -492,49 +588,77 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    if stopped_early:
-        print(f"\nNote: {stopped_early}; the cosine schedule did not finish.")
+    if stopped:
+        print(f"\nNote: {stopped}; the cosine schedule did not finish.")
 
+
+def write_results(
+    args,
+    command: str,
+    device: torch.device,
+    device_name: str,
+    data: Data,
+    state: TrainState,
+    metrics: dict[str, float],
+    eval_s: float,
+    total_s: float,
+) -> None:
+    """The settings, timings and metrics as JSON (``--json``)."""
+    payload = {
+        "command": command,
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": device_name,
+        "data_dir": str(data.folder),
+        "train_size": int(len(data.train_labels)),
+        "test_size": int(len(data.test_labels)),
+        "in_chans": args.in_chans,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "ra": args.ra,
+        "epochs_planned": args.epochs,
+        "epochs_completed": state.completed_epochs,
+        "stopped_early": state.stopped_early or None,
+        "steps": state.global_step,
+        "steps_per_epoch": data.steps_per_epoch,
+        "samples_seen": state.samples,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+        "bf16": args.bf16,
+        "channels_last": args.channels_last,
+        "num_workers": args.num_workers,
+        "train_s": state.train_s,
+        "images_per_s": state.images_per_s,
+        "steady_images_per_s": state.steady_images_per_s,
+        "data_wait_s": state.data_wait,
+        "epoch_mean_losses": state.epoch_losses,
+        "nonfinite_logged_losses": state.nonfinite,
+        "eval_s": eval_s,
+        "total_s": total_s,
+        "knn_k": args.knn_k,
+        "knn_temperature": args.knn_temperature,
+        **metrics,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=2))
+    print(f"results written to {args.json}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_start = time.perf_counter()
+    device, command, device_name = start(args)
+    data = load_data(args, device)
+    model, optimizer, scheduler = build_model(args, device, data.steps_per_epoch)
+    state = train(args, model, optimizer, scheduler, data, device)
+    eval_start = time.perf_counter()
+    metrics = evaluate(args, model, data, device)
+    eval_s = time.perf_counter() - eval_start
+    total_s = time.perf_counter() - run_start
+    print_report(args, data, state, metrics, eval_s, total_s, device_name)
     if args.json is not None:
-        payload = {
-            "command": command,
-            "torch": torch.__version__,
-            "device": str(device),
-            "device_name": device_name,
-            "data_dir": str(folder),
-            "train_size": int(len(train_labels)),
-            "test_size": int(len(test_labels)),
-            "in_chans": args.in_chans,
-            "input_size": args.input_size,
-            "batch_size": args.batch_size,
-            "ra": args.ra,
-            "epochs_planned": args.epochs,
-            "epochs_completed": completed_epochs,
-            "stopped_early": stopped_early or None,
-            "steps": global_step,
-            "steps_per_epoch": steps_per_epoch,
-            "samples_seen": samples,
-            "lr": args.lr,
-            "weight_decay": args.weight_decay,
-            "warmup_epochs": args.warmup_epochs,
-            "bf16": args.bf16,
-            "channels_last": args.channels_last,
-            "num_workers": args.num_workers,
-            "train_s": train_s,
-            "images_per_s": images_per_s,
-            "steady_images_per_s": steady_images_per_s,
-            "data_wait_s": data_wait,
-            "epoch_mean_losses": epoch_losses,
-            "nonfinite_logged_losses": nonfinite,
-            "eval_s": eval_s,
-            "total_s": total_s,
-            "knn_k": args.knn_k,
-            "knn_temperature": args.knn_temperature,
-            **metrics,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"results written to {args.json}")
+        write_results(args, command, device, device_name, data, state, metrics, eval_s, total_s)
 
 
 if __name__ == "__main__":

@@ -40,15 +40,22 @@ from simlap_hf.relations import (  # noqa: E402
     ranked_pairs,
 )
 
-GROUPS = [["T-shirt/top", "Pullover", "Coat", "Shirt", "Dress"], ["Sandal", "Sneaker", "Ankle boot"], ["Trouser"],
-          ["Bag"]]
+GROUPS = [
+    ["T-shirt/top", "Pullover", "Coat", "Shirt", "Dress"],
+    ["Sandal", "Sneaker", "Ankle boot"],
+    ["Trouser"],
+    ["Bag"],
+]
 
 
 @torch.no_grad()
-def test_features(model_dir: Path, model: torch.nn.Module, max_samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def test_features(
+    model_dir: Path, model: torch.nn.Module, max_samples: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of the Fashion-MNIST test split (the first ``max_samples`` after a seeded shuffle)."""
-    data_args = data_args_for_model(DataArguments(dataset_name="fashion_mnist", max_eval_samples=max_samples),
-                                    model_dir, model)
+    data_args = data_args_for_model(
+        DataArguments(dataset_name="fashion_mnist", max_eval_samples=max_samples), model_dir, model
+    )
     test = load_image_dataset(data_args, seed=0)["validation"]
     view = with_image_transforms(DatasetDict(test=test), data_args, int(model.config.num_channels))["test"]
     features, labels = [], []
@@ -58,60 +65,86 @@ def test_features(model_dir: Path, model: torch.nn.Module, max_samples: int | No
     return torch.cat(features), torch.cat(labels)
 
 
+class Precisions:
+    """Precision@5 and @10 of each relation measure against the garment groups, over seeds, and its top-5 pairs."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, list[float]]] = {}
+        self.top_pairs: dict[str, dict[int, list[list[str]]]] = {}
+
+    def record(self, name: str, seed: int, relatedness: torch.Tensor, names: list[str]) -> None:
+        """Score one (C, C) relatedness matrix of measure ``name`` for ``seed``."""
+        index = {n: i for i, n in enumerate(names)}
+        groups = [[index[n] for n in group] for group in GROUPS]
+        entry = self.rows.setdefault(name, {"p5": [], "p10": []})
+        entry["p5"].append(precision_at_k(relatedness, groups, 5))
+        entry["p10"].append(precision_at_k(relatedness, groups, 10))
+        self.top_pairs.setdefault(name, {})[seed] = [[names[i], names[j]] for i, j in ranked_pairs(relatedness)[:5]]
+
+    def markdown(self, first_seed: int) -> str:
+        def cell(values: list[float]) -> str:
+            text = " / ".join(f"{v:.2f}" for v in values)
+            return f"{statistics.mean(values):.2f} ({text})" if len(values) > 1 else text
+
+        lines = [
+            f"| relation measure (most related first) | precision@5 | precision@10 | top-5 pairs, seed {first_seed} |",
+            "|---|---|---|---|",
+        ]
+        for name, entry in self.rows.items():
+            pairs = "; ".join(f"{a} / {b}" for a, b in self.top_pairs[name][first_seed])
+            lines.append(f"| {name} | {cell(entry['p5'])} | {cell(entry['p10'])} | {pairs} |")
+        return "\n".join(lines)
+
+
+def measure_seed(runs: Path, seed: int, max_test_samples: int | None, precisions: Precisions) -> None:
+    """Every gate measure of the SimLAP model of ``seed``, and the class-mean cosine of its backbone features and of
+    the cross-entropy model's (when trained)."""
+    simlap_dir = runs / f"simlap_fused_arbitrary_seed{seed}"
+    model = load_model(simlap_dir)
+    for measure in (name for name in MEASURES if name != "class_mean_cosine"):  # the gate measures
+        relations = ClassRelations.from_model(model, measure)
+        precisions.record(f"SimLAP gates: {measure}", seed, relations.relatedness, relations.names)
+    names = relations.names
+    features, labels = test_features(simlap_dir, model, max_test_samples)
+    cosine = class_mean_cosine(features, labels, len(names))
+    precisions.record("SimLAP backbone: class-mean cosine", seed, cosine, names)
+    ce_dir = runs / f"cross_entropy_seed{seed}"
+    if ce_dir.is_dir():
+        features, labels = test_features(ce_dir, load_model(ce_dir), max_test_samples)
+        cosine = class_mean_cosine(features, labels, len(names))
+        precisions.record("cross-entropy backbone: class-mean cosine", seed, cosine, names)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", help="output folder of benchmarks/reproduce.py")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--max_test_samples", type=int, default=None,
-                        help="test images for the class-mean features (default: all 10,000)")
+    parser.add_argument(
+        "--max_test_samples",
+        type=int,
+        default=None,
+        help="test images for the class-mean features (default: all 10,000)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     options = parser.parse_args(argv)
     if options.threads:
         torch.set_num_threads(options.threads)
     runs = Path(options.runs)
-    rows: dict[str, dict[str, list[float]]] = {}
-    top_pairs: dict[str, dict[int, list[list[str]]]] = {}
-
-    def record(name: str, seed: int, relatedness, names) -> None:
-        index = {n: i for i, n in enumerate(names)}
-        groups = [[index[n] for n in group] for group in GROUPS]
-        entry = rows.setdefault(name, {"p5": [], "p10": []})
-        entry["p5"].append(precision_at_k(relatedness, groups, 5))
-        entry["p10"].append(precision_at_k(relatedness, groups, 10))
-        top_pairs.setdefault(name, {})[seed] = [[names[i], names[j]] for i, j in ranked_pairs(relatedness)[:5]]
-
+    precisions = Precisions()
     for seed in options.seeds:
-        simlap_dir = runs / f"simlap_fused_arbitrary_seed{seed}"
-        model = load_model(simlap_dir)
-        for measure in (name for name in MEASURES if name != "class_mean_cosine"):  # the gate measures
-            relations = ClassRelations.from_model(model, measure)
-            record(f"SimLAP gates: {measure}", seed, relations.relatedness, relations.names)
-        names = relations.names
-        features, labels = test_features(simlap_dir, model, options.max_test_samples)
-        record("SimLAP backbone: class-mean cosine", seed, class_mean_cosine(features, labels, len(names)), names)
-        ce_dir = runs / f"cross_entropy_seed{seed}"
-        if ce_dir.is_dir():
-            ce_model = load_model(ce_dir)
-            features, labels = test_features(ce_dir, ce_model, options.max_test_samples)
-            record("cross-entropy backbone: class-mean cosine", seed, class_mean_cosine(features, labels, len(names)),
-                   names)
+        measure_seed(runs, seed, options.max_test_samples, precisions)
         print(f"seed {seed} done", flush=True)
-
-    def cell(values: list[float]) -> str:
-        text = " / ".join(f"{v:.2f}" for v in values)
-        return f"{statistics.mean(values):.2f} ({text})" if len(values) > 1 else text
-
-    lines = ["| relation measure (most related first) | precision@5 | precision@10 | top-5 pairs, seed "
-             f"{options.seeds[0]} |", "|---|---|---|---|"]
-    for name, entry in rows.items():
-        pairs = "; ".join(f"{a} / {b}" for a, b in top_pairs[name][options.seeds[0]])
-        lines.append(f"| {name} | {cell(entry['p5'])} | {cell(entry['p10'])} | {pairs} |")
-    table = "\n".join(lines)
+    table = precisions.markdown(options.seeds[0])
     print(table)
     (runs / "relations_fmnist.md").write_text(table + "\n")
-    (runs / "relations_fmnist.json").write_text(json.dumps(
-        {"seeds": options.seeds, "groups": GROUPS, "chance": 13 / 45, "precision": rows, "top_pairs": top_pairs},
-        indent=2) + "\n")
+    payload = {
+        "seeds": options.seeds,
+        "groups": GROUPS,
+        "chance": 13 / 45,
+        "precision": precisions.rows,
+        "top_pairs": precisions.top_pairs,
+    }
+    (runs / "relations_fmnist.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

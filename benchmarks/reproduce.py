@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the paper's comparison (SimLAP vs supervised contrastive learning vs cross-entropy) on real data.
 
-The seed's table is on CIFAR-10 (SimLAP 90.86, SupCon 89.9, SupCon fed arbitrary pairs 25.3). CIFAR-10 cannot be
+The paper's table is on CIFAR-10 (SimLAP 90.86, SupCon 89.9, SupCon fed arbitrary pairs 25.3). CIFAR-10 cannot be
 downloaded here; Fashion-MNIST (Debian package ``dataset-fashion-mnist``) and scikit-learn's digits can. Every
 variant is trained with one backbone and one CPU budget (a YAML file in ``benchmarks/configs/``), then evaluated on
 the full 10,000-image Fashion-MNIST test set (online-head, kNN and linear-probe top-1, effective rank of the
@@ -10,7 +10,8 @@ trained, is evaluated too (``untrained``): the floor every trained variant shoul
 
     python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir outputs/reproduce_8ep
 
-Several processes can share the work (``--seeds`` / ``--variants``, ``--threads 1`` each) in one output folder; a
+Every variant is trained by running its training script (``train_pretrain.py`` or ``train_finetune.py``) in a
+child process with the budget's flags, as a user would. Several processes can share the work (``--seeds`` / ``--variants``, ``--threads 1`` each) in one output folder; a
 final call without them gathers every finished run.
 
 Finished variants are skipped when the command is run again (a killed reproduction continues where it stopped).
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from datetime import date
@@ -37,8 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 from datasets import DatasetDict  # noqa: E402
 
-import train_finetune  # noqa: E402
-import train_pretrain  # noqa: E402
 from simlap_hf import SimLAPForImageClassification, SimLAPModel  # noqa: E402
 from simlap_hf.data import (  # noqa: E402
     DataArguments,
@@ -53,7 +54,12 @@ from simlap_hf.evaluation import (  # noqa: E402
     linear_probe,
     singular_values,
 )
-from simlap_hf.training import parse_args  # noqa: E402
+from simlap_hf.training import (  # noqa: E402
+    FINETUNE_ARGUMENTS,
+    PRETRAIN_ARGUMENTS,
+    build_pretrain_config,
+    parse_args,
+)
 
 # name: (script, flags). The rows of the paper's comparison.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -76,6 +82,9 @@ LABELS = {
     "untrained": "untrained network (reference floor)",
 }
 METRICS = ("online_top1", "knn_top1", "probe_top1", "effective_rank", "transfer_knn_top1", "transfer_probe_top1")
+# The training script of each kind of variant, and the dataclasses its command line is parsed into.
+SCRIPTS = {"pretrain": ROOT / "train_pretrain.py", "finetune": ROOT / "train_finetune.py"}
+ARGUMENTS = {"pretrain": PRETRAIN_ARGUMENTS, "finetune": FINETUNE_ARGUMENTS}
 
 
 def budget_flags(budget: dict[str, Any], script: str) -> list[str]:
@@ -102,11 +111,15 @@ def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: d
     )
     dataset = load_image_dataset(data_args, seed=seed)
     views = with_image_transforms(
-        DatasetDict(validation=dataset["validation"], train_eval=dataset["train"]), data_args,
+        DatasetDict(validation=dataset["validation"], train_eval=dataset["train"]),
+        data_args,
         num_channels=train_cfg["num_channels"],
     )
-    return (create_eval_dataloader(views["train_eval"], 256), create_eval_dataloader(views["validation"], 256),
-            dataset["train"].features["label"].names)
+    return (
+        create_eval_dataloader(views["train_eval"], 256),
+        create_eval_dataloader(views["validation"], 256),
+        dataset["train"].features["label"].names,
+    )
 
 
 def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -136,9 +149,15 @@ def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -
 
 def untrained_model(flags: list[str], seed: int, label_names: list[str]) -> SimLAPModel:
     """The pretraining model the budget's flags describe, freshly initialised with ``seed`` and not trained."""
-    model_args, data_args, _ = parse_args(train_pretrain.ARGUMENT_CLASSES, flags)
+    model_args, data_args, _ = parse_args(PRETRAIN_ARGUMENTS, flags)
     torch.manual_seed(seed)
-    return SimLAPModel(train_pretrain.build_config(model_args, data_args, label_names))
+    return SimLAPModel(build_pretrain_config(model_args, data_args, label_names))
+
+
+def run_training_script(script: str, flags: list[str]) -> None:
+    """Train with ``train_<script>.py FLAGS`` in a child process that uses as many torch threads as this one."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    subprocess.run([sys.executable, str(SCRIPTS[script]), *flags], check=True, env=env)
 
 
 def run_variant(name: str, seed: int, budget: dict[str, Any], output_dir: Path, loaders: dict[str, Any]):
@@ -157,12 +176,10 @@ def run_variant(name: str, seed: int, budget: dict[str, Any], output_dir: Path, 
     if script == "none":
         run_dir.mkdir(parents=True, exist_ok=True)
         model = untrained_model(flags, seed, loaders["source"][2])
-    elif script == "pretrain":
-        train_pretrain.run(flags)
-        model = SimLAPModel.from_pretrained(run_dir)
     else:
-        train_finetune.run(flags)
-        model = SimLAPForImageClassification.from_pretrained(run_dir)
+        run_training_script(script, flags)
+        model_class = SimLAPModel if script == "pretrain" else SimLAPForImageClassification
+        model = model_class.from_pretrained(run_dir)
     train_seconds = time.perf_counter() - start
     metrics = evaluate_model(model, loaders, seed)
     metrics.update(variant=name, seed=seed, wall_seconds=round(train_seconds, 1))
@@ -181,16 +198,20 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for metric in METRICS:
             values = [r[metric] for r in rows if metric in r]
             if values:
-                entry[metric] = {"mean": statistics.fmean(values),
-                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+                entry[metric] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                }
         entry["spectrum"] = rows[0]["spectrum"]
         summary[name] = entry
     return summary
 
 
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
-    header = ("| variant | online head | kNN | linear probe | effective rank | digits kNN | digits probe |\n"
-              "|---|---|---|---|---|---|---|")
+    header = (
+        "| variant | online head | kNN | linear probe | effective rank | digits kNN | digits probe |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     lines = [header]
     for entry in summary.values():
         cells = []
@@ -215,8 +236,12 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     import numpy as np
 
     names = list(summary)
-    metrics = [("knn_top1", "kNN"), ("probe_top1", "linear probe"), ("transfer_knn_top1", "digits kNN"),
-               ("transfer_probe_top1", "digits probe")]
+    metrics = [
+        ("knn_top1", "kNN"),
+        ("probe_top1", "linear probe"),
+        ("transfer_knn_top1", "digits kNN"),
+        ("transfer_probe_top1", "digits probe"),
+    ]
     figure, (bars, spectra) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(names)
     positions = np.arange(len(metrics))
@@ -251,39 +276,67 @@ def apply_overrides(budget: dict[str, Any], overrides: list[str]) -> None:
         section, _, name = key.rpartition(".")
         values = budget.get(section or "train")
         if not separator or not isinstance(values, dict) or name not in values:
-            raise ValueError(f"--override {item!r}: expected KEY=VALUE with KEY one of the budget's training keys ("
-                             + ", ".join(budget["train"]) + ") or evaluation.KEY ("
-                             + ", ".join(f"evaluation.{k}" for k in budget.get("evaluation", {})) + ")")
+            raise ValueError(
+                f"--override {item!r}: expected KEY=VALUE with KEY one of the budget's training keys ("
+                + ", ".join(budget["train"])
+                + ") or evaluation.KEY ("
+                + ", ".join(f"evaluation.{k}" for k in budget.get("evaluation", {}))
+                + ")"
+            )
         values[name] = yaml.safe_load(value)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_options(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The command line and the budget it names, with its ``--override`` values applied."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("budget", help="budget YAML file (benchmarks/configs/reproduce_*.yaml)")
     parser.add_argument("--output_dir", default="outputs/reproduce")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
-    parser.add_argument("--threads", type=int, help="override the budget's torch threads (e.g. 1 per process when "
-                        "several reproduce.py processes share the cores, each with its own --variants)")
-    parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="change training values of the budget, e.g. --override num_train_epochs=3 eval_every=3, or "
-                        "evaluation values, e.g. evaluation.transfer_dataset_name=cifar100 "
-                        "(values are read as YAML; repeated --override flags add up, the last value of a key wins)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="override the budget's torch threads (e.g. 1 per process when "
+        "several reproduce.py processes share the cores, each with its own --variants)",
+    )
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change training values of the budget, e.g. --override num_train_epochs=3 eval_every=3, or "
+        "evaluation values, e.g. evaluation.transfer_dataset_name=cifar100 "
+        "(values are read as YAML; repeated --override flags add up, the last value of a key wins)",
+    )
     options = parser.parse_args(argv)
     budget = yaml.safe_load(Path(options.budget).read_text())
     try:
         apply_overrides(budget, options.override)
     except ValueError as error:
         parser.error(str(error))
+    return options, budget
+
+
+def write_report(output_dir: Path, report: dict[str, Any]) -> None:
+    """``results.json``, ``results.md`` (the table, also printed) and ``results.png``."""
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(report["summary"])
+    (output_dir / "results.md").write_text(table + "\n")
+    plot(report["summary"], output_dir / "results.png")
+    print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    options, budget = parse_options(argv)
     seeds = options.seeds or budget["seeds"]
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(options.threads or budget.get("threads", torch.get_num_threads()))
-    evaluation = budget["evaluation"]
+    source_limits = {"train": budget["train"].get("max_train_samples"), "validation": None}
     loaders = {
-        "source": eval_loader(budget["train"]["dataset_name"],
-                              {"train": budget["train"].get("max_train_samples"), "validation": None}, budget, 0),
-        "transfer": eval_loader(evaluation["transfer_dataset_name"], {}, budget, 0),
+        "source": eval_loader(budget["train"]["dataset_name"], source_limits, budget, 0),
+        "transfer": eval_loader(budget["evaluation"]["transfer_dataset_name"], {}, budget, 0),
     }
     start = time.perf_counter()
     runs = []
@@ -292,7 +345,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"=== {name} seed {seed} ===", flush=True)
             runs.append(run_variant(name, seed, budget, output_dir, loaders))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "spectrum"}), flush=True)
-    summary = summarise(runs)
     report = {
         "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "budget": budget,
@@ -301,14 +353,10 @@ def main(argv: list[str] | None = None) -> None:
         "total_wall_seconds": round(time.perf_counter() - start, 1),
         # Finished runs are reused, so the training time of every run is summed separately.
         "training_wall_seconds_of_all_runs": round(sum(r["wall_seconds"] for r in runs), 1),
-        "summary": summary,
+        "summary": summarise(runs),
         "runs": runs,
     }
-    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
-    table = markdown_table(summary)
-    (output_dir / "results.md").write_text(table + "\n")
-    plot(summary, output_dir / "results.png")
-    print(table)
+    write_report(output_dir, report)
 
 
 if __name__ == "__main__":

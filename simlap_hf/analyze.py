@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,15 +46,16 @@ from .analysis import (
     embedding_map,
     extract_representations,
     gate_kind,
-    gate_matrix,
     plot_embedding_map,
     plot_gate_heatmap,
     plot_gate_histogram,
     plot_singular_values,
     probe_features,
-    summary_markdown,
+    render_markdown,
     to_jsonable,
 )
+from .analysis.loading import EvalData, LoadedModel, describe_data, load_pretrained_model, load_timm_model
+from .analysis.report import save_gate_arrays, unique_slug
 
 logger = logging.getLogger("simlap_hf.analyze")
 
@@ -63,7 +63,6 @@ logger = logging.getLogger("simlap_hf.analyze")
 MAX_CLASSES_IN_JSON = 100
 #: The full C x C x K gate tensor is saved (float16) when it has at most this many values.
 MAX_SAVED_GATE_VALUES = 2**24
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth", "checkpoint.pth")
 
 
 @dataclass
@@ -72,7 +71,9 @@ class AnalyzeArguments:
 
     model_name_or_path: list[str] = field(
         default_factory=list,
-        metadata={"help": "Local folders of saved models (SimLAPModel, SimLAP classifiers, transformers vision models)."},
+        metadata={
+            "help": "Local folders of saved models (SimLAPModel, SimLAP classifiers, transformers vision models)."
+        },
     )
     timm_model: list[str] = field(
         default_factory=list,
@@ -90,7 +91,8 @@ class AnalyzeArguments:
     )
     output_dir: str = field(default="analysis", metadata={"help": "Folder for report.json, report.md and figures."})
     transfer_dataset_name: str | None = field(
-        default=None, metadata={"help": "Second data set for kNN / linear-probe transfer (same forms as --dataset_name)."}
+        default=None,
+        metadata={"help": "Second data set for kNN / linear-probe transfer (same forms as --dataset_name)."},
     )
     transfer_dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config of the transfer set."})
     transfer_train_dir: str | None = field(default=None, metadata={"help": "Imagefolder tree of the transfer set."})
@@ -110,11 +112,14 @@ class AnalyzeArguments:
         metadata={"help": "Validation images in the 2-D embedding map (embedding_map_<model>.png; 0: no map)."},
     )
     map_method: str = field(
-        default="auto", metadata={"help": "2-D map: tsne (scikit-learn), umap (umap-learn) or auto (umap if installed)."}
+        default="auto",
+        metadata={"help": "2-D map: tsne (scikit-learn), umap (umap-learn) or auto (umap if installed)."},
     )
     batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
     seed: int = field(default=42, metadata={"help": "Seed of the data subsampling / split and of the probe."})
-    device: str | None = field(default=None, metadata={"help": "Torch device (default: cuda when available, else cpu)."})
+    device: str | None = field(
+        default=None, metadata={"help": "Torch device (default: cuda when available, else cpu)."}
+    )
 
     def __post_init__(self) -> None:
         if self.knn_k < 1:
@@ -131,274 +136,35 @@ class AnalyzeArguments:
             raise ValueError(f"--near_binary_margin must lie in [0, 0.5), got {self.near_binary_margin}.")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for analysis and what the report says about it."""
-
-    model: nn.Module
-    name: str
-    source: str
-    kind: str
-    num_channels: int = 3
-    image_size: int | None = None
-
-
-def _weights_file(location: Path) -> Path:
-    if location.is_file():
-        return location
-    for name in WEIGHT_FILES:
-        candidate = location / name
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"No weights file ({', '.join(WEIGHT_FILES)}) in {str(location)!r}.")
-
-
-def load_timm_model(spec: str, kwargs: dict[str, Any] | None = None) -> LoadedModel:
-    """``NAME`` (random initialisation) or ``NAME=WEIGHTS`` (a local weights file or folder) -> a timm feature model
-    (``num_classes=0``). The classifier weights of the file are dropped; nothing is downloaded."""
-    import timm
-
-    from .configuration_simlap import check_timm_model_name
-
-    name, _, weights = spec.partition("=")
-    name = name.strip()
-    check_timm_model_name(name, field="timm_model")
-    kwargs = dict(kwargs or {})
-    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if weights:
-        from timm.models import load_state_dict
-
-        path = _weights_file(Path(weights).expanduser())
-        state = load_state_dict(str(path))
-        own = model.state_dict()
-        classifier = model.pretrained_cfg.get("classifier") or ""
-        classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
-        for key in list(state):
-            if key not in own and any(c and (key == c or key.startswith(c + ".")) for c in classifiers):
-                del state[key]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"The weights {str(path)!r} do not fit timm model {name!r}: missing {list(missing)[:5]}, unexpected "
-                f"{list(unexpected)[:5]}."
-            )
-        label = f"{name} (timm, local weights)"
-    else:
-        label = f"{name} (timm, random init)"
-    return LoadedModel(model, label, spec, "timm", int(kwargs.get("in_chans", 3)))
-
-
-def load_pretrained_model(path: str) -> LoadedModel:
-    """Load a local model folder: a SimLAP model (its ``architectures`` entry picks the class), any transformers model
-    (``AutoModel``: the base model, whose output has ``pooler_output``), or a timm ``save_for_hf`` folder."""
-    from transformers import AutoConfig, AutoModel
-
-    from . import SimLAPForImageClassification, SimLAPFuseForImageClassification, SimLAPModel
-
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model_name_or_path {path!r} is not a local model folder with a config.json (nothing is downloaded; "
-            f"for a timm architecture use --timm_model)."
-        )
-    raw = json.loads((folder / "config.json").read_text())
-    base = folder.resolve().name
-    if "model_type" not in raw and "architecture" in raw:  # timm save_for_hf folder
-        kwargs = {k: v for k, v in (raw.get("model_args") or {}).items() if k != "num_classes"}
-        loaded = load_timm_model(f"{raw['architecture']}={folder}", kwargs)
-        loaded.name, loaded.source = f"{base} (timm {raw['architecture']})", str(path)
-        return loaded
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    classes = {cls.__name__: cls for cls in (SimLAPModel, SimLAPForImageClassification, SimLAPFuseForImageClassification)}
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    cls = classes.get(architecture)
-    if cls is None and config.model_type == "simlap":
-        cls = SimLAPModel
-    elif cls is None and config.model_type == "simlap_fuse":
-        cls = SimLAPFuseForImageClassification
-    model = (cls or AutoModel).from_pretrained(folder, local_files_only=True)
-    kind = type(model).__name__
-    if isinstance(model, SimLAPModel):
-        gate = model.config.gate
-        name = f"{base} (SupCon: open gate)" if gate == "open" else f"{base} (SimLAP, {gate} gate)"
-    else:
-        name = f"{base} ({kind})"
-    return LoadedModel(
-        model, name, str(path), kind, int(getattr(config, "num_channels", 3) or 3), getattr(config, "image_size", None)
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class EvalData:
-    """The train (eval transform) and validation loaders of one data set, built per number of input channels."""
-
-    def __init__(self, data_args: Any, batch_size: int, seed: int, description: str) -> None:
-        from .data import get_label_names, load_image_dataset
-
-        self.args = data_args
-        self.batch_size = batch_size
-        self.description = description
-        self.dataset = load_image_dataset(data_args, seed=seed)
-        self.label_names = [str(name) for name in get_label_names(self.dataset)]
-        self._loaders: dict[int, tuple[Any, Any]] = {}
-
-    def loaders(self, num_channels: int) -> tuple[Any, Any]:
-        """``(train_eval_loader, validation_loader)`` for models with ``num_channels`` input channels."""
-        if num_channels not in self._loaders:
-            from datasets import DatasetDict
-
-            from .data import create_eval_dataloader, with_image_transforms
-
-            # Only a split named "train" is augmented: "train_eval" gets the evaluation transform.
-            views = with_image_transforms(
-                DatasetDict(train_eval=self.dataset["train"], validation=self.dataset["validation"]),
-                self.args,
-                num_channels,
-            )
-            workers = self.args.dataloader_num_workers
-            self._loaders[num_channels] = (
-                create_eval_dataloader(views["train_eval"], self.batch_size, workers),
-                create_eval_dataloader(views["validation"], self.batch_size, workers),
-            )
-        return self._loaders[num_channels]
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "name": self.description,
-            "num_classes": len(self.label_names),
-            "label_names": self.label_names,
-            "num_train": len(self.dataset["train"]),
-            "num_validation": len(self.dataset["validation"]),
-            "input_size": self.args.input_size,
-        }
-
-
-def _describe_data(args: Any) -> str:
-    if args.train_dir:
-        return f"imagefolder {Path(args.train_dir).name}"
-    return str(args.dataset_name)
-
-
 def _transfer_arguments(args: AnalyzeArguments, data_args: Any) -> Any | None:
+    """The data arguments of the transfer data set: the main set's preprocessing with the transfer set's source."""
     if not (args.transfer_dataset_name or args.transfer_train_dir):
         return None
     from .data import resolve_mean_std
 
     # The models expect the normalisation they were trained with: keep the main data set's statistics.
     mean, std = resolve_mean_std(data_args)
+    source = {
+        "dataset_name": args.transfer_dataset_name,
+        "dataset_config_name": args.transfer_dataset_config_name,
+        "train_dir": args.transfer_train_dir,
+        "validation_dir": args.transfer_validation_dir,
+    }
     return dataclasses.replace(
-        data_args,
-        dataset_name=args.transfer_dataset_name,
-        dataset_config_name=args.transfer_dataset_config_name,
-        train_dir=args.transfer_train_dir,
-        validation_dir=args.transfer_validation_dir,
-        image_column_name=None,
-        label_column_name=None,
-        mean=list(mean),
-        std=list(std),
+        data_args, **source, image_column_name=None, label_column_name=None, mean=list(mean), std=list(std)
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _slug(name: str, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "model"
-    slug, index = base, 2
-    while slug in taken:
-        slug, index = f"{base}_{index}", index + 1
-    taken.add(slug)
-    return slug
-
-
-def _save_gate_arrays(model: nn.Module, gates: dict[str, Any], path: Path) -> Path:
-    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in gates["matrices"].items()}
-    arrays["single_class_gates"] = np.asarray(gates["single_class_gates"], dtype=np.float32)
-    arrays["label_names"] = np.asarray(gates["label_names"])
-    count, dim = gates["num_classes"], gates["dim"]
-    if count * count * dim <= MAX_SAVED_GATE_VALUES:
-        arrays["pair_gates"] = gate_matrix(model).numpy().astype(np.float16)  # (C, C, K)
-    np.savez_compressed(path, **arrays)
-    return path
-
-
-def _cell(value: Any, suffix: str = "%") -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.2f}{suffix}" if isinstance(value, float) else str(value)
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: data, a comparison table of every model, the figures and one section per model."""
-    data = report["dataset"]
-    lines = ["# Representation analysis", ""]
-    lines.append(
-        f"Data set: **{data['name']}**, {data['num_classes']} classes ({', '.join(data['label_names'][:20])}"
-        f"{', ...' if data['num_classes'] > 20 else ''}); {data['num_train']} training images (evaluation transform, "
-        f"kNN memory bank and probe training set) and {data['num_validation']} validation images, "
-        f"{data['input_size']}x{data['input_size']} pixels."
-    )
-    transfer = report.get("transfer_dataset")
-    if transfer:
-        lines.append(
-            f"Transfer data set: **{transfer['name']}**, {transfer['num_classes']} classes, {transfer['num_train']} / "
-            f"{transfer['num_validation']} images."
-        )
-    settings = report["settings"]
-    lines += [
-        "",
-        f"kNN: k = {settings['knn_k']}, cosine-weighted (temperature {settings['knn_temperature']}) on backbone "
-        f"features (`pooler_output`). Linear probe: logistic regression on standardised backbone features. Collapse: "
-        f"singular values of the embeddings (`embeddings` of SimLAP models, `pooler_output` otherwise).",
-        "",
-        "## Comparison",
-        "",
-    ]
-    header = ["model", "kNN top-1", "linear probe top-1", "effective rank", "dims for 99% variance"]
-    if transfer:
-        header += ["transfer kNN top-1", "transfer probe top-1"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model in report["models"]:
-        validation, collapse = model["validation"], model["collapse"]
-        row = [
-            model["name"],
-            _cell(validation["knn_top1"]),
-            _cell(validation["linear_probe_top1"]),
-            f"{collapse['effective_rank']:.1f} / {collapse['dim']}",
-            f"{collapse['dims_for_variance']} / {collapse['dim']}",
-        ]
-        if transfer:
-            row += [_cell(model["transfer"]["knn_top1"]), _cell(model["transfer"]["linear_probe_top1"])]
-        lines.append("| " + " | ".join(row) + " |")
-    figures = report["figures"]
-    lines += ["", f"![Singular value spectrum of the embeddings]({figures['singular_values']})", ""]
-    for model in report["models"]:
-        lines += [f"## {model['name']}", "", f"Source: `{model['source']}` ({model['model_class']}).", ""]
-        lines.append(summary_markdown(model).rstrip())
-        for warning in model.get("warnings", []):
-            lines += ["", f"Warning: {warning}."]
-        for key, caption in (("embedding_map", "2-D map of the embeddings"),
-                             ("gate_heatmap", "Class-pair gate heatmap"), ("gate_histogram", "Gate histogram")):
-            if key in model.get("figures", {}):
-                lines += ["", f"![{caption} of {model['name']}]({model['figures'][key]})"]
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
 
 
 def _embedding_map_figure(
-    model: nn.Module, loader: Any, names: Sequence[str], model_name: str, path: Path, samples: int, method: str,
-    seed: int, source: str,
+    model: nn.Module,
+    loader: Any,
+    names: Sequence[str],
+    model_name: str,
+    path: Path,
+    samples: int,
+    method: str,
+    seed: int,
+    source: str,
 ) -> tuple[str, str]:
     """The 2-D map (t-SNE / UMAP) of at most ``samples`` validation embeddings, coloured by class."""
     features, embeddings, labels = extract_representations(model, loader, show_progress=False)
@@ -418,14 +184,8 @@ def _input_size_given(argv: Sequence[str]) -> bool:
     return any(item == "--input_size" or item.startswith("--input_size=") for item in argv)
 
 
-def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool = True) -> dict[str, Any]:
-    """Analyse every model of ``args`` on the data of ``data_args``; write the report and figures; return the report."""
-    from tqdm.auto import tqdm
-
-    from .data import DataArguments
-
-    if not isinstance(data_args, DataArguments):
-        raise TypeError("data_args must be a simlap_hf.data.DataArguments")
+def _timm_kwargs(args: AnalyzeArguments) -> dict[str, Any]:
+    """Check that there is something to analyse and one label per model; the parsed ``--timm_kwargs``."""
     if not args.model_name_or_path and not args.timm_model:
         raise ValueError("Nothing to analyse: give --model_name_or_path DIR [DIR ...] and/or --timm_model NAME.")
     count = len(args.model_name_or_path) + len(args.timm_model)
@@ -437,10 +197,14 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
     timm_kwargs = json.loads(args.timm_kwargs) if args.timm_kwargs else {}
     if not isinstance(timm_kwargs, dict):
         raise ValueError(f"--timm_kwargs must be a JSON object, got {args.timm_kwargs!r}.")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    return timm_kwargs
 
+
+def _load_models(
+    args: AnalyzeArguments, data_args: Any, timm_kwargs: dict[str, Any], input_size_given: bool
+) -> tuple[list[LoadedModel], Any]:
+    """The models to compare, named by ``--labels``, and the data arguments (input size from the first model's
+    config when ``--input_size`` was not given)."""
     # Load the saved models first (cheap) so that their image size can set the default input size.
     loaded = [load_pretrained_model(path) for path in args.model_name_or_path]
     loaded += [load_timm_model(spec, timm_kwargs) for spec in args.timm_model]
@@ -449,65 +213,112 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
         if sizes and sizes[0] != data_args.input_size:
             logger.info("Input size %d from the first model's config (no --input_size given).", sizes[0])
             data_args = dataclasses.replace(data_args, input_size=int(sizes[0]))
-    for entry, label in zip(loaded, args.labels or [None] * count, strict=True):
+    for entry, label in zip(loaded, args.labels or [None] * len(loaded), strict=True):
         entry.name = label or entry.name
+    return loaded, data_args
 
-    data = EvalData(data_args, args.batch_size, args.seed, _describe_data(data_args))
-    transfer_args = _transfer_arguments(args, data_args)
-    transfer = (
-        EvalData(transfer_args, args.batch_size, args.seed, _describe_data(transfer_args)) if transfer_args else None
+
+def _transfer_result(model: nn.Module, transfer: EvalData, num_channels: int, args: AnalyzeArguments) -> dict:
+    """kNN and linear-probe top-1 of the backbone features on the transfer data set."""
+    transfer_train, transfer_validation = transfer.loaders(num_channels)
+    train_features, _, train_labels = extract_representations(model, transfer_train)
+    query_features, _, query_labels = extract_representations(model, transfer_validation)
+    return {
+        "dataset": transfer.description,
+        **probe_features(
+            train_features,
+            train_labels,
+            query_features,
+            query_labels,
+            len(transfer.label_names),
+            knn_k=args.knn_k,
+            knn_temperature=args.knn_temperature,
+            run_linear_probe=not args.no_linear_probe,
+            seed=args.seed,
+        ),
+    }
+
+
+def _gate_figures(model: nn.Module, name: str, gates: dict[str, Any], output_dir: Path, slug: str) -> dict[str, str]:
+    """Heatmap, histogram and ``.npz`` arrays of a model's gates (file names); drops the C x C matrices from the
+    report when there are more than :data:`MAX_CLASSES_IN_JSON` classes."""
+    count = gates["num_classes"]
+    figures = {
+        "gate_heatmap": plot_gate_heatmap(
+            gates,
+            output_dir / f"gate_heatmap_{slug}.png",
+            title=f"{name}: class relationships from the {gates['gate']} gate (K = {gates['dim']})",
+        ).name,
+        "gate_histogram": plot_gate_histogram(
+            gates,
+            output_dir / f"gate_histogram_{slug}.png",
+            title=f"{name}: gate values of all {count}\u00d7{count} class pairs",
+        ).name,
+        "gate_arrays": save_gate_arrays(model, gates, output_dir / f"gates_{slug}.npz", MAX_SAVED_GATE_VALUES).name,
+    }
+    if count > MAX_CLASSES_IN_JSON:
+        gates.pop("matrices")
+        gates.pop("single_class_gates")
+    return figures
+
+
+def _analyse_model(
+    entry: LoadedModel,
+    model: nn.Module,
+    data: EvalData,
+    transfer: EvalData | None,
+    args: AnalyzeArguments,
+    output_dir: Path,
+    taken: set[str],
+) -> dict[str, Any]:
+    """The report entry of one model (on its device already), writing its figures into ``output_dir``."""
+    train_loader, validation_loader = data.loaders(entry.num_channels)
+    result = analyze_model(
+        model,
+        train_loader,
+        validation_loader,
+        data.label_names,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature,
+        run_linear_probe=not args.no_linear_probe,
+        gate_threshold=args.gate_threshold,
+        near_binary_margin=args.near_binary_margin,
+        top_k_pairs=args.top_k_pairs,
     )
-
-    taken: set[str] = set()
-    models: list[dict[str, Any]] = []
-    for entry in tqdm(loaded, desc="Analysing models", disable=len(loaded) < 2):
-        logger.info("Analysing %s", entry.name)
-        model = entry.model.to(device).eval()
-        train_loader, validation_loader = data.loaders(entry.num_channels)
-        result = analyze_model(
-            model, train_loader, validation_loader, data.label_names, knn_k=args.knn_k,
-            knn_temperature=args.knn_temperature, run_linear_probe=not args.no_linear_probe,
-            gate_threshold=args.gate_threshold, near_binary_margin=args.near_binary_margin,
-            top_k_pairs=args.top_k_pairs,
+    result = {"name": entry.name, "source": entry.source, "kind": entry.kind, **result}
+    result["slug"] = slug = unique_slug(entry.name, taken)
+    result["figures"] = {}
+    if transfer is not None:
+        result["transfer"] = _transfer_result(model, transfer, entry.num_channels, args)
+    if args.map_samples:
+        result["figures"]["embedding_map"], result["embedding_map_method"] = _embedding_map_figure(
+            model,
+            validation_loader,
+            data.label_names,
+            entry.name,
+            output_dir / f"embedding_map_{slug}.png",
+            args.map_samples,
+            args.map_method,
+            args.seed,
+            result.get("embedding_source", "embeddings"),
         )
-        result = {"name": entry.name, "source": entry.source, "kind": entry.kind, **result}
-        result["slug"] = slug = _slug(entry.name, taken)
-        result["figures"] = {}
-        if transfer is not None:
-            transfer_train, transfer_validation = transfer.loaders(entry.num_channels)
-            train_features, _, train_labels = extract_representations(model, transfer_train)
-            query_features, _, query_labels = extract_representations(model, transfer_validation)
-            result["transfer"] = {
-                "dataset": transfer.description,
-                **probe_features(train_features, train_labels, query_features, query_labels,
-                                 len(transfer.label_names), knn_k=args.knn_k, knn_temperature=args.knn_temperature,
-                                 run_linear_probe=not args.no_linear_probe, seed=args.seed),
-            }
-        if args.map_samples:
-            result["figures"]["embedding_map"], result["embedding_map_method"] = _embedding_map_figure(
-                model, validation_loader, data.label_names, entry.name, output_dir / f"embedding_map_{slug}.png",
-                args.map_samples, args.map_method, args.seed, result.get("embedding_source", "embeddings"),
-            )
-        gates = result.get("gates")
-        if gates and gates["has_filter"]:
-            result["figures"]["gate_heatmap"] = plot_gate_heatmap(
-                gates, output_dir / f"gate_heatmap_{slug}.png",
-                title=f"{entry.name}: class relationships from the {gates['gate']} gate (K = {gates['dim']})",
-            ).name
-            result["figures"]["gate_histogram"] = plot_gate_histogram(
-                gates, output_dir / f"gate_histogram_{slug}.png",
-                title=f"{entry.name}: gate values of all {gates['num_classes']}\u00d7{gates['num_classes']} class pairs",
-            ).name
-            result["figures"]["gate_arrays"] = _save_gate_arrays(model, gates, output_dir / f"gates_{slug}.npz").name
-            if gates["num_classes"] > MAX_CLASSES_IN_JSON:
-                gates.pop("matrices")
-                gates.pop("single_class_gates")
-        elif gate_kind(model) == "open":
-            logger.info("%s: %s", entry.name, gates["note"])
-        models.append(result)
-        entry.model = None  # free the weights before the next model
-        del model
+    gates = result.get("gates")
+    if gates and gates["has_filter"]:
+        result["figures"].update(_gate_figures(model, entry.name, gates, output_dir, slug))
+    elif gate_kind(model) == "open":
+        logger.info("%s: %s", entry.name, gates["note"])
+    return result
 
+
+def _write_report(
+    models: list[dict[str, Any]],
+    data: EvalData,
+    transfer: EvalData | None,
+    args: AnalyzeArguments,
+    device: torch.device,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """The spectrum figure of every model, ``report.json`` and ``report.md``; returns the report."""
     spectrum = plot_singular_values(
         {model["name"]: model["collapse"]["singular_values"] for model in models},
         output_dir / "singular_values.png",
@@ -535,6 +346,36 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
     (output_dir / "report.md").write_text(render_markdown(report))
     logger.info("Wrote the analysis to %s", output_dir)
     return report
+
+
+def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool = True) -> dict[str, Any]:
+    """Analyse every model of ``args`` on the data of ``data_args``; write the report and figures; return the report."""
+    from tqdm.auto import tqdm
+
+    from .data import DataArguments
+
+    if not isinstance(data_args, DataArguments):
+        raise TypeError("data_args must be a simlap_hf.data.DataArguments")
+    timm_kwargs = _timm_kwargs(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    loaded, data_args = _load_models(args, data_args, timm_kwargs, input_size_given)
+
+    data = EvalData(data_args, args.batch_size, args.seed, describe_data(data_args))
+    transfer_args = _transfer_arguments(args, data_args)
+    transfer = (
+        EvalData(transfer_args, args.batch_size, args.seed, describe_data(transfer_args)) if transfer_args else None
+    )
+    taken: set[str] = set()
+    models: list[dict[str, Any]] = []
+    for entry in tqdm(loaded, desc="Analysing models", disable=len(loaded) < 2):
+        logger.info("Analysing %s", entry.name)
+        model = entry.model.to(device).eval()
+        models.append(_analyse_model(entry, model, data, transfer, args, output_dir, taken))
+        entry.model = None  # free the weights before the next model
+        del model
+    return _write_report(models, data, transfer, args, device, output_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

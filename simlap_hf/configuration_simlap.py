@@ -7,8 +7,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .losses import PAIR_MODES
+
 GATE_KINDS = ("fused", "product", "open")
-PAIR_MODES = ("arbitrary", "identical", "distinct")
 
 
 def _check_choice(field: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -104,20 +105,12 @@ class SimLAPConfig(PretrainedConfig):
         if num_classes is not None and "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["num_labels"] = num_classes
         super().__init__(**kwargs)
-        self.backbone = backbone
-        self.backbone_kwargs = dict(backbone_kwargs or {})
-        self.out_dim = out_dim
-        self.mlp_dim = mlp_dim
-        self.filter_embed_dim = filter_embed_dim
-        self.filter_hidden_dim = filter_hidden_dim
-        self.gate = gate
-        self.pair_mode = pair_mode
-        self.temperature = temperature
-        self.gate_penalty = gate_penalty
-        self.detach_head = detach_head
-        self.image_size = image_size
-        self.num_channels = num_channels
-        self.classifier_dropout = classifier_dropout
+        self.backbone, self.backbone_kwargs = backbone, dict(backbone_kwargs or {})
+        self.out_dim, self.mlp_dim = out_dim, mlp_dim
+        self.filter_embed_dim, self.filter_hidden_dim = filter_embed_dim, filter_hidden_dim
+        self.gate, self.pair_mode, self.temperature = gate, pair_mode, temperature
+        self.gate_penalty, self.detach_head = gate_penalty, detach_head
+        self.image_size, self.num_channels, self.classifier_dropout = image_size, num_channels, classifier_dropout
         self.validate()
         if num_classes is not None and self.num_labels != num_classes:
             raise ValueError(
@@ -168,7 +161,8 @@ class SimLAPFuseConfig(SimLAPConfig):
         arc_scale: scale s of the ArcGrad logits ``s * (pi - arccos(cos))``.
         iter_num: number of pair draws averaged in the SimLAP term.
         simlap_weight: weight of the SimLAP term in the loss.
-        label_smoothing: label smoothing of the ArcGrad cross-entropy.
+        label_smoothing: label smoothing s of the ArcGrad cross-entropy of class indices (targets (1 - s) * onehot +
+            s / C, see ``losses.classification_loss``); soft targets (mixup) carry their own.
     """
 
     model_type = "simlap_fuse"
@@ -190,12 +184,8 @@ class SimLAPFuseConfig(SimLAPConfig):
         label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        self.head_dim = head_dim
-        self.head_hidden_mult = head_hidden_mult
-        self.arc_scale = arc_scale
-        self.iter_num = iter_num
-        self.simlap_weight = simlap_weight
-        self.label_smoothing = label_smoothing
+        self.head_dim, self.head_hidden_mult, self.arc_scale = head_dim, head_hidden_mult, arc_scale
+        self.iter_num, self.simlap_weight, self.label_smoothing = iter_num, simlap_weight, label_smoothing
         super().__init__(**kwargs)
 
     def validate(self) -> None:

@@ -22,10 +22,12 @@ PREDICTED = "(predicted by the model)"
 
 
 def _hit_rows(hits: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """Table rows (rank, class, score, source) of search hits."""
     return [[i + 1, hit["label"], round(hit["score"], 4), hit["source"]] for i, hit in enumerate(hits)]
 
 
 def _gallery(retriever, hits: Sequence[dict[str, Any]]) -> list[tuple[Any, str]]:
+    """(image, caption) of each hit whose image the index can show."""
     items = []
     for hit in hits:
         try:
@@ -48,6 +50,36 @@ def relations_heatmap(retriever, folder: Path) -> str | None:
     return str(ClassRelations.from_model(retriever.model).plot(folder / HEATMAP_FILE))
 
 
+def _search_outputs(
+    retriever, has_head: bool, image: Any, target_class: str | None, query_class: str | None, count: int
+) -> list[Any]:
+    """What the demo shows for one query: predicted classes, nearest neighbours (gallery, table), and the
+    pair-conditioned note, gallery and table (empty, with the reason, when there is no pair search)."""
+    predicted = {hit["label"]: hit["score"] for hit in retriever.predict(image, k=5)} if has_head else {}
+    nearest = retriever.search(image, k=count)
+    outputs = [predicted, _gallery(retriever, nearest), _hit_rows(nearest)]
+    if target_class and retriever.can_pair_search:
+        chosen = None if query_class in (None, "", PREDICTED) else query_class
+        paired = retriever.pair_search(image, target_class, k=count, query_class=chosen)
+        note = (
+            f"Items of **{paired['target_class']}** closest to the image in the "
+            f"{paired['open_dimensions']} dimensions that g({paired['query_class']}, "
+            f"{paired['target_class']}) opens (gated cosine of the training loss)."
+        )
+        outputs += [note, _gallery(retriever, paired["hits"]), _hit_rows(paired["hits"])]
+    else:
+        why = (
+            "Choose a class for pair-conditioned search."
+            if retriever.can_pair_search
+            else (
+                "Pair-conditioned search needs a pretrained SimLAP model with a feature filter and an index with "
+                "its projected embeddings."
+            )
+        )
+        outputs += [why, [], []]
+    return outputs
+
+
 def build_demo(retriever, k: int = 5, examples: Sequence[str] = ()):
     """The Gradio Blocks app around a :class:`~simlap_hf.retrieval.Retriever`."""
     import tempfile
@@ -61,23 +93,7 @@ def build_demo(retriever, k: int = 5, examples: Sequence[str] = ()):
     def run(image, target_class, query_class, count):
         if image is None:
             raise gr.Error("Upload or pick an image first.")
-        count = int(count)
-        predicted = {hit["label"]: hit["score"] for hit in retriever.predict(image, k=5)} if has_head else {}
-        nearest = retriever.search(image, k=count)
-        outputs = [predicted, _gallery(retriever, nearest), _hit_rows(nearest)]
-        if target_class and retriever.can_pair_search:
-            chosen = None if query_class in (None, "", PREDICTED) else query_class
-            paired = retriever.pair_search(image, target_class, k=count, query_class=chosen)
-            note = (f"Items of **{paired['target_class']}** closest to the image in the "
-                    f"{paired['open_dimensions']} dimensions that g({paired['query_class']}, "
-                    f"{paired['target_class']}) opens (gated cosine of the training loss).")
-            outputs += [note, _gallery(retriever, paired["hits"]), _hit_rows(paired["hits"])]
-        else:
-            why = "Choose a class for pair-conditioned search." if retriever.can_pair_search else (
-                "Pair-conditioned search needs a pretrained SimLAP model with a feature filter and an index with "
-                "its projected embeddings.")
-            outputs += [why, [], []]
-        return outputs
+        return _search_outputs(retriever, has_head, image, target_class, query_class, int(count))
 
     headers = ["rank", "class", "score", "source"]
     with gr.Blocks(title="SimLAP search") as demo:
@@ -89,17 +105,26 @@ def build_demo(retriever, k: int = 5, examples: Sequence[str] = ()):
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="pil", label="Query image", elem_id="query-image")
-                target = gr.Dropdown(choices=[""] + list(class_names), value="", label="Pair-conditioned: class to search",
-                                     elem_id="target-class")
-                query = gr.Dropdown(choices=[PREDICTED] + list(retriever.model_label_names), value=PREDICTED,
-                                    label="Query class (for the gate)", elem_id="query-class")
+                target = gr.Dropdown(
+                    choices=[""] + list(class_names),
+                    value="",
+                    label="Pair-conditioned: class to search",
+                    elem_id="target-class",
+                )
+                query = gr.Dropdown(
+                    choices=[PREDICTED] + list(retriever.model_label_names),
+                    value=PREDICTED,
+                    label="Query class (for the gate)",
+                    elem_id="query-class",
+                )
                 count = gr.Slider(1, 20, value=k, step=1, label="Hits")
                 button = gr.Button("Search", variant="primary", elem_id="search-button")
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=[image])
             with gr.Column(scale=2):
-                predicted = gr.Label(num_top_classes=5, label="Predicted classes (online head)",
-                                     elem_id="predicted", visible=has_head)
+                predicted = gr.Label(
+                    num_top_classes=5, label="Predicted classes (online head)", elem_id="predicted", visible=has_head
+                )
                 gr.Markdown("### Nearest neighbours (cosine of the backbone features)")
                 nearest_gallery = gr.Gallery(label="Nearest neighbours", columns=5, height=200, elem_id="nearest")
                 nearest_table = gr.Dataframe(headers=headers, label="Nearest neighbours", elem_id="nearest-table")
@@ -109,8 +134,11 @@ def build_demo(retriever, k: int = 5, examples: Sequence[str] = ()):
         if heatmap:
             gr.Markdown("### Class relations read from the gates")
             gr.Image(value=heatmap, label="Class relatedness", elem_id="relations-heatmap", interactive=False)
-        button.click(run, inputs=[image, target, query, count],
-                     outputs=[predicted, nearest_gallery, nearest_table, pair_note, pair_gallery, pair_table])
+        button.click(
+            run,
+            inputs=[image, target, query, count],
+            outputs=[predicted, nearest_gallery, nearest_table, pair_note, pair_gallery, pair_table],
+        )
     return demo
 
 

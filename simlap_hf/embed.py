@@ -130,8 +130,12 @@ def data_args_for_model(data_args: Any, model_dir: str | os.PathLike, model: tor
         data_args.mean = list(processor.image_mean)
         data_args.std = list(processor.image_std)
     elif getattr(model.config, "image_size", None):
-        logger.warning("%s has no preprocessor_config.json: input size %s from its config, crop, interpolation and "
-                       "normalisation from the flags.", model_dir, model.config.image_size)
+        logger.warning(
+            "%s has no preprocessor_config.json: input size %s from its config, crop, interpolation and "
+            "normalisation from the flags.",
+            model_dir,
+            model.config.image_size,
+        )
         data_args.input_size = int(model.config.image_size)
     return data_args
 
@@ -147,6 +151,7 @@ def _sources(dataset: datasets.Dataset, split: str, start: int) -> list[str]:
 
 
 def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) float32 rows as an Arrow column of fixed-size lists of d floats."""
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
@@ -165,8 +170,13 @@ def encode_batch(model: torch.nn.Module, pixel_values: torch.Tensor) -> dict[str
 
 
 def _embed_rows(
-    model: torch.nn.Module, dataset: datasets.Dataset, data_args: Any, num_channels: int, batch_size: int,
-    device: torch.device, num_workers: int,
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    data_args: Any,
+    num_channels: int,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     from .data import create_eval_dataloader, with_image_transforms
 
@@ -208,22 +218,11 @@ def write_index(
     for split, dataset in splits.items():
         for start in range(0, len(dataset), shard_size):
             part = dataset.select(range(start, min(start + shard_size, len(dataset))))
-            columns: dict[str, list[np.ndarray]] = {}
-            for rows in _embed_rows(model, part, data_args, num_channels, batch_size, device, num_workers):
-                for name, value in rows.items():
-                    columns.setdefault(name, []).append(value)
-                progress.update(len(rows["label"]))
-            arrays = {name: np.concatenate(values) for name, values in columns.items()}
+            rows = _embed_rows(model, part, data_args, num_channels, batch_size, device, num_workers)
+            arrays = _gather_columns(rows, progress)
             dims = {name: int(arrays[name].shape[1]) for name in ("features", "embeddings") if name in arrays}
-            table = pa.table({
-                **{name: _fixed_list(arrays[name]) for name in ("features", "embeddings") if name in arrays},
-                "label": pa.array(arrays["label"].astype(np.int64)),
-                "source": pa.array(_sources(part, split, start), pa.string()),
-                "split": pa.array([split] * len(part), pa.string()),
-                "row": pa.array(np.arange(start, start + len(part), dtype=np.int64)),
-            })
             name = f"shard-{len(shards):05d}.parquet"
-            pq.write_table(table, shard_dir / name)
+            pq.write_table(_shard_table(arrays, part, split, start), shard_dir / name)
             shards.append({"file": f"{SHARD_FOLDER}/{name}", "rows": len(part), "split": split})
     progress.close()
     seconds = time.perf_counter() - start_time
@@ -246,6 +245,30 @@ def write_index(
     }
     (output_dir / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _gather_columns(rows: Iterator[dict[str, np.ndarray]], progress: tqdm) -> dict[str, np.ndarray]:
+    """Concatenate the batches of one shard into one array per column (``features`` (n, D), ``embeddings``
+    (n, K), ``logits`` (n, C), ``label`` (n,)), advancing ``progress`` by each batch's rows."""
+    columns: dict[str, list[np.ndarray]] = {}
+    for batch in rows:
+        for name, value in batch.items():
+            columns.setdefault(name, []).append(value)
+        progress.update(len(batch["label"]))
+    return {name: np.concatenate(values) for name, values in columns.items()}
+
+
+def _shard_table(arrays: dict[str, np.ndarray], part: datasets.Dataset, split: str, start: int) -> pa.Table:
+    """The parquet table of one shard: vectors, label, image source, split and row of every image."""
+    return pa.table(
+        {
+            **{name: _fixed_list(arrays[name]) for name in ("features", "embeddings") if name in arrays},
+            "label": pa.array(arrays["label"].astype(np.int64)),
+            "source": pa.array(_sources(part, split, start), pa.string()),
+            "split": pa.array([split] * len(part), pa.string()),
+            "row": pa.array(np.arange(start, start + len(part), dtype=np.int64)),
+        }
+    )
 
 
 def _data_source(data_args: Any, seed: int) -> dict[str, Any]:
@@ -295,10 +318,18 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = ("train", "validation") if embed_args.split == "all" else (embed_args.split,)
     description = data_args.train_dir or data_args.dataset_name or ""
     info = write_index(
-        model, {name: data[name] for name in names}, get_label_names(data), data_args, output_dir,
-        model_name_or_path=embed_args.model_name_or_path, batch_size=embed_args.batch_size,
-        shard_size=embed_args.shard_size, device=device, num_workers=data_args.dataloader_num_workers,
-        description=description, data_source=_data_source(data_args, embed_args.seed),
+        model,
+        {name: data[name] for name in names},
+        get_label_names(data),
+        data_args,
+        output_dir,
+        model_name_or_path=embed_args.model_name_or_path,
+        batch_size=embed_args.batch_size,
+        shard_size=embed_args.shard_size,
+        device=device,
+        num_workers=data_args.dataloader_num_workers,
+        description=description,
+        data_source=_data_source(data_args, embed_args.seed),
     )
     logger.info("Embedded %d images into %s (%s images/s).", info["num_rows"], output_dir, info["images_per_second"])
     return info

@@ -9,7 +9,9 @@ loads without SimLAP-HF and without remote code:
 
 and ``timm.create_model("hf-hub:USER/NAME", pretrained=True)`` once the folder is uploaded. Its ``pretrained_cfg``
 holds the real preprocessing (input size, resize/crop ratio, interpolation, mean and std) rather than timm's
-ImageNet defaults.
+ImageNet defaults: by default read from the ``preprocessor_config.json`` saved with the model, which holds what
+``simlap_hf.data.resolve_preprocessing`` decided for the training run; explicit values and the defaults go through
+the same rules (:func:`export_preprocessing`).
 
 Command line::
 
@@ -30,7 +32,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +41,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .data.arguments import DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION
+from .data.preprocessing import PREPROCESSOR_FILE, Preprocessing, channel_stats, preprocessing_from_processor
+
 logger = logging.getLogger("simlap_hf")
 
-PREPROCESSOR_FILE = "preprocessor_config.json"
-# PIL resampling codes used by transformers image processors -> timm interpolation names.
-PIL_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-DEFAULT_CROP_PCT = 0.875
-DEFAULT_INTERPOLATION = "bicubic"
 # Fields of the architecture's default pretrained_cfg that describe the network (kept); the rest (URLs, ImageNet
 # preprocessing, licence of the ImageNet weights, test sizes) describes other weights and is dropped.
 _KEPT_CFG_FIELDS = ("first_conv", "fixed_input_size")
@@ -56,7 +56,9 @@ def _classifier_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, Any]:
     config = getattr(model, "config", None)
     backbone = getattr(model, "backbone", None)
     if config is None or backbone is None:
-        raise ValueError(f"export_timm needs a SimLAP model (SimLAPForImageClassification); got {type(model).__name__}.")
+        raise ValueError(
+            f"export_timm needs a SimLAP model (SimLAPForImageClassification); got {type(model).__name__}."
+        )
     if getattr(config, "model_type", None) == "simlap_fuse" or hasattr(model, "margin_head"):
         raise ValueError(
             "SimLAP-Fuse models classify with a cosine margin head, which has no timm equivalent: export a "
@@ -70,74 +72,26 @@ def _classifier_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, Any]:
     return backbone, head, config
 
 
-def _size_from(value: Any) -> int | None:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, Mapping) and value:
-        for key in ("shortest_edge", "height", "width"):
-            if value.get(key):
-                return int(value[key])
-    return None
-
-
-
-def preprocessing_from_processor(path: str | os.PathLike) -> dict[str, Any] | None:
-    """Read a transformers ``preprocessor_config.json`` (a file or the folder holding it) into timm data-config
-    fields: ``mean``, ``std``, ``crop_pct``, ``interpolation`` and ``img_size`` (the centre-crop side). None when
-    there is no such file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PREPROCESSOR_FILE
-    if not path.is_file():
-        return None
-    values = json.loads(path.read_text())
-    found: dict[str, Any] = {}
-    if values.get("image_mean") is not None:
-        found["mean"] = [float(v) for v in values["image_mean"]]
-    if values.get("image_std") is not None:
-        found["std"] = [float(v) for v in values["image_std"]]
-    if values.get("resample") in PIL_INTERPOLATION:
-        found["interpolation"] = PIL_INTERPOLATION[values["resample"]]
-    size = _size_from(values.get("size"))
-    crop = _size_from(values.get("crop_size")) if values.get("do_center_crop", True) else None
-    if values.get("crop_pct") is not None and isinstance(values.get("size"), dict) and "shortest_edge" in values["size"]:
-        # ConvNext-style: resize the short side to shortest_edge / crop_pct, then centre-crop shortest_edge.
-        found["crop_pct"] = float(values["crop_pct"])
-        found["img_size"] = size
-    elif crop and size:
-        found["crop_pct"] = min(1.0, crop / size)
-        found["img_size"] = crop
-    elif size:
-        found["crop_pct"] = 1.0
-        found["img_size"] = size
-    return found
-
-
-def _stats(name: str, values: Sequence[float], channels: int) -> list[float]:
-    values = [float(v) for v in values]
-    if len(values) == 1 and channels > 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"{name} has {len(values)} values but the model takes {channels} input channels.")
-    return values
-
-
-def resolve_preprocessing(
+def export_preprocessing(
     config: Any,
     source_dir: str | os.PathLike | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_pct: float | None = None,
     interpolation: str | None = None,
-) -> dict[str, Any]:
-    """timm preprocessing of the exported model: explicit arguments first, then ``source_dir``'s
-    ``preprocessor_config.json``; the input size always comes from ``config`` (``num_channels``, ``image_size``)."""
+) -> Preprocessing:
+    """Preprocessing of the exported model: explicit arguments first, then ``source_dir``'s
+    ``preprocessor_config.json``, then the training defaults; the input size always comes from ``config``
+    (``num_channels``, ``image_size``), and mean and std are adapted to its channels by the data pipeline's rule."""
     found = preprocessing_from_processor(source_dir) if source_dir is not None else None
     found = found or {}
     if found.get("img_size") and found["img_size"] != config.image_size:
         logger.warning(
             "%s crops %s pixels but the model was trained at image_size=%s; exporting input size %s.",
-            PREPROCESSOR_FILE, found["img_size"], config.image_size, config.image_size,
+            PREPROCESSOR_FILE,
+            found["img_size"],
+            config.image_size,
+            config.image_size,
         )
     mean = mean if mean is not None else found.get("mean")
     std = std if std is not None else found.get("std")
@@ -146,15 +100,14 @@ def resolve_preprocessing(
             "The exported timm model needs the normalisation the SimLAP model was trained with: pass mean= and std= "
             f"(--mean/--std), or source_dir= a folder holding the {PREPROCESSOR_FILE} saved by the training script."
         )
-    channels = config.num_channels
-    return {
-        "input_size": [channels, config.image_size, config.image_size],
-        "interpolation": interpolation or found.get("interpolation") or DEFAULT_INTERPOLATION,
-        "crop_pct": float(crop_pct if crop_pct is not None else found.get("crop_pct", DEFAULT_CROP_PCT)),
-        "crop_mode": "center",
-        "mean": _stats("mean", mean, channels),
-        "std": _stats("std", std, channels),
-    }
+    return Preprocessing(
+        input_size=config.image_size,
+        crop_pct=float(crop_pct if crop_pct is not None else found.get("crop_pct", DEFAULT_CROP_PCT)),
+        interpolation=interpolation or found.get("interpolation") or DEFAULT_INTERPOLATION,
+        mean=channel_stats(mean, config.num_channels, "mean"),
+        std=channel_stats(std, config.num_channels, "std"),
+        num_channels=config.num_channels,
+    )
 
 
 def build_timm_classifier(model: nn.Module) -> tuple[nn.Module, str]:
@@ -195,8 +148,12 @@ def _timm_config(
     pretrained_cfg: dict[str, Any] = {key: default_cfg[key] for key in _KEPT_CFG_FIELDS if key in default_cfg}
     pretrained_cfg.update(preprocessing)
     pretrained_cfg.update(
-        architecture=config.backbone, tag="simlap", custom_load=False, num_classes=net.num_classes,
-        classifier=head_name, pool_size=None,
+        architecture=config.backbone,
+        tag="simlap",
+        custom_load=False,
+        num_classes=net.num_classes,
+        classifier=head_name,
+        pool_size=None,
     )
     label_names = [str(config.id2label[i]) for i in range(net.num_classes)]
     return {
@@ -228,8 +185,8 @@ A `{config.backbone}` image classifier ({config.num_labels} classes) trained wit
 ([Rethinking positive pairs in contrastive learning](https://arxiv.org/abs/2410.18200)), exported as a plain timm
 model: no SimLAP code is needed to use it.
 
-Preprocessing: {size} x {size} input, resize by crop_pct {preprocessing['crop_pct']} then centre crop,
-{preprocessing['interpolation']} interpolation, mean {preprocessing['mean']}, std {preprocessing['std']}.
+Preprocessing: {size} x {size} input, resize by crop_pct {preprocessing["crop_pct"]} then centre crop,
+{preprocessing["interpolation"]} interpolation, mean {preprocessing["mean"]}, std {preprocessing["std"]}.
 
 ## How to use
 
@@ -237,7 +194,7 @@ Preprocessing: {size} x {size} input, resize by crop_pct {preprocessing['crop_pc
 import timm
 import torch
 
-model = timm.create_model("{'hf-hub:' + repo if repo else 'local-dir:' + str(out_dir)}", pretrained=True).eval()
+model = timm.create_model("{"hf-hub:" + repo if repo else "local-dir:" + str(out_dir)}", pretrained=True).eval()
 data_config = timm.data.resolve_data_config(model=model)
 transform = timm.data.create_transform(**data_config)  # PIL image -> normalised tensor
 with torch.no_grad():
@@ -286,7 +243,7 @@ def export_timm(
         model = load_simlap_classifier(model)
     model = model.eval()
     backbone, head, config = _classifier_parts(model)
-    preprocessing = resolve_preprocessing(config, source_dir, mean, std, crop_pct, interpolation)
+    preprocessing = export_preprocessing(config, source_dir, mean, std, crop_pct, interpolation).timm_config()
     model_args = dict(config.timm_kwargs())
     model_args.pop("num_classes", None)
     try:
@@ -352,8 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export_timm(
-            args.model_dir, args.out_dir, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
-            interpolation=args.interpolation, repo_id=args.hub_model_id,
+            args.model_dir,
+            args.out_dir,
+            mean=args.mean,
+            std=args.std,
+            crop_pct=args.crop_pct,
+            interpolation=args.interpolation,
+            repo_id=args.hub_model_id,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

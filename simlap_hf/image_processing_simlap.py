@@ -2,38 +2,33 @@
 
 Mode conversion (``"L"`` for one input channel, ``"RGB"`` for three; palette images through RGBA), resize of the
 shortest edge to ``floor(size / crop_pct)`` with the training interpolation, centre crop to ``size``, scaling to
-[0, 1] and normalisation with the data set's mean and std. The same PIL and torchvision operations as timm's
-evaluation transform, so ``processor(image)["pixel_values"][0]`` equals ``create_eval_transform(args)(image)``.
+[0, 1] and normalisation with the data set's mean and std. The processor runs the very transform that evaluation
+runs (:func:`simlap_hf.data.transforms.eval_transform`), so ``processor(image)["pixel_values"][0]`` equals
+``create_eval_transform(args)(image)``.
 
-Saved as ``preprocessor_config.json`` beside every trained model; ``AutoImageProcessor.from_pretrained(folder)``
-finds it after ``import simlap_hf``. The file also names the resize in the ConvNext convention
-(``size.shortest_edge``, ``crop_pct``, ``resample``), which ``simlap_hf.export`` reads for timm exports.
+Saved as ``preprocessor_config.json`` beside every trained model (:func:`simlap_hf.data.save_image_processor`);
+``AutoImageProcessor.from_pretrained(folder)`` finds it after ``import simlap_hf``. The file also names the resize in
+the ConvNext convention (``size.shortest_edge``, ``crop_pct``, ``resample``), which ``simlap_hf.export`` reads for
+timm exports.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
+from .data.arguments import DEFAULT_CROP_PCT, DEFAULT_INPUT_SIZE, DEFAULT_INTERPOLATION
+from .data.preprocessing import PIL_INTERPOLATION, Preprocessing
+from .data.transforms import eval_transform
+
 # PIL resampling codes, written as ``resample`` for readers of the ConvNext convention.
-_PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "box": InterpolationMode.BOX,
-    "hamming": InterpolationMode.HAMMING,
-    "lanczos": InterpolationMode.LANCZOS,
-}
+_PIL_CODES = {name: code for code, name in PIL_INTERPOLATION.items()}
 
 
 class SimLAPImageProcessor(BaseImageProcessor):
@@ -51,9 +46,9 @@ class SimLAPImageProcessor(BaseImageProcessor):
 
     def __init__(
         self,
-        size: int = 32,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
+        size: int = DEFAULT_INPUT_SIZE,
+        crop_pct: float = DEFAULT_CROP_PCT,
+        interpolation: str = DEFAULT_INTERPOLATION,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         num_channels: int = 3,
@@ -66,8 +61,8 @@ class SimLAPImageProcessor(BaseImageProcessor):
             size = size.get("shortest_edge", size.get("height"))
         if num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}.")
+        if interpolation not in _PIL_CODES:
+            raise ValueError(f"interpolation must be one of {sorted(_PIL_CODES)}, got {interpolation!r}.")
         if not 0.0 < float(crop_pct) <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
         if len(image_mean) != num_channels or len(image_std) != num_channels:
@@ -82,37 +77,40 @@ class SimLAPImageProcessor(BaseImageProcessor):
         self.image_std = [float(value) for value in image_std]
         self.num_channels = int(num_channels)
 
-    def _transform(self) -> transforms.Compose:
-        return transforms.Compose([
-            transforms.Resize(math.floor(self.size / self.crop_pct), interpolation=_INTERPOLATIONS[self.interpolation]),
-            transforms.CenterCrop(self.size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=torch.tensor(self.image_mean), std=torch.tensor(self.image_std)),
-        ])
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The processor's settings as the data pipeline describes them."""
+        return Preprocessing(
+            input_size=self.size,
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+            mean=tuple(self.image_mean),
+            std=tuple(self.image_std),
+            num_channels=self.num_channels,
+        )
+
+    def _transform(self) -> Callable[[PIL.Image.Image], torch.Tensor]:
+        """PIL image (any mode) -> normalised Tensor(num_channels, size, size): evaluation's own transform."""
+        return eval_transform(self.preprocessing)
 
     def _to_pil(self, image: Any) -> PIL.Image.Image:
+        """A PIL image from a PIL image or a numpy array (H, W), (H, W, C) or (C, H, W); the mode conversion is
+        part of the transform."""
         if isinstance(image, PIL.Image.Image):
-            pil = image
-        elif isinstance(image, np.ndarray):
-            array = image
-            if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-                array = array.transpose(1, 2, 0)  # channels first -> last
-            if array.ndim == 3 and array.shape[-1] == 1:
-                array = array[..., 0]
-            if array.dtype != np.uint8:
-                array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
-            pil = PIL.Image.fromarray(array)
-        else:
+            return image
+        if not isinstance(image, np.ndarray):
             raise TypeError(
                 f"SimLAPImageProcessor takes PIL images or numpy arrays (H, W[, C]), got {type(image).__name__}; "
                 f"open files with PIL.Image.open(path) first."
             )
-        mode = "L" if self.num_channels == 1 else "RGB"
-        if pil.mode == mode:
-            return pil
-        if pil.mode == "P":
-            pil = pil.convert("RGBA")
-        return pil.convert(mode)
+        array = image
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+            array = array.transpose(1, 2, 0)  # channels first -> last
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.dtype != np.uint8:
+            array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(array)
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         """One image or a list of images -> ``BatchFeature`` with ``pixel_values`` (B, C, size, size)."""
@@ -145,4 +143,3 @@ class SimLAPImageProcessor(BaseImageProcessor):
             "image_std": list(self.image_std),
             "num_channels": self.num_channels,
         }
-

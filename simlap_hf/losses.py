@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .utils import bernoulli_entropy
+
 PAIR_MODES = ("arbitrary", "identical", "distinct")
 POSITIVE_RULES = ("partner", "pair")
 _NORM_EPS = 1e-8
@@ -187,9 +189,9 @@ def simlap_loss(
 
 
 def gate_entropy(gates: Tensor, eps: float = 1e-6) -> Tensor:
-    """Mean Bernoulli entropy (nats) of gate values: (B, K) -> scalar. 0 for hard gates, log 2 for g = 0.5."""
-    g = gates.float().clamp(eps, 1.0 - eps)
-    return -(g * g.log() + (1.0 - g) * (1.0 - g).log()).mean()
+    """Mean Bernoulli entropy (nats) of gate values, in float32: (B, K) -> scalar. 0 for hard gates, log 2 for
+    g = 0.5."""
+    return bernoulli_entropy(gates.float(), eps).mean()
 
 
 @torch.no_grad()
@@ -381,11 +383,31 @@ def distributed_mean(loss_sum: Tensor, count: Tensor, gathered: bool = True) -> 
     return loss_sum * dist.get_world_size() / total.clamp_min(1.0)
 
 
+def classification_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """The cross-entropy of every classifier of the package, in float32 (also under autocast).
+
+    ``label_smoothing`` s is one rule everywhere: the target of class y becomes (1 - s) * onehot(y) + s / C.
+
+    Args:
+        logits: (B, C) scores.
+        targets: (B,) int64 class indices, smoothed by ``label_smoothing``; or (B, C) soft targets (timm's mixup /
+            cutmix), used as given: timm's ``Mixup(label_smoothing=s)`` builds them with the same rule, so
+            ``label_smoothing`` is not applied to them a second time.
+        label_smoothing: s in [0, 1).
+
+    Returns:
+        float32 scalar, the mean over the batch.
+    """
+    if targets.dim() == 2:
+        return torch.sum(-targets.float() * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
 def arcgrad_logits(cosine: Tensor, scale: float, eps: float = 1e-6) -> Tensor:
     """ArcGrad logits ``scale * (pi - arccos(cos))`` computed in float32 with a clamp safe for the gradient.
 
-    The clamp to ``1 - eps`` is applied in float32: in float16 the reference's ``1 - 1e-7`` rounds to 1 and the
-    gradient of arccos becomes infinite. (B, C) -> (B, C) float32.
+    The clamp to ``1 - eps`` is applied in float32: in float16 a clamp to ``1 - 1e-7`` (the paper's code) rounds to 1
+    and the gradient of arccos becomes infinite. (B, C) -> (B, C) float32.
     """
     with torch.autocast(device_type=cosine.device.type, enabled=False):
         clamped = cosine.float().clamp(-1.0 + eps, 1.0 - eps)

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
 from .losses import (
     arcgrad_logits,
+    classification_loss,
     distributed_mean,
     gate_entropy,
     gather_labels,
@@ -32,6 +33,7 @@ from .losses import (
     sample_pair_labels,
     simlap_contrastive_terms,
 )
+from .utils import describe_weights
 
 try:  # transformers >= 5: initialisers that skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -49,16 +51,6 @@ def create_backbone(config: SimLAPConfig) -> nn.Module:
             "Leave out the option it does not take (--stem_type and --output_stride are timm ResNet options; check "
             "--model_kwargs)."
         ) from error
-
-
-def _weights_file(source) -> str:
-    """Name the weights of ``from_pretrained``'s source for messages: the file in a local folder, else the source."""
-    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
-    if os.path.isdir(text):
-        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(text, name)):
-                return repr(os.path.join(text, name))
-    return repr(text)
 
 
 def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
@@ -107,6 +99,21 @@ def register_gate(name: str) -> Callable:
     return register
 
 
+def _as_requested(output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+    """``output``, or its tuple form (``None`` fields left out) when ``return_dict`` is False."""
+    return output.to_tuple() if return_dict is False else output
+
+
+def _classifier_output(
+    loss: Tensor | None, logits: Tensor, features: Tensor, return_dict: bool | None
+) -> ImageClassifierOutput | tuple:
+    """The output of the classifiers: ``loss``, (B, C) ``logits`` and the (B, D) backbone features as
+    ``pooler_output`` (what ``pipeline("image-feature-extraction")`` reads)."""
+    output = ImageClassifierOutput(loss=loss, logits=logits)
+    output["pooler_output"] = features
+    return _as_requested(output, return_dict)
+
+
 class SimLAPProjector(nn.Sequential):
     """Linear(D, mlp) -> BatchNorm1d -> ReLU -> Linear(mlp, K, no bias) -> LayerNorm(K): (B, D) -> (B, K)."""
 
@@ -131,7 +138,9 @@ class SimLAPFeatureFilter(nn.Module):
     def __init__(self, num_classes: int, embed_dim: int, hidden_dim: int, out_dim: int, kind: str) -> None:
         super().__init__()
         if kind not in GATE_FUNCTIONS:
-            raise ValueError(f"Unknown gate kind {kind!r} for the feature filter; registered: {sorted(GATE_FUNCTIONS)}.")
+            raise ValueError(
+                f"Unknown gate kind {kind!r} for the feature filter; registered: {sorted(GATE_FUNCTIONS)}."
+            )
         self.kind = kind
         self.label_embedding = nn.Embedding(num_classes, embed_dim)
         self.mlp = nn.Sequential(
@@ -150,7 +159,7 @@ class SimLAPFeatureFilter(nn.Module):
 
 @register_gate("fused")
 def fused_gate(feature_filter: SimLAPFeatureFilter, labels: Tensor, pair_labels: Tensor) -> Tensor:
-    """The reference's gate: sigmoid(mlp((E[y1] + E[y2]) / 2)), (B, K)."""
+    """The paper's gate: sigmoid(mlp((E[y1] + E[y2]) / 2)), (B, K)."""
     embedding = feature_filter.label_embedding
     return torch.sigmoid(feature_filter.mlp((embedding(labels) + embedding(pair_labels)) / 2))
 
@@ -211,7 +220,7 @@ class SimLAPPreTrainedModel(PreTrainedModel):
             loaded = super().from_pretrained(source, *model_args, **kwargs)
         except SafetensorError as error:
             raise OSError(
-                f"Cannot load {cls.__name__}: the weights file {_weights_file(source)} is truncated or corrupt "
+                f"Cannot load {cls.__name__}: the weights file {describe_weights(source)} is truncated or corrupt "
                 f"({error}). Save, copy or download it again."
             ) from error
         if not check_sizes:
@@ -219,10 +228,12 @@ class SimLAPPreTrainedModel(PreTrainedModel):
         model, info = loaded
         mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: item[0])
         if mismatched:
-            shapes = "; ".join(f"{name}: {tuple(saved)} in the file, {tuple(wanted)} in the model"
-                               for name, saved, wanted in mismatched)
+            shapes = "; ".join(
+                f"{name}: {tuple(saved)} in the file, {tuple(wanted)} in the model"
+                for name, saved, wanted in mismatched
+            )
             raise ValueError(
-                f"Cannot load {cls.__name__} from {_weights_file(source)}: the weights do not fit the configuration "
+                f"Cannot load {cls.__name__} from {describe_weights(source)}: the weights do not fit the configuration "
                 f"({shapes}). This happens when num_labels/id2label (number of classes) differs from the checkpoint's. "
                 f"Pass ignore_mismatched_sizes=True to start these tensors anew (a new head for another label set), "
                 f"or load with the checkpoint's own number of classes."
@@ -329,6 +340,20 @@ class SimLAPModel(SimLAPPreTrainedModel):
 
     _auto_class = "AutoModel"  # saved folders carry this code (remote code, see SimLAPConfig)
 
+    #: Scalar fields of :class:`SimLAPModelOutput` that training logs at every logging step, next to ``loss``. A new
+    #: loss term or statistic is logged by setting it on the output in :meth:`forward` and naming it here.
+    logged_outputs: tuple[str, ...] = (
+        "contrastive_loss",
+        "head_loss",
+        "gate_penalty_loss",
+        "gate_activation",
+        "gate_entropy",
+        "cos_own",
+        "cos_partner",
+        "cos_negative",
+        "embedding_std",
+    )
+
     def __init__(self, config: SimLAPConfig) -> None:
         super().__init__(config)
         self.backbone = self._build_backbone(config)
@@ -386,9 +411,7 @@ class SimLAPModel(SimLAPPreTrainedModel):
         output = SimLAPModelOutput(logits=logits, embeddings=embeddings, pooler_output=features)
         if labels is not None:
             self._add_loss(output, labels, pair_labels, gather_keys)
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+        return _as_requested(output, return_dict)
 
     def _add_loss(
         self, output: SimLAPModelOutput, labels: Tensor, pair_labels: Tensor | None, gather_keys: bool | None
@@ -410,7 +433,7 @@ class SimLAPModel(SimLAPPreTrainedModel):
             offset = torch.distributed.get_rank() * embeddings.shape[0]
         terms = simlap_contrastive_terms(embeddings, labels, pair_labels, gates, config.temperature, keys, key_labels)
         contrastive = distributed_mean(terms.loss_sum, terms.num_positives, gathered=gather_keys)
-        head_loss = F.cross_entropy(output.logits.float(), labels)
+        head_loss = classification_loss(output.logits, labels)  # the online head: no label smoothing
         entropy = gate_entropy(gates)
         penalty = config.gate_penalty * entropy
         output.loss = contrastive + head_loss + penalty
@@ -454,18 +477,7 @@ class SimLAPForImageClassification(SimLAPPreTrainedModel):
         features = self.backbone(pixel_values)  # (B, D)
         logits = self.classifier(self.dropout(features))  # (B, C)
         loss = classification_loss(logits, labels) if labels is not None else None
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=None)
-        output["pooler_output"] = features
-        if return_dict is False:
-            return output.to_tuple()
-        return output
-
-
-def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy in float32 for (B,) class indices or (B, C) soft targets (mixup/cutmix)."""
-    if labels.dim() == 2:
-        return torch.sum(-labels.float() * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        return _classifier_output(loss, logits, features, return_dict)
 
 
 class CosineClassifier(nn.Module):
@@ -562,11 +574,7 @@ class SimLAPFuseForImageClassification(SimLAPPreTrainedModel):
             loss = classification_loss(logits, targets, self.config.label_smoothing)
             if self.config.simlap_weight > 0:
                 loss = loss + self.config.simlap_weight * self.simlap_term(features, labels)
-        output = ImageClassifierOutput(loss=loss, logits=logits)
-        output["pooler_output"] = features
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+        return _classifier_output(loss, logits, features, return_dict)
 
     def simlap_term(self, features: Tensor, labels: Tensor) -> Tensor:
         """Mean over ``iter_num`` pair draws of the pair-positive SimLAP loss on (B, D) backbone features."""
@@ -603,7 +611,4 @@ class SimLAPFuseModel(SimLAPPreTrainedModel):
     def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> ModelOutput | tuple:
         """(B, C_in, H, W) -> ``pooler_output`` (B, D)."""
         reject_unknown_arguments(SimLAPFuseModel.forward, kwargs)
-        output = BaseModelOutputWithPooling(pooler_output=self.backbone(pixel_values))
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+        return _as_requested(BaseModelOutputWithPooling(pooler_output=self.backbone(pixel_values)), return_dict)

@@ -65,12 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        url = push(args.output_dir, args.hub_model_id, args.hub_token, args.private, args.include_checkpoints,
-                   args.commit_message)
+        print(f"pushed: {push(**vars(args))}")  # the flags are named as push()'s parameters
     except (FileNotFoundError, ValueError, HubPushError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"pushed: {url}")
     return 0
 
 

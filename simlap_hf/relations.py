@@ -51,24 +51,18 @@ MEASURES: dict[str, tuple[str, float, str]] = {
 DEFAULT_MEASURE = "gate_entropy"
 
 
-def _bernoulli_entropy(gates: Tensor, eps: float = 1e-7) -> Tensor:
-    g = gates.double().clamp(eps, 1.0 - eps)
-    return -(g * g.log() + (1.0 - g) * (1.0 - g).log())
-
-
 def gate_matrices(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Tensor]:
     """The C x C matrices of every gate statistic: ``mean_activation``, ``open_fraction`` (share of dimensions with
     g >= threshold), ``entropy`` (mean Bernoulli entropy, nats); and ``open`` (C, C, K) bool masks. Eval mode, no
     gradient (the model's train/eval flags are restored)."""
-    from .analysis import _iter_gate_rows, gate_kind
+    from .analysis.gates import gate_kind, iter_gate_rows, pair_statistics
 
     if gate_kind(model) == "open":
         raise ValueError("The model has the open gate (no feature filter): there are no class relations to read.")
     blocks: dict[str, list[Tensor]] = {"mean_activation": [], "open_fraction": [], "entropy": [], "open": []}
-    for _, gates in _iter_gate_rows(model):  # (R, C, K)
-        blocks["mean_activation"].append(gates.double().mean(dim=2))
-        blocks["open_fraction"].append((gates >= threshold).double().mean(dim=2))
-        blocks["entropy"].append(_bernoulli_entropy(gates).mean(dim=2))
+    for _, gates in iter_gate_rows(model):  # (R, C, K)
+        for name, values in pair_statistics(gates, threshold).items():
+            blocks[name].append(values)
         blocks["open"].append(gates >= threshold)
     return {name: torch.cat(values) for name, values in blocks.items()}
 
@@ -121,12 +115,19 @@ class ClassRelations:
     """
 
     def __init__(
-        self, names: Sequence[str], matrices: Mapping[str, Any], measure: str = DEFAULT_MEASURE,
-        open_masks: Tensor | None = None, threshold: float = DEFAULT_THRESHOLD,
+        self,
+        names: Sequence[str],
+        matrices: Mapping[str, Any],
+        measure: str = DEFAULT_MEASURE,
+        open_masks: Tensor | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
     ) -> None:
         self.names = [str(name) for name in names]
-        self.matrices = {name: np.asarray(value, dtype=np.float64) for name, value in matrices.items()
-                         if name in ("mean_activation", "open_fraction", "entropy", "class_mean_cosine")}
+        self.matrices = {
+            name: np.asarray(value, dtype=np.float64)
+            for name, value in matrices.items()
+            if name in ("mean_activation", "open_fraction", "entropy", "class_mean_cosine")
+        }
         self.measure = measure
         self.relatedness = relatedness_from(self.matrices, measure)
         self.threshold = threshold
@@ -136,14 +137,17 @@ class ClassRelations:
 
     @classmethod
     def from_model(
-        cls, model: nn.Module, measure: str = DEFAULT_MEASURE, threshold: float = DEFAULT_THRESHOLD,
+        cls,
+        model: nn.Module,
+        measure: str = DEFAULT_MEASURE,
+        threshold: float = DEFAULT_THRESHOLD,
         label_names: Sequence[str] | None = None,
     ) -> ClassRelations:
         """Read the relations from a SimLAPModel's gates (or a SimLAP-Fuse classifier's sign gates)."""
-        from .analysis import _class_names, _gate_function
+        from .analysis.gates import class_names, gate_function
 
-        inner, _, _, num_classes = _gate_function(model)
-        names = _class_names(inner, num_classes, label_names)
+        inner, _, _, num_classes = gate_function(model)
+        names = class_names(inner, num_classes, label_names)
         matrices = gate_matrices(model, threshold)
         return cls(names, matrices, measure, open_masks=matrices["open"], threshold=threshold)
 
@@ -187,12 +191,15 @@ class ClassRelations:
         return self._open[i, j].nonzero().flatten().tolist()
 
     def most_related_pairs(self, k: int = 5) -> list[tuple[str, str, float]]:
-        return [(self.names[i], self.names[j], float(self.relatedness[i, j]))
-                for i, j in ranked_pairs(self.relatedness)[:k]]
+        return [
+            (self.names[i], self.names[j], float(self.relatedness[i, j])) for i, j in ranked_pairs(self.relatedness)[:k]
+        ]
 
     def least_related_pairs(self, k: int = 5) -> list[tuple[str, str, float]]:
-        return [(self.names[i], self.names[j], float(self.relatedness[i, j]))
-                for i, j in ranked_pairs(self.relatedness)[::-1][:k]]
+        return [
+            (self.names[i], self.names[j], float(self.relatedness[i, j]))
+            for i, j in ranked_pairs(self.relatedness)[::-1][:k]
+        ]
 
     # -- saving ------------------------------------------------------------------------------------------------
     def to_dict(self, top_k: int = 5) -> dict[str, Any]:
@@ -203,8 +210,10 @@ class ClassRelations:
             "threshold": self.threshold,
             "label_names": self.names,
             "relatedness": [[None if math.isnan(v) else float(v) for v in row] for row in self.relatedness],
-            "related_classes": {name: [{"class": other, "relatedness": score}
-                                       for other, score in self.related_classes(name, top_k)] for name in self.names},
+            "related_classes": {
+                name: [{"class": other, "relatedness": score} for other, score in self.related_classes(name, top_k)]
+                for name in self.names
+            },
             "most_related": pairs(self.most_related_pairs(top_k)),
             "least_related": pairs(self.least_related_pairs(top_k)),
             "matrices": {name: matrix.tolist() for name, matrix in self.matrices.items()},
@@ -252,8 +261,10 @@ class ClassRelations:
         ]
         if len(self.names) <= 30:
             lines += ["", "| class | most related classes |", "|---|---|"]
-            lines += [f"| {name} | " + ", ".join(other for other, _ in self.related_classes(name, 3)) + " |"
-                      for name in self.names]
+            lines += [
+                f"| {name} | " + ", ".join(other for other, _ in self.related_classes(name, 3)) + " |"
+                for name in self.names
+            ]
         if heatmap:
             lines += ["", f"![class relatedness]({heatmap})"]
         return "\n".join(lines)
@@ -262,7 +273,7 @@ class ClassRelations:
 def save_class_relations(model: nn.Module, output_dir: str | os.PathLike, measure: str = DEFAULT_MEASURE) -> bool:
     """Write ``class_relations.json`` and its heatmap beside a saved model; False (nothing written) for a model
     without a feature filter (open gate) or without gates."""
-    from .analysis import gate_kind
+    from .analysis.gates import gate_kind
 
     try:
         kind = gate_kind(model)

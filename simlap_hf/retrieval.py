@@ -174,14 +174,16 @@ class EmbeddingIndex:
             table = tables[shard]
             local = global_id - int(self._offsets[shard])
             label = int(table.column("label")[local].as_py())
-            result.append({
-                "source": table.column("source")[local].as_py(),
-                "label": self.label_names[label] if 0 <= label < len(self.label_names) else str(label),
-                "label_id": label,
-                "split": table.column("split")[local].as_py(),
-                "row": int(table.column("row")[local].as_py()),
-                "index_id": global_id,
-            })
+            result.append(
+                {
+                    "source": table.column("source")[local].as_py(),
+                    "label": self.label_names[label] if 0 <= label < len(self.label_names) else str(label),
+                    "label_id": label,
+                    "split": table.column("split")[local].as_py(),
+                    "row": int(table.column("row")[local].as_py()),
+                    "index_id": global_id,
+                }
+            )
         return result
 
     def image(self, index_id: int):
@@ -194,7 +196,9 @@ class EmbeddingIndex:
             return Image.open(row["source"])
         source = self.info.get("data_source")
         if not source:
-            raise ValueError(f"The index does not record its data, so row {index_id} ({row['source']}) cannot be shown.")
+            raise ValueError(
+                f"The index does not record its data, so row {index_id} ({row['source']}) cannot be shown."
+            )
         if self._data is None:
             from dataclasses import fields
 
@@ -207,7 +211,11 @@ class EmbeddingIndex:
 
     # -- search ------------------------------------------------------------------------------------------------
     def search(
-        self, queries: Tensor, k: int = 5, column: str = "features", chunk_size: int = 65_536,
+        self,
+        queries: Tensor,
+        k: int = 5,
+        column: str = "features",
+        chunk_size: int = 65_536,
         backend: str = "torch",
     ) -> tuple[Tensor, Tensor]:
         """Cosine nearest neighbours of (Q, dim) or (dim,) queries: (Q, k) scores (descending) and global row ids."""
@@ -231,7 +239,12 @@ class EmbeddingIndex:
         return best[0].cpu(), best[1].cpu()
 
     def pair_search(
-        self, query_embedding: Tensor, gate: Tensor, target_label: int, k: int = 5, chunk_size: int = 65_536,
+        self,
+        query_embedding: Tensor,
+        gate: Tensor,
+        target_label: int,
+        k: int = 5,
+        chunk_size: int = 65_536,
     ) -> tuple[Tensor, Tensor]:
         """Items of class ``target_label`` ranked by the gated cosine ``cos(g * z_q, g * z_n)`` of the projected
         embeddings: (1, k') scores and global row ids (k' = min(k, items of that class))."""
@@ -291,8 +304,11 @@ class Retriever:
     """
 
     def __init__(
-        self, model_name_or_path: str | os.PathLike | None, index: EmbeddingIndex | str | os.PathLike,
-        device: str | torch.device = "cpu", backend: str = "torch",
+        self,
+        model_name_or_path: str | os.PathLike | None,
+        index: EmbeddingIndex | str | os.PathLike,
+        device: str | torch.device = "cpu",
+        backend: str = "torch",
     ) -> None:
         from .embed import load_model, load_processor
 
@@ -304,7 +320,7 @@ class Retriever:
         if self.processor is None:
             raise ValueError(
                 f"--model_name_or_path {str(model_path)!r} has no SimLAP preprocessor_config.json; save one with "
-                f"simlap_hf.training.save_image_processor (models trained by this version have one)."
+                f"simlap_hf.data.save_image_processor (models trained by this version have one)."
             )
         self.device = torch.device(device)
         self.backend = backend
@@ -343,7 +359,11 @@ class Retriever:
         return self._hits(scores[0], ids[0])
 
     def pair_search(
-        self, image: Any, target_class: str, k: int = 5, query_class: str | None = None,
+        self,
+        image: Any,
+        target_class: str,
+        k: int = 5,
+        query_class: str | None = None,
     ) -> dict[str, Any]:
         """The items of ``target_class`` closest to the image in the subspace the gate g(query class, target class)
         opens. The query class is ``query_class`` or the online head's prediction. Returns ``{"query_class",
@@ -352,7 +372,8 @@ class Retriever:
             raise ValueError(
                 "Pair-conditioned search needs a pretrained SimLAP model with a feature filter (gate 'fused' or "
                 f"'product'); {str(self.index.info.get('model_name_or_path'))!r} is a "
-                f"{type(self.model).__name__}" + (" with the open gate" if hasattr(self.model, "projector") else "")
+                f"{type(self.model).__name__}"
+                + (" with the open gate" if hasattr(self.model, "projector") else "")
                 + ". Use plain search (no --target_class)."
             )
         if not self.index.has_embeddings:
@@ -376,8 +397,9 @@ class Retriever:
     def _model_class(self, name: str, flag: str) -> int:
         if name in self.model_label_names:
             return self.model_label_names.index(name)
-        raise ValueError(f"{flag} {name!r} is not a class of the model; its classes are: "
-                         f"{', '.join(self.model_label_names)}.")
+        raise ValueError(
+            f"{flag} {name!r} is not a class of the model; its classes are: {', '.join(self.model_label_names)}."
+        )
 
     def _hits(self, scores: Tensor, ids: Tensor) -> list[dict[str, Any]]:
         rows = self.index.rows(ids.tolist())

@@ -30,8 +30,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target_class", help="pair-conditioned search: return only items of this class")
     parser.add_argument("--query_class", help="the query's class for the gate (default: the online head's prediction)")
     parser.add_argument("--model_name_or_path", help="model folder (default: the one the index was made with)")
-    parser.add_argument("--backend", choices=("torch", "faiss"), default="torch",
-                        help="nearest-neighbour search: exact torch in chunks (default) or a faiss flat index")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "faiss"),
+        default="torch",
+        help="nearest-neighbour search: exact torch in chunks (default) or a faiss flat index",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1")
     args = parser.parse_args(argv)
     if args.k <= 0:

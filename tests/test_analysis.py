@@ -35,8 +35,16 @@ NAMES = ("cat", "dog", "car", "truck", "ship")
 def tiny_simlap(gate: str = "fused", names=NAMES, seed: int = 0) -> SimLAPModel:
     """A tiny SimLAPModel whose feature filter has non-trivial BatchNorm statistics and spread-out gates."""
     torch.manual_seed(seed)
-    config = SimLAPConfig(backbone="resnet10t", out_dim=8, mlp_dim=16, filter_embed_dim=8, filter_hidden_dim=16,
-                          gate=gate, image_size=16, id2label=dict(enumerate(names)))
+    config = SimLAPConfig(
+        backbone="resnet10t",
+        out_dim=8,
+        mlp_dim=16,
+        filter_embed_dim=8,
+        filter_hidden_dim=16,
+        gate=gate,
+        image_size=16,
+        id2label=dict(enumerate(names)),
+    )
     model = SimLAPModel(config)
     if model.feature_filter is not None:
         torch.nn.init.normal_(model.feature_filter.mlp[-1].weight, std=3.0)
@@ -161,8 +169,9 @@ def test_analyze_model_and_summary_markdown(tiny_image_folder):
     assert summary_markdown(report, heading="## Representation analysis").startswith("## Representation analysis\n")
 
     timm_model = timm.create_model("resnet10t", num_classes=0)
-    plain = analyze_model(timm_model, train_loader, validation_loader, names, knn_k=5, run_linear_probe=False,
-                          show_progress=False)
+    plain = analyze_model(
+        timm_model, train_loader, validation_loader, names, knn_k=5, run_linear_probe=False, show_progress=False
+    )
     assert plain["gates"] is None and plain["embedding_source"] == "pooler_output"
     assert plain["collapse"]["dim"] == timm_model.num_features and plain["validation"]["linear_probe_top1"] is None
 
@@ -191,13 +200,31 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
     load_image_dataset(DataArguments(train_dir=transfer, train_val_split=0.25)).save_to_disk(transfer_dir)
     output = tmp_path / "report"
 
-    report = main([
-        "--model_name_or_path", str(simlap_dir), str(supcon_dir), "--timm_model", f"resnet10t={weights}",
-        "--labels", "SimLAP", "SupCon", "ResNet-10t",
-        "--train_dir", tiny_image_folder, "--train_val_split", "0.25",  # no --input_size: the models' image_size (16)
-        "--transfer_dataset_name", str(transfer_dir), "--knn_k", "5", "--batch_size", "64",
-        "--output_dir", str(output),
-    ])
+    report = main(
+        [
+            "--model_name_or_path",
+            str(simlap_dir),
+            str(supcon_dir),
+            "--timm_model",
+            f"resnet10t={weights}",
+            "--labels",
+            "SimLAP",
+            "SupCon",
+            "ResNet-10t",
+            "--train_dir",
+            tiny_image_folder,
+            "--train_val_split",
+            "0.25",  # no --input_size: the models' image_size (16)
+            "--transfer_dataset_name",
+            str(transfer_dir),
+            "--knn_k",
+            "5",
+            "--batch_size",
+            "64",
+            "--output_dir",
+            str(output),
+        ]
+    )
 
     saved = json.loads((output / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"JSON has {c}"))
     assert saved == report
@@ -206,12 +233,17 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
     assert [m["name"] for m in saved["models"]] == ["SimLAP", "SupCon", "ResNet-10t"]
     simlap, supcon, resnet = saved["models"]
     assert simlap["gates"]["label_names"] == names
-    assert {tuple(p["classes"]) for p in simlap["gates"]["most_related"]} <= {(a, b) for a in names for b in names if a != b}
+    assert {tuple(p["classes"]) for p in simlap["gates"]["most_related"]} <= {
+        (a, b) for a in names for b in names if a != b
+    }
     assert supcon["gates"]["has_filter"] is False and "no feature filter" in supcon["gates"]["note"]
     assert resnet["gates"] is None and resnet["embedding_source"] == "pooler_output" and resnet["kind"] == "timm"
     for model in saved["models"]:
         assert 0 <= model["validation"]["knn_top1"] <= 100 and 0 <= model["validation"]["linear_probe_top1"] <= 100
-        assert 0 <= model["transfer"]["knn_top1"] <= 100 and model["transfer"]["num_query"] == saved["transfer_dataset"]["num_validation"]
+        assert (
+            0 <= model["transfer"]["knn_top1"] <= 100
+            and model["transfer"]["num_query"] == saved["transfer_dataset"]["num_validation"]
+        )
         assert model["collapse"]["effective_rank"] >= 1
 
     markdown = (output / "report.md").read_text()
@@ -223,9 +255,9 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
     spectrum_size = _check_png(output / "singular_values.png", min_width=1000)
     assert spectrum_size[0] > spectrum_size[1]
     maps = [model["figures"]["embedding_map"] for model in saved["models"]]
-    assert sorted(p.name for p in output.glob("*.png")) == sorted([
-        "gate_heatmap_SimLAP.png", "gate_histogram_SimLAP.png", "singular_values.png", *maps
-    ])
+    assert sorted(p.name for p in output.glob("*.png")) == sorted(
+        ["gate_heatmap_SimLAP.png", "gate_histogram_SimLAP.png", "singular_values.png", *maps]
+    )
     for model, name in zip(saved["models"], maps):  # one t-SNE map per model, coloured by class, in the report
         assert name.startswith("embedding_map_") and model["embedding_map_method"] in ("tsne", "umap")
         _check_png(output / name)

@@ -520,8 +520,9 @@ def test_train_dataloader_takes_any_batch_size_with_whole_copy_groups() -> None:
     shards=st.integers(min_value=1, max_value=3),
     epoch=st.integers(min_value=0, max_value=3),
 )
-def test_batch_sampler_any_batch_size_property(num_samples: int, ra: int, batch_size: int, shards: int,
-                                               epoch: int) -> None:
+def test_batch_sampler_any_batch_size_property(
+    num_samples: int, ra: int, batch_size: int, shards: int, epoch: int
+) -> None:
     from accelerate.data_loader import BatchSamplerShard
 
     sampler = RepeatedAugmentationBatchSampler(num_samples, batch_size, repeats=ra, seed=5)
@@ -546,8 +547,9 @@ def test_batch_sampler_any_batch_size_property(num_samples: int, ra: int, batch_
         assert batches == [order[i * batch_size : (i + 1) * batch_size] for i in range(len(batches))]
     again = RepeatedAugmentationBatchSampler(num_samples, batch_size, repeats=ra, seed=5)
     again.set_epoch(epoch)
-    shard_images = [{i for b in BatchSamplerShard(again, num_processes=shards, process_index=p) for i in b}
-                    for p in range(shards)]
+    shard_images = [
+        {i for b in BatchSamplerShard(again, num_processes=shards, process_index=p) for i in b} for p in range(shards)
+    ]
     for p in range(shards):
         for q in range(p):
             assert shard_images[p].isdisjoint(shard_images[q])
@@ -587,16 +589,16 @@ def test_copies_in_a_batch_are_augmented_independently(rgb_dataset: datasets.Dat
 
 
 def test_each_image_is_decoded_once_per_batch_and_augmented_per_copy(rgb_dataset, monkeypatch) -> None:
-    import simlap_hf.data as data_module
+    import simlap_hf.data.loaders as data_module
 
     decoded: list[Any] = []
-    original = data_module._decode_image
+    original = data_module.decode_image
 
     def counting_decode(value: Any, index: int) -> PIL.Image.Image:
         decoded.append(value)
         return original(value, index)
 
-    monkeypatch.setattr(data_module, "_decode_image", counting_decode)
+    monkeypatch.setattr(data_module, "decode_image", counting_decode)
     args = DataArguments(ra=3)
     loader = create_train_dataloader(with_image_transforms(rgb_dataset, args)["train"], args, batch_size=7)
     batch = next(iter(loader))  # 2 images: one with 4 copies, one with 3
@@ -880,7 +882,8 @@ def test_integer_labels_without_names_are_renumbered_never_leaving_an_empty_clas
     folder = tmp_path / "one_to_ten"
     labels = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 2
     datasets.DatasetDict({"train": _image_dataset(labels), "test": _image_dataset(labels[:10])}).save_to_disk(
-        str(folder))
+        str(folder)
+    )
     with caplog.at_level(logging.WARNING, logger="simlap_hf"):
         data = load_image_dataset(DataArguments(dataset_name=str(folder)))
     assert get_label_names(data) == [str(i) for i in range(1, 11)]  # 10 classes, named by their original ids
@@ -890,7 +893,8 @@ def test_integer_labels_without_names_are_renumbered_never_leaving_an_empty_clas
     caplog.clear()
     gaps = tmp_path / "gaps"
     datasets.DatasetDict({"train": _image_dataset([0, 2, 5] * 3), "test": _image_dataset([0, 2, 5])}).save_to_disk(
-        str(gaps))
+        str(gaps)
+    )
     with caplog.at_level(logging.WARNING, logger="simlap_hf"):
         data = load_image_dataset(DataArguments(dataset_name=str(gaps)))
     assert get_label_names(data) == ["0", "2", "5"] and "with gaps" in caplog.text
@@ -903,10 +907,12 @@ def test_integer_labels_without_names_are_renumbered_never_leaving_an_empty_clas
 def test_classes_missing_from_a_split_are_named(tmp_path, caplog) -> None:
     folder = tmp_path / "unbalanced"
     names = datasets.ClassLabel(names=["cat", "dog", "fox", "owl"])
-    datasets.DatasetDict({
-        "train": _image_dataset([0, 1, 2] * 3, label_feature=names),
-        "test": _image_dataset([0, 1, 3], label_feature=names),
-    }).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {
+            "train": _image_dataset([0, 1, 2] * 3, label_feature=names),
+            "test": _image_dataset([0, 1, 3], label_feature=names),
+        }
+    ).save_to_disk(str(folder))
     with caplog.at_level(logging.WARNING, logger="simlap_hf"):
         load_image_dataset(DataArguments(dataset_name=str(folder)))
     assert "1 of 4 class(es) have no train images: 'owl' (1 of them appear in validation)" in caplog.text

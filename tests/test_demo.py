@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from simlap_hf import SimLAPConfig, SimLAPModel, embed
-from simlap_hf.data import DataArguments, load_image_dataset
+from simlap_hf.data import DataArguments, load_image_dataset, save_image_processor
 from simlap_hf.retrieval import Retriever
-from simlap_hf.training import save_image_processor
 
 pytest.importorskip("gradio")
 pytest.importorskip("selenium")
@@ -34,9 +33,16 @@ def free_port() -> int:
 def retriever(tmp_path):
     torch.manual_seed(0)
     names = [str(i) for i in range(10)]
-    config = SimLAPConfig(backbone="resnet10t", backbone_kwargs={"stem_type": "deep", "output_stride": 8},
-                          num_classes=10, out_dim=16, mlp_dim=32, image_size=16, id2label=dict(enumerate(names)),
-                          label2id={n: i for i, n in enumerate(names)})
+    config = SimLAPConfig(
+        backbone="resnet10t",
+        backbone_kwargs={"stem_type": "deep", "output_stride": 8},
+        num_classes=10,
+        out_dim=16,
+        mlp_dim=32,
+        image_size=16,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
     model_dir, index_dir = tmp_path / "model", tmp_path / "index"
     SimLAPModel(config).eval().save_pretrained(model_dir)
     save_image_processor(model_dir, DataArguments(dataset_name="digits", input_size=16), 3)
@@ -55,8 +61,9 @@ def test_demo_in_headless_chromium(retriever, tmp_path):
     from simlap_hf.demo import build_demo
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    query = load_image_dataset(DataArguments(dataset_name="digits", max_train_samples=80,
-                                             max_eval_samples=20))["validation"][0]["image"]
+    query = load_image_dataset(DataArguments(dataset_name="digits", max_train_samples=80, max_eval_samples=20))[
+        "validation"
+    ][0]["image"]
     image_file = tmp_path / "query.png"
     query.save(image_file)
     expected_pair = retriever.pair_search(query, target_class="7", k=3)
@@ -67,15 +74,21 @@ def test_demo_in_headless_chromium(retriever, tmp_path):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1400,1800"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1800",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, 90)
-        upload = wait.until(expected_conditions.presence_of_element_located(
-            (By.CSS_SELECTOR, "#query-image input[type=file]")))
+        upload = wait.until(
+            expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#query-image input[type=file]"))
+        )
         upload.send_keys(str(image_file))
         wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "#query-image img"))
         target = driver.find_element(By.CSS_SELECTOR, "#target-class input")

@@ -18,12 +18,16 @@ from simlap_hf import (
     SimLAPImageProcessor,
     SimLAPModel,
 )
-from simlap_hf.data import DataArguments, create_eval_transform
-from simlap_hf.training import save_image_processor
+from simlap_hf.data import DataArguments, create_eval_transform, save_image_processor
 
 LABELS = {0: "a", 1: "b", 2: "c"}
-TINY = dict(backbone="resnet10t", backbone_kwargs={"stem_type": "deep", "output_stride": 8}, image_size=16,
-            id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+TINY = dict(
+    backbone="resnet10t",
+    backbone_kwargs={"stem_type": "deep", "output_stride": 8},
+    image_size=16,
+    id2label=LABELS,
+    label2id={v: k for k, v in LABELS.items()},
+)
 
 
 def random_image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -52,12 +56,15 @@ def test_feature_extraction_pipeline_returns_pooled_backbone_features(kind, tmp_
     folder = tmp_path / kind
     model = saved_model(kind, folder)
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == (
-        "SimLAPImageProcessor")
+        "SimLAPImageProcessor"
+    )
     extractor = pipeline("image-feature-extraction", model=str(folder))
     # AutoModel: a SimLAP configuration (pretrained or fine-tuned folder) gives SimLAPModel (a fine-tuned folder's
     # projector, filter and online head are then new), a Fuse configuration its backbone alone.
-    assert type(extractor.model).__name__ == {"pretrained": "SimLAPModel", "finetuned": "SimLAPModel",
-                                              "fuse": "SimLAPFuseModel"}[kind]
+    assert (
+        type(extractor.model).__name__
+        == {"pretrained": "SimLAPModel", "finetuned": "SimLAPModel", "fuse": "SimLAPFuseModel"}[kind]
+    )
     processor = AutoImageProcessor.from_pretrained(folder)
     assert isinstance(processor, SimLAPImageProcessor)
     images = [random_image(21, 19, seed=1), random_image(8, 8, "L", seed=2)]  # colour and grayscale inputs

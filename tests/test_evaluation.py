@@ -19,6 +19,7 @@ from simlap_hf.evaluation import (
     collapse_report,
     dims_for_variance,
     effective_rank,
+    evaluate_representation,
     extract_features,
     knn_accuracy,
     knn_classify,
@@ -495,3 +496,50 @@ def test_extract_features_gathers_across_processes(fresh_accelerate_state):
 
     # 7 samples, 2 processes, batches of 2: the last round is padded with a duplicated sample that must be dropped.
     debug_launcher(_two_process_extraction, args=(7,), num_processes=2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Representation evaluation of a pretraining model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _TinyPretrainer(_TinyEncoder):
+    """_TinyEncoder with the online linear head of a pretraining model (features (B, 3) -> logits (B, 3))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.online_head = nn.Linear(3, 3)
+
+
+def _expected_representation(model: _TinyPretrainer, validation: DataLoader, train: DataLoader) -> dict:
+    val_features, val_labels = extract_features(model, validation, show_progress=False)
+    train_features, train_labels = extract_features(model, train, show_progress=False)
+    with torch.no_grad():
+        logits = model.online_head(val_features)
+    metrics = classification_metrics(logits, val_labels)
+    knn = knn_accuracy(train_features, train_labels, val_features, val_labels, 3, k=3, temperature=0.5)
+    return {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_knn_top1": knn}
+
+
+def test_evaluate_representation_is_head_metrics_and_knn(offline):
+    model = _TinyPretrainer()
+    model.train()
+    validation, train = DataLoader(_ImageDataset(7), batch_size=3), DataLoader(_ImageDataset(11), batch_size=4)
+    result = evaluate_representation(model, validation, train, None, num_classes=3, knn_k=3, knn_temperature=0.5)
+    assert model.training  # train/eval flags restored
+    assert result == _expected_representation(model, validation, train)
+    assert set(result) == {"eval_top1", "eval_top5", "eval_knn_top1"} and result["eval_top5"] == 100.0
+
+
+def test_evaluate_representation_with_accelerator(offline, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    plain = _TinyPretrainer()
+    model, validation, train = accelerator.prepare(
+        _TinyPretrainer(), DataLoader(_ImageDataset(7), batch_size=3), DataLoader(_ImageDataset(11), batch_size=4)
+    )
+    result = evaluate_representation(model, validation, train, accelerator, num_classes=3, knn_k=3, knn_temperature=0.5)
+    expected = _expected_representation(plain, DataLoader(_ImageDataset(7)), DataLoader(_ImageDataset(11)))
+    assert result == expected

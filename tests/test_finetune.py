@@ -1,4 +1,5 @@
-"""train_finetune.py and train_fuse.py: checkpoint take-over, layer decay, mixup/criterion, end to end, pipeline."""
+"""train_finetune.py and train_fuse.py: checkpoint take-over, layer decay, mixup and the one classification loss, end
+to end, pipeline."""
 
 import json
 
@@ -14,12 +15,15 @@ import train_finetune
 import train_fuse
 from simlap_hf import SimLAPConfig, SimLAPForImageClassification, SimLAPFuseForImageClassification, SimLAPModel
 from simlap_hf.data import DataArguments
+from simlap_hf.losses import classification_loss
 from simlap_hf.training import (
     ClassificationArguments,
+    FinetuneModelArguments,
     TrainingArguments,
-    create_classification_criterion,
+    build_finetune_model,
     create_mixup,
     create_optimizer,
+    cross_entropy_smoothing,
 )
 
 DATA_FLAGS = ["--train_val_split", "0.25", "--input_size", "16", "--aa", "none", "--reprob", "0",
@@ -38,8 +42,8 @@ def pretrained_folder(tmp_path, backbone="resnet10t", **kwargs):
 
 def test_build_model_takes_over_backbone_and_starts_new_head(tmp_path):
     pretrained, folder = pretrained_folder(tmp_path)
-    args = train_finetune.FinetuneModelArguments(model_name_or_path=str(folder))
-    model = train_finetune.build_model(args, DataArguments(input_size=16), ["a", "b", "c", "d", "e"])
+    args = FinetuneModelArguments(model_name_or_path=str(folder))
+    model = build_finetune_model(args, DataArguments(input_size=16), ["a", "b", "c", "d", "e"])
     for name, tensor in pretrained.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[name], tensor), name
     assert model.classifier.weight.shape == (5, pretrained.feature_dim)
@@ -48,9 +52,9 @@ def test_build_model_takes_over_backbone_and_starts_new_head(tmp_path):
 
 def test_build_model_rejects_another_backbone(tmp_path):
     _, folder = pretrained_folder(tmp_path)
-    args = train_finetune.FinetuneModelArguments(model_name_or_path=str(folder), model_name="resnet34")
+    args = FinetuneModelArguments(model_name_or_path=str(folder), model_name="resnet34")
     with pytest.raises(ValueError, match=r"--model_name 'resnet34' differs from the backbone of .*\('resnet10t'\)"):
-        train_finetune.build_model(args, DataArguments(), ["a", "b"])
+        build_finetune_model(args, DataArguments(), ["a", "b"])
 
 
 def test_layer_decay_scales_follow_distance_from_head():
@@ -80,22 +84,33 @@ def test_mixup_gives_soft_targets_and_soft_target_loss():
     mixed, targets = mixup(images, labels)
     assert targets.shape == (6, 5) and torch.allclose(targets.sum(1), torch.ones(6))
     assert ((targets > 0) & (targets < 1)).any()
-    criterion = create_classification_criterion(True, recipe.smoothing)
-    assert isinstance(criterion, SoftTargetCrossEntropy)
+    # The soft targets carry the smoothing: the loss must not smooth them again.
+    assert cross_entropy_smoothing(recipe, mixup) == 0.0
     logits = torch.randn(6, 5)
     expected = -(targets * torch.log_softmax(logits, 1)).sum(1).mean()
-    assert criterion(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert classification_loss(logits, targets, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.equal(classification_loss(logits, targets), SoftTargetCrossEntropy()(logits, targets))
 
 
-def test_no_mixup_with_smoothing_uses_label_smoothing_cross_entropy():
+def test_no_mixup_smoothing_is_applied_by_the_cross_entropy():
     recipe = ClassificationArguments(mixup=0.0, cutmix=0.0, smoothing=0.1)
     assert create_mixup(recipe, 5) is None
-    criterion = create_classification_criterion(False, 0.1)
-    assert isinstance(criterion, LabelSmoothingCrossEntropy)
+    assert cross_entropy_smoothing(recipe, None) == 0.1
     logits, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
-    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
-    assert criterion(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert isinstance(create_classification_criterion(False, 0.0), torch.nn.CrossEntropyLoss)
+    smoothed = classification_loss(logits, labels, 0.1)
+    assert smoothed.item() == pytest.approx(LabelSmoothingCrossEntropy(0.1)(logits, labels).item(), rel=1e-5)
+    assert torch.equal(classification_loss(logits, labels), torch.nn.CrossEntropyLoss()(logits, labels))
+
+
+def test_smoothing_means_the_same_with_and_without_mixup():
+    """--smoothing s: mixup's soft target of an unmixed image is the target the cross-entropy smooths class indices
+    to, (1 - s) * onehot + s / C, so fine-tuning and SimLAP-Fuse, with or without mixup, optimise one objective."""
+    from timm.data.mixup import mixup_target
+
+    logits, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    soft = mixup_target(labels, 5, lam=1.0, smoothing=0.1)
+    assert torch.allclose(soft, torch.nn.functional.one_hot(labels, 5) * 0.9 + 0.1 / 5)
+    torch.testing.assert_close(classification_loss(logits, soft), classification_loss(logits, labels, 0.1))
 
 
 def test_fuse_loss_finite_under_autocast_at_saturated_cosines():

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from test_training import tiny_flags
 
 import simlap_hf.hub as hub
-import simlap_hf.training as training
+import simlap_hf.training.job as training_job
 import train_pretrain
 from simlap_hf import (
     SimLAPConfig,
@@ -193,8 +193,7 @@ def _forbid_training(monkeypatch) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(training, "fit", no_training)
-    monkeypatch.setattr(train_pretrain, "fit", no_training, raising=False)
+    monkeypatch.setattr(training_job, "fit", no_training)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,7 +330,7 @@ def test_push_command_uploads_an_existing_folder(tmp_path, fake_hub, capsys, mon
     assert fake_hub.repos["tester/later"] == {"private": True}
     assert fake_hub.paths("tester/later") == {
         "config.json", "model.safetensors", "all_results.json", "modeling_simlap.py", "configuration_simlap.py",
-        "losses.py",
+        "losses.py", "utils.py",
     }
     monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)  # the token may come from the environment
     assert push_main([str(folder), "--hub_model_id", "tester/later", "--include_checkpoints"]) == 0

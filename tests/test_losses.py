@@ -1,4 +1,5 @@
-"""The SimLAP loss against direct evaluations of its definition (SPEC section 3)."""
+"""The SimLAP loss against direct evaluations of its definition (the multi-positive InfoNCE over gated cosines of
+the paper), and the package's one classification loss."""
 
 import itertools
 import math
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from simlap_hf.losses import (
     arcgrad_logits,
+    classification_loss,
     gate_entropy,
     gated_cosine,
     sample_pair_labels,
@@ -205,3 +207,15 @@ def test_terms_count_positive_pairs():
     assert list(itertools.chain.from_iterable(terms.positive.tolist())) == [
         False, False, True, True, True, False, True, True, False,
     ]
+
+
+def test_classification_loss_smooths_class_indices_only_and_is_float32_under_autocast():
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 5, generator=generator), torch.tensor([0, 1, 2, 3, 4, 0])
+    smoothed = F.one_hot(labels, 5) * 0.8 + 0.2 / 5
+    expected = -(smoothed * F.log_softmax(logits, dim=1)).sum(1).mean()
+    torch.testing.assert_close(classification_loss(logits, labels, 0.2), expected)
+    # Soft targets are used as given: their smoothing is not applied again.
+    torch.testing.assert_close(classification_loss(logits, smoothed, 0.2), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert classification_loss(logits.bfloat16(), labels, 0.2).dtype == torch.float32

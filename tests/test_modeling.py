@@ -206,3 +206,75 @@ def test_gate_registry_matches_the_config_kinds():
     assert set(GATE_FUNCTIONS) | {"open"} == set(GATE_KINDS)
     with pytest.raises(ValueError, match="Unknown gate kind 'sigmoid'"):
         SimLAPFeatureFilter(3, 8, 8, 8, kind="sigmoid")
+
+
+def test_logged_outputs_are_scalar_fields_of_the_output(batch):
+    """The loss terms and statistics that training logs are declared by the model: each is a scalar of its output."""
+    pixels, labels = batch
+    out = SimLAPModel(tiny_config()).train()(pixels, labels=labels)
+    for name in SimLAPModel.logged_outputs:
+        value = getattr(out, name)
+        assert isinstance(value, torch.Tensor) and value.dim() == 0, name
+
+
+# Imports the code files of a saved model folder (as transformers' remote code does) with only torch, timm and
+# transformers usable: simlap_hf and the training-time libraries are blocked, then a model is built and run.
+BLOCKED_IMPORT_CHECK = """
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import timm  # noqa: F401
+import torch
+import transformers  # noqa: F401
+from transformers import PreTrainedModel  # noqa: F401
+
+BLOCKED = ("simlap_hf", "datasets", "evaluate", "accelerate")
+
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: the saved model code must not need it")
+        return None
+
+
+for module in [name for name in sys.modules if name.split(".")[0] in BLOCKED]:
+    del sys.modules[module]
+sys.meta_path.insert(0, Blocker())
+
+folder = Path(sys.argv[1])
+spec = importlib.util.spec_from_file_location("saved_model", folder / "__init__.py",
+                                              submodule_search_locations=[str(folder)])
+package = importlib.util.module_from_spec(spec)
+sys.modules["saved_model"] = package
+names = sorted(path.stem for path in folder.glob("*.py") if path.stem != "__init__")
+for name in names:
+    importlib.import_module(f"saved_model.{name}")
+config_values = json.loads((folder / "config.json").read_text())
+configuration = sys.modules["saved_model.configuration_simlap"]
+modeling = sys.modules["saved_model.modeling_simlap"]
+config = configuration.SimLAPConfig.from_dict(config_values)
+model = modeling.SimLAPModel(config).eval()
+with torch.no_grad():
+    out = model(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+assert torch.isfinite(out.loss)
+print("IMPORTED", ",".join(names))
+"""
+
+
+def test_saved_model_code_imports_with_torch_timm_transformers_only(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "saved"
+    SimLAPModel(tiny_config()).save_pretrained(folder)
+    (folder / "__init__.py").write_text("")
+    script = tmp_path / "check.py"
+    script.write_text(BLOCKED_IMPORT_CHECK)
+    result = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    imported = result.stdout.strip().splitlines()[-1].removeprefix("IMPORTED ").split(",")
+    assert {"configuration_simlap", "modeling_simlap", "losses"} <= set(imported)

@@ -24,8 +24,16 @@ NAMES = ["cat", "dog", "car", "truck", "ship"]
 
 def tiny_model(gate: str = "fused") -> SimLAPModel:
     torch.manual_seed(0)
-    config = SimLAPConfig(backbone="resnet10t", num_classes=len(NAMES), out_dim=12, mlp_dim=16, gate=gate,
-                          image_size=16, id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)})
+    config = SimLAPConfig(
+        backbone="resnet10t",
+        num_classes=len(NAMES),
+        out_dim=12,
+        mlp_dim=16,
+        gate=gate,
+        image_size=16,
+        id2label=dict(enumerate(NAMES)),
+        label2id={n: i for i, n in enumerate(NAMES)},
+    )
     model = SimLAPModel(config)
     if model.feature_filter is not None:
         torch.nn.init.normal_(model.feature_filter.mlp[-1].weight, std=3.0)  # spread the gates
@@ -52,8 +60,9 @@ def test_relation_matrix_is_read_from_the_gates_and_related_classes_agree_with_i
     for name in NAMES:
         i = NAMES.index(name)
         related = relations.related_classes(name, k=len(NAMES))
-        assert [other for other, _ in related] == sorted((n for n in NAMES if n != name),
-                                                         key=lambda n: (-matrix[i, NAMES.index(n)], NAMES.index(n)))
+        assert [other for other, _ in related] == sorted(
+            (n for n in NAMES if n != name), key=lambda n: (-matrix[i, NAMES.index(n)], NAMES.index(n))
+        )
         assert [score for _, score in related] == pytest.approx([matrix[i, NAMES.index(o)] for o, _ in related])
         assert relations.related_classes(name, k=2) == related[:2]
     most = relations.most_related_pairs(3)
@@ -85,7 +94,8 @@ def test_save_load_card_and_heatmap(tmp_path):
     np.testing.assert_allclose(loaded.relatedness, original.relatedness, equal_nan=True)
     assert loaded.related_classes("car", 2) == original.related_classes("car", 2)
     assert [item["class"] for item in saved["related_classes"]["car"]][:2] == [
-        name for name, _ in original.related_classes("car", 2)]
+        name for name, _ in original.related_classes("car", 2)
+    ]
     with pytest.raises(ValueError, match="needs the gates"):
         loaded.shared_dimensions("cat", "dog")
     assert (tmp_path / "class_relations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -101,8 +111,9 @@ def test_save_load_card_and_heatmap(tmp_path):
 
 
 def test_precision_at_k_and_class_mean_cosine():
-    relatedness = np.array([[np.nan, 0.9, 0.1, 0.2], [0.9, np.nan, 0.3, 0.8], [0.1, 0.3, np.nan, 0.5],
-                            [0.2, 0.8, 0.5, np.nan]])
+    relatedness = np.array(
+        [[np.nan, 0.9, 0.1, 0.2], [0.9, np.nan, 0.3, 0.8], [0.1, 0.3, np.nan, 0.5], [0.2, 0.8, 0.5, np.nan]]
+    )
     groups = [[0, 1], [2, 3]]
     assert ranked_pairs(relatedness)[:3] == [(0, 1), (1, 3), (2, 3)]
     assert precision_at_k(relatedness, groups, 1) == 1.0

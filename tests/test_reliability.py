@@ -1,4 +1,4 @@
-"""Fault injection (issue 9): faults and bad input lose nothing.
+"""Fault injection: faults and bad input lose nothing.
 
 Each test injects one fault and checks the guarantee written in README "Guarantees":
 
@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import simlap_hf.training as training
+import simlap_hf.training.checkpoints as training_checkpoints
 import train_pretrain
 from simlap_hf import SimLAPConfig, SimLAPForImageClassification, SimLAPModel
 from simlap_hf.data import DataArguments, create_train_dataloader
@@ -433,12 +434,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(image_folde
 STOP_AT_THIRD_STEP = (
     "import sys, train_pretrain\n"
     "import simlap_hf.training as training\n"
+    "import simlap_hf.training.loop as loop\n"
     "calls = []\n"
-    "original = training._stop_everywhere\n"
+    "original = loop._stop_everywhere\n"
     "def stop_at_third_step(accelerator, requested):\n"
     "    calls.append(1)\n"
     "    return len(calls) == 3 or original(accelerator, requested)\n"
-    "training._stop_everywhere = stop_at_third_step\n"
+    "loop._stop_everywhere = stop_at_third_step\n"
     "sys.exit(training.run_main(train_pretrain.run, sys.argv[1:]))\n"
 )
 
@@ -555,7 +557,7 @@ def test_checkpoint_deleted_halfway_never_looks_like_a_checkpoint(tmp_path, monk
             raise KeyboardInterrupt("killed")
         return original(path, *rest, **kwargs)
 
-    monkeypatch.setattr(training.shutil, "rmtree", killed_while_deleting)
+    monkeypatch.setattr(training_checkpoints.shutil, "rmtree", killed_while_deleting)
     with pytest.raises(KeyboardInterrupt):
         training.save_checkpoint(accelerator, training.TrainerState(epoch=2, global_step=2), args)
     monkeypatch.undo()

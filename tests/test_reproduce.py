@@ -54,11 +54,10 @@ def test_reproduce_trains_evaluates_reports_and_reuses_finished_runs(tmp_path, m
     assert not (output_dir / "untrained_seed0" / "model.safetensors").exists()  # evaluated, never trained
 
     # A second call reuses every finished run instead of training again.
-    def no_training(argv):
+    def no_training(script, flags):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(reproduce.train_pretrain, "run", no_training)
-    monkeypatch.setattr(reproduce.train_finetune, "run", no_training)
+    monkeypatch.setattr(reproduce, "run_training_script", no_training)
     reproduce.main([str(budget), "--output_dir", str(output_dir), "--variants", *VARIANTS])
     assert json.loads((output_dir / "results.json").read_text())["runs"] == report["runs"]
 
@@ -90,7 +89,16 @@ def test_published_budgets_parse_for_every_variant(name):
     """Every flag of the published budgets is accepted by the script it goes to (a typo would only show after
     an hour of training otherwise)."""
     budget = yaml.safe_load((ROOT / "benchmarks" / "configs" / name).read_text())
-    for script, module in (("pretrain", reproduce.train_pretrain), ("finetune", reproduce.train_finetune)):
+    for script, argument_classes in reproduce.ARGUMENTS.items():
         flags = reproduce.budget_flags(budget, script) + ["--output_dir", "unused"]
-        parsed = reproduce.parse_args(module.ARGUMENT_CLASSES, flags)
+        parsed = reproduce.parse_args(argument_classes, flags)
         assert parsed[-1].num_train_epochs == budget["train"]["num_train_epochs"]
+
+
+def test_reproduce_imports_the_package_not_the_training_scripts():
+    import ast
+
+    tree = ast.parse((ROOT / "benchmarks" / "reproduce.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not [name for name in imported if name.startswith("train_")], imported

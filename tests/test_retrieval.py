@@ -26,17 +26,63 @@ def trained(tmp_path_factory):
     shards."""
     root = tmp_path_factory.mktemp("retrieval")
     model_dir, index_dir = root / "model", root / "index"
-    train_pretrain.run([
-        *DATA, "--output_dir", str(model_dir), "--model_name", "resnet10t", "--stem_type", "deep",
-        "--output_stride", "8", "--out_dim", "16", "--mlp_dim", "32", "--input_size", "16", "--aa", "none",
-        "--reprob", "0", "--per_device_train_batch_size", "48", "--per_device_eval_batch_size", "64",
-        "--num_train_epochs", "1", "--warmup_epochs", "0", "--eval_every", "1", "--checkpointing_epochs", "0",
-        "--learning_rate", "0.003", "--seed", "0",
-    ])
-    info = embed.run([*DATA, "--model_name_or_path", str(model_dir), "--output_dir", str(index_dir),
-                      "--split", "train", "--shard_size", "100", "--batch_size", "64"])
-    queries = load_image_dataset(DataArguments(dataset_name="digits", max_train_samples=160,
-                                               max_eval_samples=40))["validation"]
+    train_pretrain.run(
+        [
+            *DATA,
+            "--output_dir",
+            str(model_dir),
+            "--model_name",
+            "resnet10t",
+            "--stem_type",
+            "deep",
+            "--output_stride",
+            "8",
+            "--out_dim",
+            "16",
+            "--mlp_dim",
+            "32",
+            "--input_size",
+            "16",
+            "--aa",
+            "none",
+            "--reprob",
+            "0",
+            "--per_device_train_batch_size",
+            "48",
+            "--per_device_eval_batch_size",
+            "64",
+            "--num_train_epochs",
+            "1",
+            "--warmup_epochs",
+            "0",
+            "--eval_every",
+            "1",
+            "--checkpointing_epochs",
+            "0",
+            "--learning_rate",
+            "0.003",
+            "--seed",
+            "0",
+        ]
+    )
+    info = embed.run(
+        [
+            *DATA,
+            "--model_name_or_path",
+            str(model_dir),
+            "--output_dir",
+            str(index_dir),
+            "--split",
+            "train",
+            "--shard_size",
+            "100",
+            "--batch_size",
+            "64",
+        ]
+    )
+    queries = load_image_dataset(DataArguments(dataset_name="digits", max_train_samples=160, max_eval_samples=40))[
+        "validation"
+    ]
     return model_dir, index_dir, info, queries
 
 
@@ -52,8 +98,14 @@ def test_index_holds_the_models_features_and_embeddings(trained):
         torch.testing.assert_close(index.all_vectors("features")[row], encoded["features"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(index.all_vectors("embeddings")[row], encoded["embeddings"], rtol=1e-5, atol=1e-5)
         assert index.rows([row])[0] | {"score": 0} == {
-            "source": f"train/{row}", "label": str(train[row]["label"]), "label_id": train[row]["label"],
-            "split": "train", "row": row, "index_id": row, "score": 0}
+            "source": f"train/{row}",
+            "label": str(train[row]["label"]),
+            "label_id": train[row]["label"],
+            "split": "train",
+            "row": row,
+            "index_id": row,
+            "score": 0,
+        }
 
 
 def test_nearest_neighbours_are_exact_cosine_and_find_the_image_itself(trained):
@@ -139,8 +191,23 @@ def test_search_command_prints_json_hits(trained, tmp_path, capsys):
     plain = json.loads(capsys.readouterr().out)
     assert plain["mode"] == "nearest" and len(plain["hits"]) == 3
     assert {"source", "label", "score"} <= set(plain["hits"][0])
-    assert search.main(["--index", str(index_dir), "--image", str(image_file), "--k", "2", "--target_class", "9",
-                        "--query_class", "1"]) == 0
+    assert (
+        search.main(
+            [
+                "--index",
+                str(index_dir),
+                "--image",
+                str(image_file),
+                "--k",
+                "2",
+                "--target_class",
+                "9",
+                "--query_class",
+                "1",
+            ]
+        )
+        == 0
+    )
     paired = json.loads(capsys.readouterr().out)
     assert paired["mode"] == "pair" and paired["query_class"] == "1"
     assert [hit["label"] for hit in paired["hits"]] == ["9", "9"]
@@ -159,8 +226,9 @@ def test_embed_refuses_a_non_empty_output_dir(trained, tmp_path):
     with pytest.raises(ValueError, match="--overwrite_output_dir"):
         embed.run([*DATA, "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="not an embedding index"):
-        embed.run([*DATA, "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path),
-                   "--overwrite_output_dir"])
+        embed.run(
+            [*DATA, "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path), "--overwrite_output_dir"]
+        )
     assert (tmp_path / "notes.txt").is_file()
     with pytest.raises(FileNotFoundError, match="--model_name_or_path"):
         embed.run([*DATA, "--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x")])

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import simlap_hf.training as training
+import simlap_hf.training.job as training_job
+import simlap_hf.training.loop as training_loop
 import train_pretrain
 from simlap_hf import SimLAPModel
-from simlap_hf.data import DataArguments
-from simlap_hf.training import TrainingArguments, parse_args
-from train_pretrain import PretrainModelArguments
+from simlap_hf.data import DataArguments, prepare_data
+from simlap_hf.training import PretrainModelArguments, TrainingArguments, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,11 +54,10 @@ def test_end_to_end_trains_evaluates_checkpoints_and_saves(tiny_image_folder, tm
     reloaded = SimLAPModel.from_pretrained(output_dir).eval()
     assert reloaded.config.id2label == {0: "blue", 1: "gray", 2: "green", 3: "red"}
     model.eval()
-    data = training.prepare_data(
+    data = prepare_data(
         parse_args((PretrainModelArguments, DataArguments, TrainingArguments),
                    tiny_flags(tiny_image_folder, tmp_path / "unused"))[1],
-        TrainingArguments(per_device_train_batch_size=12, per_device_eval_batch_size=16, seed=7),
-        num_channels=3,
+        num_channels=3, train_batch_size=12, eval_batch_size=16, seed=7,
     )
     correct = total = 0
     with torch.no_grad():
@@ -74,16 +74,16 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tiny_image_folder, tmp
     train_pretrain.run(tiny_flags(tiny_image_folder, straight, epochs=3))
 
     interrupted = tmp_path / "interrupted"
-    original_save = training.save_checkpoint
+    original_save = training_loop.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         original_save(*args, **kwargs)
         raise KeyboardInterrupt("killed after the first checkpoint")
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(training_loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_pretrain.run(tiny_flags(tiny_image_folder, interrupted, epochs=3))
-    monkeypatch.setattr(training, "save_checkpoint", original_save)
+    monkeypatch.setattr(training_loop, "save_checkpoint", original_save)
     assert not (interrupted / "model.safetensors").exists()
     train_pretrain.run(tiny_flags(tiny_image_folder, interrupted, epochs=3) + ["--resume_from_checkpoint", "latest"])
 
@@ -108,7 +108,7 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     assert training.find_checkpoint(tmp_path, "latest") == good
 
 
-def test_seed_config_parses_to_spec_values():
+def test_cifar10_config_parses_to_the_paper_recipe():
     model_args, data_args, args = parse_args(
         (PretrainModelArguments, DataArguments, TrainingArguments), [str(ROOT / "configs/pretrain_cifar10_resnet18.yaml")]
     )
@@ -148,7 +148,7 @@ def test_bad_input_fails_before_training(tiny_image_folder, tmp_path, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(training, "fit", no_training)
+    monkeypatch.setattr(training_job, "fit", no_training)
     flags = tiny_flags(tiny_image_folder, tmp_path / "a")
     with pytest.raises(ValueError, match=r"fewer than the 40 images of one batch"):
         train_pretrain.run(flags + ["--per_device_train_batch_size", "120"])

@@ -223,7 +223,8 @@ def command_for(test_name: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The seed's three commands and the fine-tuning baseline (configs/*_cifar10_resnet18.yaml, batch 256, ra 3, fp16)
+# The three training commands of the CIFAR-10 recipe and the fine-tuning baseline (configs/*_cifar10_resnet18.yaml,
+# batch 256, ra 3, fp16)
 
 
 @pytest.fixture(scope="module")
@@ -507,7 +508,6 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch, c
     def bug(*args, **kwargs):
         return [][1]  # an IndexError: a bug, not an input error
 
-    monkeypatch.setattr(training, "prepare_data", bug)
     monkeypatch.setattr(train_pretrain, "prepare_data", bug)
     with pytest.raises(IndexError):
         train_pretrain.main(["--output_dir", str(tmp_path / "run")])

@@ -129,8 +129,15 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         labels: (N,) class index of every image of the data set.
     """
 
-    def __init__(self, labels: Sequence[int] | torch.Tensor, batch_size: int, images_per_class: int = 4,
-                 repeats: int = 3, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int] | torch.Tensor,
+        batch_size: int,
+        images_per_class: int = 4,
+        repeats: int = 3,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
         """See the class docstring."""
         if images_per_class < 1:
             raise ValueError(f"images_per_class must be >= 1, got {images_per_class}.")

@@ -1,0 +1,101 @@
+"""Data pipeline of SimLAP-HF: from a data specification to augmented, batched tensors.
+
+Every source ends in the same *standard form*: a :class:`datasets.DatasetDict` with the splits
+``train`` and ``validation`` and exactly two columns,
+
+* ``image``: a :class:`datasets.Image` feature (a ``PIL.Image.Image`` on access), and
+* ``label``: a :class:`datasets.ClassLabel` carrying the class names.
+
+Supported sources (see :func:`load_image_dataset`):
+
+* named data sets: ``digits`` (scikit-learn's bundled 8x8 digits, works offline), ``cifar10``,
+  ``cifar100``, ``fashion_mnist`` (local IDX files when present, else the Hub);
+* any Hub data set id (``org/name``) with ``--image_column_name`` / ``--label_column_name``;
+* local paths: a ``save_to_disk`` folder, a parquet file or folder of parquet files, a folder of
+  MNIST-style IDX files, or an imagefolder tree through ``--train_dir`` / ``--validation_dir``.
+
+Modules:
+
+* ``arguments``: :class:`DataArguments` and the split names.
+* ``registry``: the named data sets, one :class:`NamedDatasetSpec` row each, naming its loader kind.
+* ``sources``: one loader function per source kind (:data:`SOURCE_LOADERS`).
+* ``labels`` and ``dataset``: the one column-mapping path to the standard form, and :func:`load_image_dataset`.
+* ``images`` and ``idx``: image encoding/decoding and corrupt-image checks; IDX files (numpy only).
+* ``preprocessing``: :func:`resolve_preprocessing`, the one source of input size, crop, interpolation and
+  normalisation for the transforms, the saved image processor and the timm export.
+* ``transforms``, ``loaders`` and ``samplers``: augmentation, loaders (``prepare_data`` builds a run's three),
+  resumable augmentation and the repeated-augmentation / class-balanced batch samplers.
+
+Training rows are produced lazily by :func:`with_image_transforms` as
+``{"pixel_values": Tensor(C, H, W), "labels": int}``; :func:`collate_fn` stacks them into
+``{"pixel_values": Tensor(B, C, H, W), "labels": LongTensor(B)}``. The training loader uses
+:class:`RepeatedAugmentationBatchSampler` (each image ``ra`` times per epoch, all copies of an image in one batch,
+for any batch size).
+
+The names below are imported from their modules on first use, so that ``simlap_hf.data.idx`` and
+``simlap_hf.data.samplers`` stay importable where the ``datasets`` library is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_CROP_PCT": "arguments",
+    "DEFAULT_INPUT_SIZE": "arguments",
+    "DEFAULT_INTERPOLATION": "arguments",
+    "SAMPLERS": "arguments",
+    "TRAIN_SPLIT": "arguments",
+    "VALIDATION_SPLIT": "arguments",
+    "DataArguments": "arguments",
+    "FASHION_MNIST_LABEL_NAMES": "registry",
+    "NAMED_DATASETS": "registry",
+    "NamedDatasetSpec": "registry",
+    "SOURCE_LOADERS": "sources",
+    "load_image_dataset": "dataset",
+    "get_label_names": "labels",
+    "read_idx": "idx",
+    "ClassBalancedBatchSampler": "samplers",
+    "RepeatedAugmentationBatchSampler": "samplers",
+    "RepeatedAugmentationSampler": "samplers",
+    "Preprocessing": "preprocessing",
+    "channel_stats": "preprocessing",
+    "create_image_processor": "preprocessing",
+    "resolve_mean_std": "preprocessing",
+    "resolve_preprocessing": "preprocessing",
+    "save_image_processor": "preprocessing",
+    "ConvertImageMode": "transforms",
+    "TrainNormalizer": "transforms",
+    "UInt8RandomErasing": "transforms",
+    "create_eval_transform": "transforms",
+    "create_train_normalizer": "transforms",
+    "create_train_transform": "transforms",
+    "eval_transform": "transforms",
+    "DataBundle": "loaders",
+    "ImageTransform": "loaders",
+    "ResumableAugmentations": "loaders",
+    "capture_rng_state": "loaders",
+    "collate_fn": "loaders",
+    "create_eval_dataloader": "loaders",
+    "create_train_dataloader": "loaders",
+    "prepare_data": "loaders",
+    "restore_rng_state": "loaders",
+    "with_image_transforms": "loaders",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module the first time it is asked for."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

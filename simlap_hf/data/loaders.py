@@ -1,0 +1,286 @@
+"""From standard-form splits to batches: lazy per-row transforms, the training and evaluation loaders, resumable
+augmentation, and :func:`prepare_data`, which builds the three loaders of a training run.
+
+Rows come out of :func:`with_image_transforms` as ``{"pixel_values": Tensor(C, H, W), "labels": int}``;
+:func:`collate_fn` stacks them into ``{"pixel_values": Tensor(B, C, H, W), "labels": LongTensor(B)}``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import DataLoader
+
+from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
+from .dataset import load_image_dataset
+from .images import decode_image, image_key
+from .labels import get_label_names, label_values
+from .samplers import ClassBalancedBatchSampler, RepeatedAugmentationBatchSampler
+from .transforms import create_eval_transform, create_train_normalizer, create_train_transform
+
+__all__ = [
+    "DataBundle",
+    "ImageTransform",
+    "ResumableAugmentations",
+    "capture_rng_state",
+    "collate_fn",
+    "create_eval_dataloader",
+    "create_train_dataloader",
+    "prepare_data",
+    "restore_rng_state",
+    "with_image_transforms",
+]
+
+
+class ImageTransform:
+    """Batch transform for ``Dataset.with_transform``: ``{"image", "label"}`` -> ``{"pixel_values", "labels"}``.
+
+    ``pixel_values`` is a list of tensors (C, H, W); ``labels`` a list of ints. With ``decode_once`` (default),
+    an image that appears several times in the batch (its repeated-augmentation copies, which the training sampler
+    puts in one batch) is decoded once and augmented once per copy.
+    """
+
+    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor], decode_once: bool = True) -> None:
+        """``transform``: PIL image -> Tensor(C, H, W)."""
+        self.transform = transform
+        self.decode_once = decode_once
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Decode and transform a batch of rows (lists of equal length B)."""
+        decoded: dict[Any, PIL.Image.Image] = {}
+        images = []
+        for index, value in enumerate(batch["image"]):
+            key = image_key(value) if self.decode_once else None
+            image = decoded.get(key) if key is not None else None
+            if image is None:
+                image = decode_image(value, index)
+                if key is not None:
+                    image.load()  # decode now, once, rather than lazily in each copy's first operation
+                    decoded[key] = image
+            images.append(image)
+        return {
+            "pixel_values": [self.transform(image) for image in images],
+            "labels": [int(label) for label in batch["label"]],
+        }
+
+
+def with_image_transforms(
+    dataset: datasets.DatasetDict, args: DataArguments, num_channels: int = 3
+) -> datasets.DatasetDict:
+    """Attach lazy transforms: ``train`` gets the training augmentation, every other split the eval transform.
+
+    Rows become ``{"pixel_values": Tensor(num_channels, input_size, input_size), "labels": int}`` (uint8 training
+    rows with ``args.uint8_transfer``, float32 otherwise). The image column is switched to ``Image(decode=False)``
+    (metadata only) so that decoding happens here and an undecodable image raises a ValueError naming its file.
+    """
+    train_transform = create_train_transform(args, num_channels)
+    eval_transform = create_eval_transform(args, num_channels)
+    out = {}
+    for split, ds in dataset.items():
+        transform = train_transform if split == TRAIN_SPLIT else eval_transform
+        raw = ds.cast_column("image", datasets.Image(decode=False))
+        out[split] = raw.with_transform(ImageTransform(transform))
+    return datasets.DatasetDict(out)
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack rows into ``{"pixel_values": (B, C, H, W), "labels": LongTensor(B)}``: float32, or uint8 samples kept
+    as uint8 (normalised on the device by :class:`~simlap_hf.data.TrainNormalizer`); other dtypes become float32."""
+    pixel_values = torch.stack([example["pixel_values"] for example in examples])
+    if not pixel_values.is_floating_point() and pixel_values.dtype != torch.uint8:
+        pixel_values = pixel_values.float()
+    labels = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.int64)
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+class ResumableAugmentations(torch.utils.data.Dataset):
+    """The training set, with the random state before each batch's augmentations remembered so that a mid-epoch
+    resume draws the same augmentations as an uninterrupted run.
+
+    Rows are those of ``dataset`` unchanged.
+
+    The loader fetches a batch ahead of the one being trained, so when a checkpoint is written after batch ``k``
+    the global RNGs (Python, NumPy, torch) have already been advanced by the augmentations of batch ``k + 1``; a
+    resumed run would draw them again from there. With :meth:`state_before_batch` saved in the checkpoint and
+    :meth:`resume_at` called on resume, the first fetched batch is augmented from the remembered state and the
+    checkpoint's state is put back afterwards, which is exactly where the uninterrupted run stood.
+    Only with ``dataloader_num_workers=0``: worker processes draw from their own generators.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, keep: int = 4) -> None:
+        self.dataset = dataset
+        self.keep = keep
+        self._states: dict[int, dict[str, Any]] = {}
+        self._next_batch = 0
+        self._pending: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """One training batch; called once per batch by the DataLoader."""
+        after = None
+        if self._pending is not None:
+            state, after = self._pending
+            restore_rng_state(state)
+            self._pending = None
+        else:
+            state = capture_rng_state()
+        self._states[self._next_batch] = state
+        self._states.pop(self._next_batch - self.keep, None)
+        self._next_batch += 1
+        getitems = getattr(self.dataset, "__getitems__", None)
+        rows = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        if after is not None:
+            restore_rng_state(after)
+        return rows
+
+    def start_epoch(self, first_batch: int = 0) -> None:
+        """Number the coming fetches from ``first_batch`` (the batches a resumed epoch skips are not fetched)."""
+        self._next_batch = first_batch
+        self._states.clear()
+        self._pending = None
+
+    def state_before_batch(self, index: int) -> dict[str, Any] | None:
+        """The RNG states before batch ``index`` (0-based, in this epoch) was augmented, if it was fetched here."""
+        return self._states.get(index)
+
+    def resume_at(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        """Augment the next fetched batch from ``before`` (what :meth:`state_before_batch` gave the stopped run),
+        then continue from ``after`` (the states the checkpoint restored)."""
+        self._pending = (before, after)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch (CPU) global random states."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back the global random states that :func:`capture_rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def create_train_dataloader(
+    train_dataset: torch.utils.data.Dataset, args: DataArguments, batch_size: int, seed: int = 42
+) -> DataLoader:
+    """Training loader: :class:`~simlap_hf.data.RepeatedAugmentationBatchSampler` (any ``batch_size``, each image
+    ``ra`` times with all its copies in one batch), or with ``args.sampler == "pk"``
+    :class:`~simlap_hf.data.ClassBalancedBatchSampler` (P classes x K images per batch, same copies), +
+    :func:`collate_fn`.
+
+    Batches are ``{"pixel_values": Tensor(batch_size, C, H, W), "labels": LongTensor(batch_size)}``.
+    The image-order sampler stays reachable as ``loader.batch_sampler.sampler`` (accelerate forwards ``set_epoch``
+    there).
+
+    Raises:
+        ValueError: ``batch_size`` is not positive, or the data is too small for one full batch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if args.sampler == "pk":
+        if isinstance(train_dataset, datasets.Dataset):
+            labels = label_values(train_dataset).to_numpy()
+        else:
+            labels = [int(train_dataset[i]["labels"]) for i in range(len(train_dataset))]
+        batch_sampler = ClassBalancedBatchSampler(
+            labels, batch_size, images_per_class=args.pk_images_per_class, repeats=args.ra, seed=seed
+        )
+    else:
+        batch_sampler = RepeatedAugmentationBatchSampler(len(train_dataset), batch_size, repeats=args.ra, seed=seed)
+    if len(batch_sampler) == 0:
+        raise ValueError(
+            f"The training set has {len(train_dataset)} images, fewer than the {batch_sampler.images_per_batch} "
+            f"images of one batch (batch_size={batch_size} with ra={args.ra}); lower --per_device_train_batch_size."
+        )
+    workers = args.dataloader_num_workers
+    return DataLoader(
+        ResumableAugmentations(train_dataset) if workers == 0 else train_dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+
+
+def create_eval_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Sequential evaluation loader (all rows, last batch may be short) with :func:`collate_fn`.
+
+    Batches are ``{"pixel_values": FloatTensor(B, C, H, W), "labels": LongTensor(B)}`` with B <= batch_size.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+@dataclass
+class DataBundle:
+    """Loaders of one run: ``train`` (augmented, repeated), ``validation`` and ``train_eval`` (train images with the
+    eval transform, for kNN) — the latter two sequential and unaugmented."""
+
+    label_names: list[str]
+    train: DataLoader
+    validation: DataLoader
+    train_eval: DataLoader
+    # Normalises uint8 training batches on the device (None: the loader already normalised them).
+    train_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _check_two_classes(dataset: datasets.DatasetDict) -> None:
+    """Training needs at least 2 classes in its split; a ValueError that names the classes otherwise."""
+    train_classes = dataset[TRAIN_SPLIT].unique("label")
+    if len(train_classes) < 2:
+        names = get_label_names(dataset)
+        present = [names[i] for i in train_classes]
+        raise ValueError(
+            f"The training split holds a single class ({', '.join(map(repr, present))}; classes named by the data: "
+            f"{names}). Training needs at least 2 classes: the contrastive loss has no negatives and the "
+            "cross-entropy nothing to separate, so nothing would be learned. Check --train_dir / --dataset_name and "
+            "--label_column_name."
+        )
+
+
+def prepare_data(
+    data_args: DataArguments, num_channels: int, train_batch_size: int, eval_batch_size: int, seed: int
+) -> DataBundle:
+    """Load the data set of ``data_args`` (splits seeded with ``seed``) and build the three loaders of a run (see
+    :class:`DataBundle`): training batches of ``train_batch_size`` (order seeded with ``seed``), evaluation batches
+    of ``eval_batch_size``, images of ``num_channels`` channels."""
+    dataset = load_image_dataset(data_args, seed=seed)
+    _check_two_classes(dataset)
+    views = with_image_transforms(
+        datasets.DatasetDict(
+            train=dataset[TRAIN_SPLIT], validation=dataset[VALIDATION_SPLIT], train_eval=dataset[TRAIN_SPLIT]
+        ),
+        data_args,
+        num_channels,
+    )
+    workers = data_args.dataloader_num_workers
+    return DataBundle(
+        label_names=get_label_names(dataset),
+        train=create_train_dataloader(views[TRAIN_SPLIT], data_args, train_batch_size, seed=seed),
+        validation=create_eval_dataloader(views[VALIDATION_SPLIT], eval_batch_size, workers),
+        train_eval=create_eval_dataloader(views["train_eval"], eval_batch_size, workers),
+        train_normalizer=create_train_normalizer(data_args, num_channels),
+    )

@@ -1,0 +1,208 @@
+"""Image transforms: training augmentation (timm's, with an optional uint8 finish normalised on the device) and the
+deterministic evaluation transform that the saved image processor reproduces."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .arguments import DataArguments
+from .preprocessing import Preprocessing, resolve_preprocessing
+
+__all__ = [
+    "ConvertImageMode",
+    "TrainNormalizer",
+    "UInt8RandomErasing",
+    "create_eval_transform",
+    "create_train_normalizer",
+    "create_train_transform",
+    "eval_transform",
+]
+
+
+def _auto_augment(policy: str | None) -> str | None:
+    """The timm policy string, or ``None`` when disabled (None, '', 'none', 'null')."""
+    if policy is None or policy.strip().lower() in ("", "none", "null"):
+        return None
+    return policy
+
+
+class ConvertImageMode:
+    """Convert a PIL image to ``"L"`` (``num_channels=1``) or ``"RGB"`` (``num_channels=3``).
+
+    Palette images go through RGBA so transparency is resolved before dropping alpha.
+    """
+
+    def __init__(self, num_channels: int = 3) -> None:
+        """``num_channels``: 1 (-> mode 'L') or 3 (-> mode 'RGB')."""
+        if num_channels not in (1, 3):
+            raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
+        self.mode = "L" if num_channels == 1 else "RGB"
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        """Return ``image`` in the target mode (unchanged when already in it)."""
+        if image.mode == self.mode:
+            return image
+        if image.mode == "P":
+            image = image.convert("RGBA")
+        return image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        """Readable form, shown inside the composed transform's repr."""
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+class UInt8RandomErasing:
+    """Random erasing of one rectangle of a (C, H, W) uint8 image, filled with a constant colour (the mean, so that
+    it normalises to 0 like timm's ``RandomErasing(mode='const')`` of a normalised image).
+
+    With probability ``probability``: an area of 2% to 1/3 of the image and an aspect ratio log-uniform in
+    (0.3, 1/0.3), up to 10 tries to fit it. Draws from Python's ``random`` (the loader's resumable state).
+    """
+
+    def __init__(
+        self,
+        probability: float,
+        fill: Sequence[int],
+        min_area: float = 0.02,
+        max_area: float = 1 / 3,
+        min_aspect: float = 0.3,
+    ) -> None:
+        self.probability = probability
+        self.fill = torch.tensor(list(fill), dtype=torch.uint8).view(-1, 1, 1)
+        self.min_area, self.max_area = min_area, max_area
+        self.log_aspect = (np.log(min_aspect), np.log(1 / min_aspect))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` (C, H, W) uint8, with one rectangle filled (a copy) or unchanged."""
+        if self.probability <= 0 or random.random() > self.probability:
+            return image
+        _, height, width = image.shape
+        for _ in range(10):
+            area = random.uniform(self.min_area, self.max_area) * height * width
+            aspect = float(np.exp(random.uniform(*self.log_aspect)))
+            h, w = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
+            if 0 < h < height and 0 < w < width:
+                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                image = image.clone()
+                image[:, top : top + h, left : left + w] = self.fill
+                return image
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.probability}, fill={self.fill.flatten().tolist()})"
+
+
+class TrainNormalizer:
+    """On the device: (B, C, H, W) uint8 training batches -> float32 ``(x / 255 - mean) / std``, the same operations
+    (and so the same values) as ToTensor + Normalize in the loader. Float batches pass unchanged."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.is_floating_point():
+            return pixel_values
+        if self.mean.device != pixel_values.device:
+            self.mean, self.std = self.mean.to(pixel_values.device), self.std.to(pixel_values.device)
+        return pixel_values.to(torch.float32).div(255).sub(self.mean).div(self.std)
+
+
+def create_train_normalizer(args: DataArguments, num_channels: int = 3) -> TrainNormalizer | None:
+    """The device-side normalisation of uint8 training batches, or None when the loader normalises."""
+    if not args.uint8_transfer:
+        return None
+    preprocessing = resolve_preprocessing(args, num_channels)
+    return TrainNormalizer(preprocessing.mean, preprocessing.std)
+
+
+class _Compose:
+    """Picklable composition of callables (used so DataLoader workers can receive the transform)."""
+
+    def __init__(self, steps: Sequence[Callable[[Any], Any]]) -> None:
+        """``steps``: callables applied in order."""
+        self.steps = list(steps)
+
+    def __call__(self, value: Any) -> Any:
+        """Apply every step in order."""
+        for step in self.steps:
+            value = step(value)
+        return value
+
+    def __repr__(self) -> str:
+        """Readable form listing the steps."""
+        return "Compose(" + ", ".join(repr(step) for step in self.steps) + ")"
+
+
+def create_train_transform(args: DataArguments, num_channels: int = 3) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """Training augmentation: mode conversion, then timm's ``create_transform(is_training=True)``.
+
+    RandomResizedCrop(input_size, scale, ratio, interpolation) -> horizontal flip -> RandAugment (``args.aa``)
+    -> ToTensor -> Normalize -> RandomErasing(``args.reprob``). Color jitter only when ``args.color_jitter``
+    is set and ``aa`` is disabled. With ``args.uint8_transfer`` the result stays uint8 (no ToTensor scaling, no
+    Normalize; the erased rectangle gets the mean colour, which normalises to 0 as timm's erasing) and
+    :class:`TrainNormalizer` finishes it on the device.
+
+    Returns:
+        A callable mapping any PIL image to a tensor of shape (num_channels, input_size, input_size): float32, or
+        uint8 with ``args.uint8_transfer``.
+    """
+    from timm.data import create_transform
+
+    preprocessing = resolve_preprocessing(args, num_channels)
+    # uint8: timm stops before ToTensor/Normalize (mean still sets RandAugment's fill) and erasing is done here.
+    finish = {"normalize": False} if args.uint8_transfer else {"re_prob": args.reprob}
+    timm_transform = create_transform(
+        input_size=preprocessing.input_size,
+        is_training=True,
+        scale=tuple(args.scale),
+        ratio=tuple(args.ratio),
+        hflip=args.hflip,
+        color_jitter=args.color_jitter if args.color_jitter else None,
+        auto_augment=_auto_augment(args.aa),
+        interpolation=preprocessing.interpolation,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        **finish,
+    )
+    steps = [ConvertImageMode(num_channels), timm_transform]
+    if args.uint8_transfer and args.reprob > 0:
+        steps.append(UInt8RandomErasing(args.reprob, tuple(round(255 * value) for value in preprocessing.mean)))
+    return _Compose(steps)
+
+
+def eval_transform(preprocessing: Preprocessing) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """The deterministic evaluation transform of ``preprocessing``: mode conversion, Resize(input_size / crop_pct)
+    + CenterCrop(input_size) -> ToTensor -> Normalize (timm's ``create_transform(is_training=False)``).
+
+    Returns:
+        A callable mapping any PIL image to a float tensor of shape (num_channels, input_size, input_size).
+    """
+    from timm.data import create_transform
+
+    timm_transform = create_transform(
+        input_size=preprocessing.input_size,
+        is_training=False,
+        crop_pct=preprocessing.crop_pct,
+        interpolation=preprocessing.interpolation,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+    )
+    return _Compose([ConvertImageMode(preprocessing.num_channels), timm_transform])
+
+
+def create_eval_transform(args: DataArguments, num_channels: int = 3) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """Deterministic evaluation transform: mode conversion, Resize(input_size / crop_pct) + CenterCrop(input_size).
+
+    For input 32 and crop_pct 0.875: Resize(36, bicubic) -> CenterCrop(32) -> ToTensor -> Normalize.
+
+    Returns:
+        A callable mapping any PIL image to a float tensor of shape (num_channels, input_size, input_size).
+    """
+    return eval_transform(resolve_preprocessing(args, num_channels))

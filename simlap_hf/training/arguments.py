@@ -1,0 +1,335 @@
+"""Command-line arguments of the training scripts: the dataclasses, YAML-and-flags parsing, and the checks of the
+training options that need neither data nor a model.
+
+Every script reads ``[CONFIG.yaml] [--flag value ...]`` into its tuple of dataclasses (:data:`PRETRAIN_ARGUMENTS`,
+:data:`FINETUNE_ARGUMENTS`, :data:`FUSE_ARGUMENTS`) with :func:`parse_args`; the values of the YAML file are defaults
+that flags override. The backbone flags are declared once, in :class:`BackboneArguments`, which the three model
+dataclasses extend.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..data import DataArguments
+from .backbones import RESNET_OUTPUT_STRIDE_HELP, RESNET_STEM_HELP
+from .checkpoints import find_checkpoint, list_checkpoints
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "lars", "lamb")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SMOOTHING_HELP = (
+    "Label smoothing s: the target of class y is (1 - s) * onehot(y) + s / C, applied once, by mixup/cutmix when they "
+    "are on (their soft targets), else by the cross-entropy. The same for fine-tuning and SimLAP-Fuse."
+)
+EMA_HELP = (
+    "Keep an EMA of the weights with this decay (e.g. 0.9998); it is evaluated and saved instead of the raw weights."
+)
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation, schedule, evaluation, checkpointing, tracking and Hub options shared by the three scripts."""
+
+    output_dir: str = field(default="outputs/simlap", metadata={"help": "Where the model, results and checkpoints go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds another run."}
+    )
+    num_train_epochs: int = field(default=50, metadata={"help": "Number of training epochs."})
+    per_device_train_batch_size: int = field(
+        default=256, metadata={"help": "Images per process and step, repeated-augmentation copies included."}
+    )
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per process in evaluation."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (after warmup)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (none on biases and 1-D parameters)."})
+    opt: str = field(
+        default="adam", metadata={"help": f"timm optimizer name: {', '.join(OPTIMIZERS)} or any timm opt."}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "Momentum of SGD-type optimizers."})
+    opt_eps: float | None = field(default=None, metadata={"help": "Optimizer epsilon (timm default when unset)."})
+    opt_betas: list[float] | None = field(default=None, metadata={"help": "Adam-type betas (timm default when unset)."})
+    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise lr decay (e.g. 0.65), off if unset."})
+    sched: str = field(default="cosine", metadata={"help": "timm scheduler name, updated every iteration."})
+    warmup_epochs: float = field(default=2, metadata={"help": "Linear warmup epochs from warmup_lr."})
+    warmup_lr: float = field(default=1e-5, metadata={"help": "Learning rate at the start of warmup."})
+    min_lr: float = field(default=1e-6, metadata={"help": "Final learning rate of the cosine schedule."})
+    clip_grad: float | None = field(default=None, metadata={"help": "Clip the gradient norm to this value."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer update."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "no, fp16 or bf16; unset: what `accelerate launch --mixed_precision` or the accelerate config "
+            "says (else no). fp16 falls back to bf16 on CPU, where it is not supported."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of every random number generator and of the data order."})
+    eval_every: int = field(default=2, metadata={"help": "Evaluate every N epochs (and always after the last)."})
+    checkpointing_epochs: int = field(default=1, metadata={"help": "Save a checkpoint every N epochs (0: never)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept too)."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "'latest' or a checkpoint folder: continue that run where it stopped. 'auto': continue from "
+            "the newest complete checkpoint when there is one, else start fresh (for requeued jobs)."
+        },
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log training statistics every N optimizer steps."})
+    with_tracking: bool = field(default=False, metadata={"help": "Log to experiment trackers (see report_to)."})
+    report_to: str = field(
+        default="all", metadata={"help": "Tracker(s) for accelerate: all, tensorboard, wandb, ... (comma-separated)."}
+    )
+    sync_bn: bool = field(default=False, metadata={"help": "Convert BatchNorm to SyncBatchNorm in multi-process runs."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN evaluation."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the cosine-weighted kNN vote."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model and card to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id (user/name)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / saved login)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    push_checkpoints: bool = field(
+        default=False, metadata={"help": "With --push_to_hub, also upload every saved checkpoint."}
+    )
+    debug: bool = field(
+        default=False, metadata={"help": "Show the full traceback of input errors (also: SIMLAP_DEBUG=1)."}
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata={
+            "help": "Model and training batches in channels-last memory format (faster convs "
+            "on GPUs with tensor cores)."
+        },
+    )
+    tf32: bool = field(default=False, metadata={"help": "Allow TF32 float32 matmuls and convolutions on NVIDIA GPUs."})
+    cudnn_benchmark: bool = field(
+        default=False, metadata={"help": "Let cuDNN pick the fastest convolution algorithms for the (fixed) shapes."}
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the model with torch.compile (accelerate's TorchDynamoPlugin); "
+            "`accelerate launch --dynamo_backend inductor` does the same."
+        },
+    )
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode: default, reduce-overhead, max-autotune."}
+    )
+
+
+@dataclass
+class ClassificationArguments:
+    """Regularisation of supervised training (fine-tuning and SimLAP-Fuse): mixup/cutmix, label smoothing, EMA of the
+    weights, timm export."""
+
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 disables)."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 disables)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of applying mixup or cutmix to a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of cutmix instead of mixup."})
+    mixup_mode: str = field(default="batch", metadata={"help": "timm mixup mode: batch, pair or elem."})
+    smoothing: float = field(default=0.1, metadata={"help": SMOOTHING_HELP})
+    model_ema_decay: float | None = field(default=None, metadata={"help": EMA_HELP})
+    export_timm: str | None = field(
+        default=None, metadata={"help": "Also export the classifier as a timm model folder here."}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model arguments of the three scripts
+
+
+@dataclass
+class BackboneArguments:
+    """The timm backbone: architecture, ResNet stem and output stride, extra timm options, input channels."""
+
+    model_name: str = field(default="resnet18", metadata={"help": "timm backbone architecture."})
+    stem_type: str | None = field(default=None, metadata={"help": RESNET_STEM_HELP})
+    output_stride: int | None = field(default=None, metadata={"help": RESNET_OUTPUT_STRIDE_HELP})
+    model_kwargs: str | None = field(
+        default=None, metadata={"help": "Extra timm.create_model kwargs as JSON, e.g. '{\"drop_path_rate\": 0.1}'."}
+    )
+    num_channels: int = field(
+        default=3,
+        metadata={
+            "help": "Input channels of a new model (grayscale data is converted); a pretrained model keeps its own."
+        },
+    )
+
+
+@dataclass
+class PretrainModelArguments(BackboneArguments):
+    """The SimLAP model: timm backbone, projector, feature filter and loss."""
+
+    gate: str = field(default="fused", metadata={"help": "Feature filter: fused, product or open (SupCon)."})
+    pair_mode: str = field(default="arbitrary", metadata={"help": "Partner classes: arbitrary, identical, distinct."})
+    temperature: float = field(default=0.1, metadata={"help": "Temperature of the gated cosine logits."})
+    out_dim: int = field(default=256, metadata={"help": "Projection size K."})
+    mlp_dim: int = field(default=2048, metadata={"help": "Hidden size of the projector."})
+    gate_penalty: float = field(default=0.0, metadata={"help": "Weight of the gate entropy penalty."})
+    sup_loss: bool = field(
+        default=False, metadata={"help": "Let the online head's cross-entropy train the backbone (not detached)."}
+    )
+    analyze: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, analyse collapse and gates (analysis.json) and add the summary to the model card."
+        },
+    )
+
+
+@dataclass
+class FinetuneModelArguments(BackboneArguments):
+    """Where the backbone comes from: a pretrained SimLAP folder or Hub id, or a timm architecture from scratch."""
+
+    # No default architecture here: without --from_scratch the backbone is the pretrained model's.
+    model_name: str | None = field(
+        default=None, metadata={"help": "timm architecture; with --from_scratch, the supervised baseline."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained SimLAPModel (or classifier) folder or Hub id."}
+    )
+    from_scratch: bool = field(default=False, metadata={"help": "Start from random weights (needs --model_name)."})
+    classifier_dropout: float = field(default=0.0, metadata={"help": "Dropout before the linear classifier."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a pretrained classifier whose class count differs."}
+    )
+
+
+@dataclass
+class FuseModelArguments(BackboneArguments):
+    """The SimLAP-Fuse model: timm backbone, margin head, and the SimLAP term."""
+
+    head_dim: int | None = field(
+        default=None, metadata={"help": "Margin head width; must equal the backbone width (default: that width)."}
+    )
+    head_hidden_mult: int = field(default=4, metadata={"help": "Hidden width of the margin head = mult x head_dim."})
+    arc_scale: float = field(default=10.0, metadata={"help": "Scale s of the ArcGrad logits s * (pi - arccos)."})
+    iter_num: int = field(default=1, metadata={"help": "Pair draws averaged in the SimLAP term."})
+    pair_mode: str = field(default="arbitrary", metadata={"help": "Partner classes: arbitrary, identical, distinct."})
+    temperature: float = field(default=0.1, metadata={"help": "Temperature of the SimLAP term."})
+    simlap_weight: float = field(default=1.0, metadata={"help": "Weight of the SimLAP term."})
+
+
+# The dataclasses of each script's command line (flags or a YAML file), in the order parse_args returns them.
+PRETRAIN_ARGUMENTS = (PretrainModelArguments, DataArguments, TrainingArguments)
+FINETUNE_ARGUMENTS = (FinetuneModelArguments, ClassificationArguments, DataArguments, TrainingArguments)
+FUSE_ARGUMENTS = (FuseModelArguments, ClassificationArguments, DataArguments, TrainingArguments)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _parser_destinations(parser: HfArgumentParser) -> list[str]:
+    return [action.dest for action in parser._actions if action.dest != "help"]
+
+
+def _close_matches_message(unknown: Sequence[str], known: Sequence[str], what: str) -> str:
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        parts.append(f"{name}{hint}")
+    return f"Unknown {what}: {'; '.join(parts)}. Run with --help for the list of options."
+
+
+def _read_config_file(config_path: Path, known: Sequence[str]) -> dict[str, Any]:
+    """The ``option: value`` mapping of a YAML config file; every key must be one of ``known``."""
+    if not config_path.is_file():
+        raise FileNotFoundError(f"Config file {str(config_path)!r} does not exist.")
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"Config file {str(config_path)!r} is not valid YAML{where}: {problem}.") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {str(config_path)!r} must hold a mapping of option: value.")
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        raise ValueError(_close_matches_message(unknown, known, f"keys in {config_path}"))
+    return values
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
+
+    Values of the YAML file become defaults that flags override. Unknown YAML keys or flags raise a ValueError that
+    lists close matches.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(list(dataclass_types), allow_abbrev=False)
+    known = _parser_destinations(parser)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        parser.set_defaults(**_read_config_file(Path(argv.pop(0)), known))
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        flags = [item.split("=")[0].lstrip("-") for item in remaining if item.startswith("-")] or remaining
+        raise ValueError(_close_matches_message(flags, known, "flags"))
+    return tuple(parsed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_values(args: TrainingArguments) -> None:
+    if args.mixed_precision is not None and args.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"--mixed_precision={args.mixed_precision!r} is not valid; choose one of no, fp16, bf16.")
+    for name in (
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "eval_every",
+        "logging_steps",
+    ):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)!r} is not valid; it must be >= 1.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate={args.learning_rate!r} is not valid; it must be > 0.")
+    if args.save_total_limit < 1:
+        raise ValueError(f"--save_total_limit={args.save_total_limit!r} is not valid; it must be >= 1.")
+
+
+def validate_training_args(args: TrainingArguments) -> None:
+    """Checks that need no data and no model; each error names the flag and the valid values.
+
+    Resolves ``--resume_from_checkpoint auto`` in place: 'latest' when the output folder holds a complete checkpoint,
+    else None (a fresh start)."""
+    _check_values(args)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(
+            f"--output_dir {str(output_dir)!r} is a file, not a folder; choose a folder path (it is created if needed)."
+        )
+    fresh_auto_start = False
+    if args.resume_from_checkpoint == "auto":
+        args.resume_from_checkpoint = "latest" if list_checkpoints(output_dir) else None
+        fresh_auto_start = args.resume_from_checkpoint is None
+    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
+        raise ValueError(
+            "--overwrite_output_dir and --resume_from_checkpoint contradict each other: drop --overwrite_output_dir "
+            "to continue the run, or --resume_from_checkpoint to replace it."
+        )
+    if args.resume_from_checkpoint is None and not args.overwrite_output_dir and output_dir.is_dir():
+        # A run killed before its first complete checkpoint leaves only incomplete ones: 'auto' starts it again.
+        previous = [
+            name
+            for name in ("all_results.json", "checkpoints", "model.safetensors")
+            if (output_dir / name).exists() and not (fresh_auto_start and name == "checkpoints")
+        ]
+        if previous:
+            raise ValueError(
+                f"--output_dir {str(output_dir)!r} already holds a run ({', '.join(previous)}). Pass "
+                "--overwrite_output_dir to replace it, --resume_from_checkpoint latest to continue it, or choose "
+                "another --output_dir."
+            )
+    if args.resume_from_checkpoint is not None:
+        find_checkpoint(args.output_dir, args.resume_from_checkpoint)  # fails early when there is none

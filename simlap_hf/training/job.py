@@ -1,0 +1,170 @@
+"""One training job, from a built model to a saved model folder: :class:`TrainingJob` describes it, :func:`start_run`
+prepares the run before any data is read, and :func:`run_job` trains and saves.
+
+A script is: parse the arguments, check the model flags, :func:`start_run`, load the data, build the model, describe
+the :class:`TrainingJob`, ``job.run(accelerator)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+
+from .arguments import validate_training_args
+from .checkpoints import move_previous_run_away
+from .evaluators import EvaluatorFactory
+from .factories import create_accelerator, create_model_ema, create_optimizer, prepare_model
+from .loop import LossFunction, fit
+from .outputs import save_final_outputs
+from .steps import with_normalized_inputs
+
+if TYPE_CHECKING:
+    from ..data import DataBundle
+    from .arguments import TrainingArguments
+
+logger = logging.getLogger("simlap_hf")
+
+
+@dataclass
+class TrainingJob:
+    """What a script hands over once the data is loaded and the model built.
+
+    Attributes:
+        task: ``"pretrain"``, ``"finetune"`` or ``"fuse"`` (the model card's description, the trackers' project).
+        model: the model to train (not yet prepared by the accelerator).
+        data: the run's loaders; :func:`run_job` replaces them by their prepared versions.
+        args: the training arguments.
+        compute_loss: ``(model, batch) -> (loss, logs)``, see :mod:`simlap_hf.training.steps`.
+        make_evaluator: ``(accelerator, data, ema) -> evaluate``, see :mod:`simlap_hf.training.evaluators`.
+        metric_names: the evaluation metrics reported in ``all_results.json`` and the card.
+        hyperparameters: the flat options of the run, for trackers and the card (no hub token).
+        dataset_name: ``--dataset_name`` of the run, for the card.
+        repo_id: Hub repository to push the final folder (and, with ``--push_checkpoints``, checkpoints) to.
+        model_ema_decay: keep an EMA of the weights with this decay; it is evaluated and saved instead.
+        base_model: the model fine-tuned from, for the card.
+        extra_files: ``(output_dir, trained model) -> None``, writes more files into the saved folder (main process).
+        card_sections: ``(trained model) -> {title: markdown}``, more card sections; called on every process.
+    """
+
+    task: str
+    model: torch.nn.Module
+    data: DataBundle
+    args: TrainingArguments
+    compute_loss: LossFunction
+    make_evaluator: EvaluatorFactory
+    metric_names: Sequence[str]
+    hyperparameters: dict[str, Any]
+    dataset_name: str | None = None
+    repo_id: str | None = None
+    model_ema_decay: float | None = None
+    base_model: str | None = None
+    extra_files: Callable[[Path, torch.nn.Module], None] | None = None
+    card_sections: Callable[[torch.nn.Module], dict[str, str]] | None = None
+
+    def run(self, accelerator: Accelerator) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """:func:`run_job` of this job."""
+        return run_job(accelerator, self)
+
+
+def start_hub_repo(args: TrainingArguments) -> str | None:
+    """Create the Hub repository before training when ``--push_to_hub`` (fails early on a bad id or token)."""
+    if not args.push_to_hub:
+        return None
+    from ..hub import create_hub_repo
+
+    return create_hub_repo(args.hub_model_id, args.hub_token, args.hub_private_repo)
+
+
+def start_run(args: TrainingArguments) -> tuple[Accelerator, str | None]:
+    """The first steps of every script, before any data is read: check the flags, create the Hub repository when
+    pushing (so a bad id or token fails early), and set up the accelerator. Returns (accelerator, Hub repo id)."""
+    auto_resume = args.resume_from_checkpoint == "auto"
+    validate_training_args(args)
+    repo_id = start_hub_repo(args)
+    accelerator = create_accelerator(args)
+    if auto_resume:
+        logger.info(
+            "--resume_from_checkpoint auto: %s.",
+            "continuing from the newest complete checkpoint"
+            if args.resume_from_checkpoint
+            else "no complete checkpoint yet, starting fresh",
+        )
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        move_previous_run_away(args.output_dir)
+    accelerator.wait_for_everyone()
+    return accelerator, repo_id
+
+
+def _prepare(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Distributed BatchNorm, memory format, optimizer, then ``accelerator.prepare`` of the model, the optimizer and
+    the job's three loaders (replaced in ``job.data``)."""
+    args, data = job.args, job.data
+    model = prepare_model(job.model, args, accelerator)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(model, args)
+    model, optimizer, data.train, data.validation, data.train_eval = accelerator.prepare(
+        model, optimizer, data.train, data.validation, data.train_eval
+    )
+    return model, optimizer
+
+
+def _ema_hook(accelerator: Accelerator, ema: Any) -> Callable[[torch.nn.Module], None] | None:
+    """The ``on_step_end`` that updates the EMA of the weights (saved with every checkpoint), or None."""
+    if ema is None:
+        return None
+    accelerator.register_for_checkpointing(ema)
+
+    def on_step_end(trained: torch.nn.Module) -> None:
+        ema.update(accelerator.unwrap_model(trained))
+
+    return on_step_end
+
+
+def _checkpoint_push_hook(job: TrainingJob) -> Callable[[Path], None] | None:
+    """The ``on_checkpoint`` that uploads every checkpoint (``--push_checkpoints`` with a Hub repository), or None."""
+    if job.repo_id is None or not job.args.push_checkpoints:
+        return None
+    from ..hub import push_checkpoint
+
+    def on_checkpoint(path: Path) -> None:
+        push_checkpoint(path, job.repo_id, job.args.hub_token)
+
+    return on_checkpoint
+
+
+def run_job(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Everything after the model is built: optimizer, ``accelerator.prepare``, optional EMA, trackers, :func:`fit`,
+    the card sections, and :func:`save_final_outputs`. Returns the trained (unwrapped) model (the EMA weights when
+    kept) and the results."""
+    model, optimizer = _prepare(accelerator, job)
+    ema = create_model_ema(accelerator.unwrap_model(model), job.model_ema_decay)
+    on_step_end = _ema_hook(accelerator, ema)
+    on_checkpoint = _checkpoint_push_hook(job)
+    compute_loss = job.compute_loss
+    if job.data.train_normalizer is not None:
+        compute_loss = with_normalized_inputs(compute_loss, job.data.train_normalizer)
+    if job.args.with_tracking:
+        accelerator.init_trackers(f"simlap_{job.task}", {k: str(v) for k, v in job.hyperparameters.items()})
+    result = fit(
+        accelerator,
+        model,
+        optimizer,
+        job.data.train,
+        job.args,
+        compute_loss,
+        job.make_evaluator(accelerator, job.data, ema),
+        on_step_end=on_step_end,
+        on_checkpoint=on_checkpoint,
+    )
+    final = ema.module if ema is not None else model
+    # Run on every process (it may gather across processes); only the main process writes the card.
+    sections = job.card_sections(final) if job.card_sections is not None else None
+    results = save_final_outputs(accelerator, job, final, result, sections)
+    return accelerator.unwrap_model(final), results
