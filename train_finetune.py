@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from simlap_hf import SimLAPForImageClassification
-from simlap_hf.data import prepare_data
 from simlap_hf.training import (
     CLASSIFICATION_METRICS,
     FINETUNE_ARGUMENTS,
@@ -27,6 +26,7 @@ from simlap_hf.training import (
     create_mixup,
     cross_entropy_smoothing,
     finetune_num_channels,
+    load_run_data,
     make_classification_evaluator,
     model_folder_files,
     parse_args,
@@ -45,9 +45,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification
     check_finetune_arguments(model_args, data_args)  # before any data is read
     accelerator, repo_id = start_run(args)
     num_channels = finetune_num_channels(model_args)
-    data = prepare_data(
-        data_args, num_channels, args.per_device_train_batch_size, args.per_device_eval_batch_size, args.seed
-    )
+    data = load_run_data(accelerator, data_args, num_channels, args)
     model = build_finetune_model(model_args, data_args, data.label_names)
     mixup = create_mixup(recipe, model.config.num_labels)
     job = TrainingJob(

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from simlap_hf import SimLAPFuseForImageClassification
-from simlap_hf.data import prepare_data
 from simlap_hf.training import (
     CLASSIFICATION_METRICS,
     FUSE_ARGUMENTS,
@@ -26,6 +25,7 @@ from simlap_hf.training import (
     create_mixup,
     cross_entropy_smoothing,
     fuse_step,
+    load_run_data,
     make_classification_evaluator,
     model_folder_files,
     parse_args,
@@ -43,9 +43,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPFuseForImageClassifica
     model_args, recipe, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
     check_backbone(build_fuse_config(model_args, data_args, 0.0, PLACEHOLDER_LABELS))  # before any data is read
     accelerator, repo_id = start_run(args)
-    data = prepare_data(
-        data_args, model_args.num_channels, args.per_device_train_batch_size, args.per_device_eval_batch_size, args.seed
-    )
+    data = load_run_data(accelerator, data_args, model_args.num_channels, args)
     mixup = create_mixup(recipe, len(data.label_names))
     config = build_fuse_config(model_args, data_args, cross_entropy_smoothing(recipe, mixup), data.label_names)
     job = TrainingJob(

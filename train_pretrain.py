@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from simlap_hf import SimLAPModel
-from simlap_hf.data import prepare_data
 from simlap_hf.training import (
     PLACEHOLDER_LABELS,
     PRETRAIN_ARGUMENTS,
@@ -26,6 +25,7 @@ from simlap_hf.training import (
     arguments_as_dict,
     build_pretrain_config,
     check_backbone,
+    load_run_data,
     model_folder_files,
     parse_args,
     representation_evaluator,
@@ -44,9 +44,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]
     model_args, data_args, args = parse_args(ARGUMENT_CLASSES, argv)
     check_backbone(build_pretrain_config(model_args, data_args, PLACEHOLDER_LABELS))  # before any data is read
     accelerator, repo_id = start_run(args)
-    data = prepare_data(
-        data_args, model_args.num_channels, args.per_device_train_batch_size, args.per_device_eval_batch_size, args.seed
-    )
+    data = load_run_data(accelerator, data_args, model_args.num_channels, args)
     config = build_pretrain_config(model_args, data_args, data.label_names)
     sections = analysis_card_sections(accelerator, data, args.output_dir, args.knn_k, args.knn_temperature)
     job = TrainingJob(

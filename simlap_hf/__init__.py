@@ -28,7 +28,11 @@ AutoModelForImageClassification.register(SimLAPFuseConfig, SimLAPFuseForImageCla
 AutoModel.register(SimLAPFuseConfig, SimLAPFuseModel, exist_ok=True)
 for _config_class in (SimLAPConfig, SimLAPFuseConfig):
     try:  # transformers >= 5
-        AutoImageProcessor.register(_config_class, image_processor_classes=dict.fromkeys(("pil", "torchvision"), SimLAPImageProcessor), exist_ok=True)
+        AutoImageProcessor.register(
+            _config_class,
+            image_processor_classes=dict.fromkeys(("pil", "torchvision"), SimLAPImageProcessor),
+            exist_ok=True,
+        )
     except TypeError:  # transformers 4
         AutoImageProcessor.register(_config_class, slow_image_processor_class=SimLAPImageProcessor, exist_ok=True)
 

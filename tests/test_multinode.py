@@ -81,12 +81,12 @@ def wait_all(machines: list[subprocess.Popen], timeout: float = 400) -> list[int
 
 def last_log(root: Path, rank: int) -> str:
     logs = sorted((root / f"node{rank}").glob("launch_*.log"))
-    return logs[-1].read_text()[-4000:] if logs else ""
+    return logs[-1].read_text() if logs else ""
 
 
 def run_machines(root: Path, flags: list[str], expected: int = 0) -> None:
     codes = wait_all(start_machines(root, flags))
-    assert codes == [expected, expected], f"exit codes {codes}\n{last_log(root, 0)}\n---\n{last_log(root, 1)}"
+    assert codes == [expected, expected], f"exit codes {codes}\n{last_log(root, 0)[-3000:]}\n---\n{last_log(root, 1)[-3000:]}"
 
 
 def checkpoints(root: Path, rank: int) -> list[str]:
@@ -113,8 +113,9 @@ def test_two_machines_without_shared_files_stop_and_resume_exactly(tmp_path):
     run_machines(straight, [*SMALL_RUN, "--num_train_epochs", "4", "--resume_from_checkpoint", "latest"], expected=1)
     assert time.monotonic() - started < 300
     for rank in (0, 1):
-        assert "--save_on_each_node" in last_log(straight, rank), last_log(straight, rank)
-        assert "Traceback" not in last_log(straight, rank)
+        log = last_log(straight, rank)
+        assert "error: --resume_from_checkpoint" in log and "--save_on_each_node" in log, log[-3000:]
+        assert f'File "{ROOT / "simlap_hf"}' not in log, log[-3000:]  # one line from the package; torchrun's report follows
 
     # A graceful stop (SIGTERM to both machines, as a scheduler sends) after the first logged step, then a resume
     # on both machines from their own copies of the checkpoint.
@@ -135,7 +136,7 @@ def test_two_machines_without_shared_files_stop_and_resume_exactly(tmp_path):
     for rank in (0, 1):
         assert not (stopped / f"node{rank}" / "out" / "model.safetensors").exists()
     run_machines(stopped, [*flags, "--resume_from_checkpoint", "latest"])
-    assert "Resumed from" in last_log(stopped, 1)
+    assert "Resumed from" in last_log(stopped, 0)
     results = json.loads((stopped / "node0" / "out" / "all_results.json").read_text())
     assert results["epochs"] == 3
 

@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "load_image_dataset": "dataset",
     "get_label_names": "labels",
     "read_idx": "idx",
+    "image_file_checks_done": "images",
     "ClassBalancedBatchSampler": "samplers",
     "RepeatedAugmentationBatchSampler": "samplers",
     "RepeatedAugmentationSampler": "samplers",

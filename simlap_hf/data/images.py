@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import struct
+import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ __all__ = [
     "decode_image",
     "describe_image",
     "drop_corrupt_rows",
+    "image_file_checks_done",
     "image_key",
     "image_problem",
     "list_image_files",
@@ -125,8 +128,24 @@ def describe_image(value: Mapping[str, Any], index: int) -> str:
     return repr(value.get("path")) if value.get("path") else f"<embedded image bytes at row {index}>"
 
 
+_CHECKS_DONE = threading.local()
+
+
+@contextlib.contextmanager
+def image_file_checks_done() -> Iterator[None]:
+    """Within this block :func:`check_image_files` checks nothing: another process of the machine has just run the
+    same checks on the same files (decoding every image once per machine, not once per process)."""
+    _CHECKS_DONE.active = True
+    try:
+        yield
+    finally:
+        _CHECKS_DONE.active = False
+
+
 def check_image_files(files: Sequence[Path], root: str) -> None:
     """Raise ValueError naming the first corrupt file among ``files`` (imagefolder, before anything is built)."""
+    if getattr(_CHECKS_DONE, "active", False):
+        return
     bad = [(path, problem) for path in files if (problem := image_problem(path)) is not None]
     if bad:
         listed = "; ".join(f"{str(path)!r} ({problem})" for path, problem in bad[:5])

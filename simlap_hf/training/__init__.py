@@ -79,7 +79,7 @@ from .factories import (
     cross_entropy_smoothing,
     prepare_model,
 )
-from .job import TrainingJob, run_job, start_hub_repo, start_run
+from .job import TrainingJob, load_run_data, run_job, start_hub_repo, start_run
 from .loop import EvaluateFunction, LossFunction, TrainingResult, fit
 from .outputs import arguments_as_dict, build_results, model_folder_files, save_final_outputs, write_json
 from .steps import classification_step, fuse_step, simlap_step, with_normalized_inputs
@@ -157,6 +157,7 @@ __all__ = [
     "simlap_step",
     "start_hub_repo",
     "start_run",
+    "load_run_data",
     "timm_backbone_kwargs",
     "validate_training_args",
     "with_normalized_inputs",

@@ -73,6 +73,14 @@ class TrainingArguments:
     eval_every: int = field(default=2, metadata={"help": "Evaluate every N epochs (and always after the last)."})
     checkpointing_epochs: int = field(default=1, metadata={"help": "Save a checkpoint every N epochs (0: never)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept too)."})
+    save_on_each_node: bool = field(
+        default=False,
+        metadata={
+            "help": "Multi-machine runs without a shared file system: every machine keeps a full copy of each "
+            "checkpoint in its own --output_dir, so every machine can resume. Unneeded (and ignored) when the "
+            "machines share the output folder."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -298,17 +306,27 @@ def _check_values(args: TrainingArguments) -> None:
         raise ValueError(f"--save_total_limit={args.save_total_limit!r} is not valid; it must be >= 1.")
 
 
-def validate_training_args(args: TrainingArguments) -> None:
+def validate_training_args(args: TrainingArguments, check_output_dir: bool = True) -> None:
     """Checks that need no data and no model; each error names the flag and the valid values.
 
-    Resolves ``--resume_from_checkpoint auto`` in place: 'latest' when the output folder holds a complete checkpoint,
-    else None (a fresh start)."""
+    With ``check_output_dir`` also :func:`check_output_folder`, which resolves ``--resume_from_checkpoint auto``."""
     _check_values(args)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(
             f"--output_dir {str(output_dir)!r} is a file, not a folder; choose a folder path (it is created if needed)."
         )
+    if check_output_dir:
+        check_output_folder(args)
+
+
+def check_output_folder(args: TrainingArguments) -> None:
+    """The output folder against the resume flags: a folder holding another run needs --overwrite_output_dir or
+    --resume_from_checkpoint, and a resumed run needs a complete checkpoint.
+
+    Resolves ``--resume_from_checkpoint auto`` in place: 'latest' when the output folder holds a complete checkpoint,
+    else None (a fresh start)."""
+    output_dir = Path(args.output_dir)
     fresh_auto_start = False
     if args.resume_from_checkpoint == "auto":
         args.resume_from_checkpoint = "latest" if list_checkpoints(output_dir) else None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import RNG_STATE_NAME
 
 if TYPE_CHECKING:
     from .arguments import TrainingArguments
@@ -146,7 +147,8 @@ def save_checkpoint(
     name = f"{CHECKPOINT_PREFIX}{state.global_step:08d}" + (f"-{state.step_in_epoch}" if state.step_in_epoch else "")
     final = root / name
     temporary = root / f".tmp-{name}"
-    if accelerator.is_main_process:
+    writer = writes_checkpoint_files(accelerator)
+    if writer:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -154,10 +156,10 @@ def save_checkpoint(
         accelerator.save_state(str(temporary), safe_serialization=True)
         if augmentation_rng is not None:
             torch.save(augmentation_rng, temporary / augmentation_rng_file(accelerator))
-        if accelerator.is_main_process:
+        if writer:
             (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     except Exception as error:  # a full disk shows as OSError, SafetensorError (safetensors) or RuntimeError (torch)
-        if accelerator.is_main_process:
+        if writer:
             shutil.rmtree(temporary, ignore_errors=True)
         previous = list_checkpoints(args.output_dir)
         raise OSError(
@@ -166,12 +168,25 @@ def save_checkpoint(
             "resume with the same command plus --resume_from_checkpoint latest."
         ) from error
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if writer:
         _remove_checkpoint(final)
         os.replace(temporary, final)
         _rotate_checkpoints(args, keep={final.name, Path(state.best_checkpoint).name if state.best_checkpoint else ""})
     accelerator.wait_for_everyone()
     return final
+
+
+def writes_checkpoint_files(accelerator: Accelerator) -> bool:
+    """Whether this process writes a checkpoint's shared files (model, optimizer, trainer state) and renames it
+    complete: the main process, and with --save_on_each_node (on machines that do not share the output folder) the
+    first process of every machine, into that machine's folder. Every process writes its own random states."""
+    each_node = accelerator.project_configuration.save_on_each_node
+    return accelerator.is_main_process or (each_node and accelerator.is_local_main_process)
+
+
+def rng_state_file(process_index: int) -> str:
+    """Name of a process's random states (accelerate's) in a checkpoint."""
+    return f"{RNG_STATE_NAME}_{process_index}.pkl"
 
 
 def augmentation_rng_file(accelerator: Accelerator) -> str:

@@ -68,7 +68,7 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
 
     ``--mixed_precision`` wins; unset, accelerate's own setting applies (``accelerate launch --mixed_precision`` or
     the accelerate config file, passed as ``ACCELERATE_MIXED_PRECISION``; ``no`` when run with plain python)."""
-    from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin
 
     mixed_precision = _mixed_precision(args)
     # Without a GPU, accelerate only forms a multi-process (gloo) group when told to run on the CPU.
@@ -85,7 +85,8 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=[name.strip() for name in args.report_to.split(",")] if args.with_tracking else None,
-        project_dir=args.output_dir,
+        # --save_on_each_node is switched off again by start_run when the machines share the output folder.
+        project_config=ProjectConfiguration(project_dir=args.output_dir, save_on_each_node=args.save_on_each_node),
     )
     _configure_logging(accelerator)
     logger.info(

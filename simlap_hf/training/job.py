@@ -7,7 +7,9 @@ the :class:`TrainingJob`, ``job.run(accelerator)``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +19,16 @@ import torch
 from accelerate import Accelerator
 
 from .arguments import validate_training_args
-from .checkpoints import move_previous_run_away
+from .checkpoints import move_previous_run_away, writes_checkpoint_files
 from .evaluators import EvaluatorFactory
 from .factories import create_accelerator, create_model_ema, create_optimizer, prepare_model
 from .loop import LossFunction, fit
 from .outputs import save_final_outputs
+from .processes import agree_on_resume, local_main_first, shares_output_folder
 from .steps import with_normalized_inputs
 
 if TYPE_CHECKING:
-    from ..data import DataBundle
+    from ..data import DataArguments, DataBundle
     from .arguments import TrainingArguments
 
 logger = logging.getLogger("simlap_hf")
@@ -83,11 +86,18 @@ def start_hub_repo(args: TrainingArguments) -> str | None:
 
 def start_run(args: TrainingArguments) -> tuple[Accelerator, str | None]:
     """The first steps of every script, before any data is read: check the flags, create the Hub repository when
-    pushing (so a bad id or token fails early), and set up the accelerator. Returns (accelerator, Hub repo id)."""
+    pushing (so a bad id or token fails early), and set up the accelerator. Returns (accelerator, Hub repo id).
+
+    With several processes the output folder is checked on the main process only and every process resumes from
+    the checkpoint it chose (see :mod:`simlap_hf.training.processes`)."""
     auto_resume = args.resume_from_checkpoint == "auto"
-    validate_training_args(args)
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    validate_training_args(args, check_output_dir=not several_processes)
     repo_id = start_hub_repo(args)
     accelerator = create_accelerator(args)
+    if several_processes:
+        _choose_checkpoint_copies(accelerator, args)
+        agree_on_resume(accelerator, args)
     if auto_resume:
         logger.info(
             "--resume_from_checkpoint auto: %s.",
@@ -95,10 +105,41 @@ def start_run(args: TrainingArguments) -> tuple[Accelerator, str | None]:
             if args.resume_from_checkpoint
             else "no complete checkpoint yet, starting fresh",
         )
-    if args.overwrite_output_dir and accelerator.is_main_process:
+    if args.overwrite_output_dir and writes_checkpoint_files(accelerator):
         move_previous_run_away(args.output_dir)
     accelerator.wait_for_everyone()
     return accelerator, repo_id
+
+
+def _choose_checkpoint_copies(accelerator: Accelerator, args: TrainingArguments) -> None:
+    """Keep ``--save_on_each_node`` only where the machines do not share the output folder; warn when they do not
+    share it and the flag is off (a resume then works only on the main machine)."""
+    shared = shares_output_folder(accelerator, args.output_dir)
+    accelerator.project_configuration.save_on_each_node = args.save_on_each_node and not shared
+    if args.save_on_each_node and shared:
+        logger.info("--save_on_each_node: every process sees %s; each checkpoint is written once.", args.output_dir)
+    if not shared and not args.save_on_each_node and accelerator.is_main_process:
+        logger.warning(
+            "The machines do not share --output_dir %s: checkpoints are complete on the main machine only, so this "
+            "run cannot be resumed on all machines. Pass --save_on_each_node to keep a copy on every machine.",
+            args.output_dir,
+        )
+
+
+def load_run_data(
+    accelerator: Accelerator, data_args: DataArguments, num_channels: int, args: TrainingArguments
+) -> DataBundle:
+    """:func:`~simlap_hf.data.prepare_data` of the run: on the first process of each machine first (downloads,
+    caches and the image-file checks happen once per machine), then on the others; an error stops every process."""
+    from ..data import image_file_checks_done, prepare_data
+
+    def load(first: bool) -> DataBundle:
+        with contextlib.nullcontext() if first else image_file_checks_done():
+            return prepare_data(
+                data_args, num_channels, args.per_device_train_batch_size, args.per_device_eval_batch_size, args.seed
+            )
+
+    return local_main_first(accelerator, load, "Loading the data")
 
 
 def _prepare(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
