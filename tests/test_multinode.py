@@ -147,37 +147,34 @@ def test_two_machines_without_shared_files_stop_and_resume_exactly(tmp_path):
 
 
 FAKE_SRUN = """#!{python}
-# Stand-in for srun: one task per machine (SLURM_NNODES), each in its own folder, with SLURM_NODEID set.
+# Stand-in for srun: one task per machine (SLURM_NNODES) with SLURM_NODEID set, all in the submit folder (a file
+# system shared by the machines, as on most clusters); task N's output goes to $FAKE_SLURM_LOGS/taskN.log.
 import os, subprocess, sys
 args = sys.argv[1:]
 while args and args[0].startswith("--"):
     args.pop(0)
-root = os.environ["FAKE_SLURM_ROOT"]
 tasks = []
 for node in range(int(os.environ["SLURM_NNODES"])):
-    folder = os.path.join(root, "node%d" % node)
-    os.makedirs(folder, exist_ok=True)
     env = dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node))
-    with open(os.path.join(folder, "task.log"), "a") as log:
-        tasks.append(subprocess.Popen(args, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
+    with open(os.path.join(os.environ["FAKE_SLURM_LOGS"], "task%d.log" % node), "a") as log:
+        tasks.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
 sys.exit(max(task.wait() for task in tasks))
 """
 
 
-def run_slurm_script(command: str, root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run the README's ``sbatch launch/slurm_pretrain.sbatch ...`` line as a batch job of 2 machines."""
+def run_slurm_script(command: str, submit_dir: Path, scratch: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Run the README's ``sbatch launch/slurm_pretrain.sbatch ...`` line as a batch job of 2 machines submitted from
+    ``submit_dir`` (which must look like the repository), with a stand-in ``srun`` in ``scratch/bin``."""
     import shlex
 
     tokens = shlex.split(command)
     assert tokens[:2] == ["sbatch", "launch/slurm_pretrain.sbatch"], command
-    bin_dir = root / "bin"
+    bin_dir = scratch / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
     (bin_dir / "srun").chmod(0o755)
-    env = dict(node_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_ROOT=str(root),
-               SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(ROOT), MAIN_ADDR="127.0.0.1", MAIN_PORT=str(free_port()),
+    env = dict(node_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_LOGS=str(scratch),
+               SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(submit_dir), MAIN_ADDR="127.0.0.1", MAIN_PORT=str(free_port()),
                PROCESSES_PER_NODE="1", TORCHRUN=TORCHRUN)
-    # Relative paths in the command are the submit folder's (the repository); outputs stay relative to each machine.
-    arguments = [str(ROOT / token) if token.startswith("configs/") else token for token in tokens[2:]]
-    return subprocess.run(["bash", str(ROOT / tokens[1]), *arguments, *overrides], env=env, cwd=ROOT,
+    return subprocess.run(["bash", str(ROOT / tokens[1]), *tokens[2:], *overrides], env=env, cwd=submit_dir,
                           capture_output=True, text=True, timeout=900)

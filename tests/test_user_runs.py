@@ -80,6 +80,13 @@ README_COMMAND_TESTS.update({
     "python -m simlap_hf.search --index index --image sandal.png --k 3 --target_class 'Ankle boot'":
         "test_relations_embed_search_demo",
     "python -m simlap_hf.demo --index index --port 7860": "test_relations_embed_search_demo",
+    "accelerate launch --multi_gpu --num_processes 2 train_pretrain.py configs/pretrain_cifar10_resnet18.yaml "
+    "--output_dir outputs/simlap_cifar10_2proc": "test_multi_process_commands",
+    "accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --num_processes 2 --main_process_ip '$MAIN_ADDR' "
+    "--main_process_port 29500 train_pretrain.py configs/pretrain_cifar10_resnet18.yaml --output_dir "
+    "outputs/simlap_cifar10_2machines --save_on_each_node": "test_multi_process_commands",
+    "sbatch launch/slurm_pretrain.sbatch configs/pretrain_cifar10_resnet18.yaml --output_dir "
+    "outputs/simlap_cifar10_slurm": "test_slurm_command",
 })
 # Files of configs/ not named by a README command, and the test that runs each as written.
 CONFIG_TESTS = {"quickstart_digits.yaml": "tests/test_quickstart.py::test_quickstart_reaches_97_percent_online_head_top1"}
@@ -174,9 +181,14 @@ def write_standin(path: Path, names: tuple[str, ...], image_column: str, label_c
 def workdir(tmp_path_factory) -> Path:
     """A folder that looks like the repository to the README's commands; their outputs/ lands here."""
     folder = tmp_path_factory.mktemp("user_runs")
-    for name in ("configs", "benchmarks", "train_pretrain.py", "train_finetune.py", "train_fuse.py"):
-        (folder / name).symlink_to(ROOT / name)
+    link_repository(folder)
     return folder
+
+
+def link_repository(folder: Path) -> None:
+    """Make ``folder`` look like the repository to the README's commands (links to what they name)."""
+    for name in ("configs", "benchmarks", "launch", "train_pretrain.py", "train_finetune.py", "train_fuse.py"):
+        (folder / name).symlink_to(ROOT / name)
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +285,58 @@ def test_seed_fuse_command(workdir, cifar10, tmp_path):
     output_dir = workdir / "outputs" / "simlap" / "cifar10_resnet18_fuse"
     assert json.loads((output_dir / "config.json").read_text())["model_type"] == "simlap_fuse"
     assert results_of(output_dir)["global_step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes and machines (the CIFAR-10 recipe; 180 images: 2 batches, one per process)
+
+
+def test_multi_process_commands(workdir, cifar10, tmp_path):
+    """2 processes on one machine (without GPUs, accelerate's --multi_gpu starts CPU processes), then 2 machines
+    (the README's command on machine 0 and the same with --machine_rank 1), each in its own folder: nothing shared,
+    so each keeps its own checkpoint (--save_on_each_node) and only machine 0 writes the model."""
+    one_machine, first_machine = command_for("test_multi_process_commands")
+    run_command(one_machine, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1",
+                env=accelerate_env(tmp_path))
+    results = results_of(workdir / "outputs" / "simlap_cifar10_2proc")
+    assert results["global_step"] == 1 and results["epochs"] == 1
+    from test_multinode import free_port
+
+    port, machines = str(free_port()), []
+    for rank in (0, 1):
+        folder = tmp_path / f"machine{rank}"
+        folder.mkdir()
+        link_repository(folder)
+        tokens = [{"$MAIN_ADDR": "127.0.0.1", "29500": port}.get(token, token) for token in shlex.split(first_machine)]
+        tokens[tokens.index("--machine_rank") + 1] = str(rank)
+        env = {**os.environ, **accelerate_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        machines.append(subprocess.Popen([str(BIN / "accelerate"), *tokens[1:], "--dataset_name", cifar10,
+                                          "--num_train_epochs", "1"], cwd=folder, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+    outputs = [machine.communicate(timeout=TIMEOUT)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    output_dirs = [tmp_path / f"machine{rank}" / "outputs" / "simlap_cifar10_2machines" for rank in (0, 1)]
+    assert results_of(output_dirs[0])["global_step"] == 1
+    assert not (output_dirs[1] / "model.safetensors").exists()
+    for output_dir in output_dirs:
+        (checkpoint,) = (output_dir / "checkpoints").iterdir()
+        assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "model.safetensors").is_file()
+
+
+def test_slurm_command(workdir, cifar10, tmp_path):
+    """The SLURM script as written, as a job of 2 machines that share the submit folder (a stand-in srun starts one
+    task per machine), then requeued with a longer schedule: it continues from the checkpoint."""
+    from test_multinode import run_slurm_script
+
+    (command,) = command_for("test_slurm_command")
+    for epochs in (1, 2):
+        result = run_slurm_script(command, workdir, tmp_path, "--dataset_name", cifar10, "--num_train_epochs",
+                                  str(epochs))
+        logs = [(tmp_path / f"task{node}.log").read_text() for node in (0, 1)]
+        assert result.returncode == 0, result.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+        results = results_of(workdir / "outputs" / "simlap_cifar10_slurm")
+        assert results["epochs"] == epochs and results["global_step"] == epochs
+    assert "continuing from the newest complete checkpoint" in logs[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
