@@ -42,8 +42,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
 from simlap_hf.data import DataArguments, create_train_dataloader, with_image_transforms  # noqa: E402
 
 
-def build_dataset(num_images: int, size: int, num_classes: int, seed: int, folder: str,
-                  image_format: str = "PNG") -> datasets.DatasetDict:
+def build_dataset(
+    num_images: int, size: int, num_classes: int, seed: int, folder: str, image_format: str = "PNG"
+) -> datasets.DatasetDict:
     """Random RGB images (size x size, PNG or JPEG) with random labels, saved to ``folder``, loaded memory-mapped.
 
     The pixels are smooth noise (a small random image upscaled), so that JPEG files have a realistic size."""
@@ -90,20 +91,23 @@ PATHS = {  # name: (decode once per group, uint8 samples)
 }
 
 
-def compare_paths(image_format: str, image_size: int, input_size: int, options: argparse.Namespace,
-                  folder: str) -> dict[str, float]:
+def compare_paths(
+    image_format: str, image_size: int, input_size: int, options: argparse.Namespace, folder: str
+) -> dict[str, float]:
     """Median images/s on one core of every path of :data:`PATHS`, alternated ``options.repeats`` times."""
     from simlap_hf.data import ImageTransform, create_train_transform
 
     count = options.num_images if image_size <= 64 else options.num_images // 4
-    data = build_dataset(count, image_size, 10, options.seed, os.path.join(folder, f"{image_format}{image_size}"),
-                         image_format)["train"]
+    data = build_dataset(
+        count, image_size, 10, options.seed, os.path.join(folder, f"{image_format}{image_size}"), image_format
+    )["train"]
     raw = data.cast_column("image", datasets.Image(decode=False))
     speeds: dict[str, list[float]] = {name: [] for name in PATHS}
     for _ in range(options.repeats):
         for name, (decode_once, uint8) in PATHS.items():
-            args = DataArguments(dataset_name="bench", input_size=input_size, ra=options.ra, aa=options.aa,
-                                 uint8_transfer=uint8)
+            args = DataArguments(
+                dataset_name="bench", input_size=input_size, ra=options.ra, aa=options.aa, uint8_transfer=uint8
+            )
             view = raw.with_transform(ImageTransform(create_train_transform(args), decode_once=decode_once))
             speeds[name].append(measure(view, args, options.batch_size, 1)[0])
     return {name: float(np.median(values)) for name, values in speeds.items()}
@@ -127,8 +131,11 @@ def main() -> None:
     parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy or 'none'")
     parser.add_argument("--quick", action="store_true", help="short run: 768 images, batch 96 (before rounding)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (0)")
-    parser.add_argument("--compare-formats", default="png32,jpeg224",
-                        help="decode-once comparison: FORMAT+SIZE items (png32, jpeg224; '' skips it)")
+    parser.add_argument(
+        "--compare-formats",
+        default="png32,jpeg224",
+        help="decode-once comparison: FORMAT+SIZE items (png32, jpeg224; '' skips it)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternations of the decode comparison (3)")
     options = parser.parse_args()
     if options.quick:
@@ -138,8 +145,7 @@ def main() -> None:
 
     print(
         f"# bench_data: {options.num_images} images {options.image_size}x{options.image_size} RGB PNG, "
-        f"batch {options.batch_size}"
-        + f", ra {options.ra}, input {options.input_size}, aa {options.aa}"
+        f"batch {options.batch_size}" + f", ra {options.ra}, input {options.input_size}, aa {options.aa}"
     )
     print(
         f"# python {platform.python_version()}, torch {torch.__version__}, cores {os.cpu_count()}, "

@@ -224,7 +224,8 @@ class PeakRSSSampler:
 
 
 def child_measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run in a fresh subprocess: extra peak RSS of one forward + backward of ``args.child_method`` at ``args.child_batch``."""
+    """Run in a fresh subprocess: extra peak RSS of one forward + backward of ``args.child_method`` at
+    ``args.child_batch``."""
     method, batch = args.child_method, args.child_batch
     torch.set_num_threads(args.threads)
     # Warm up the same code path on a tiny batch so thread pools and kernels are initialised before the baseline.

@@ -24,8 +24,9 @@ from simlap_hf.data.samplers import ClassBalancedBatchSampler, RepeatedAugmentat
 from simlap_hf.losses import sample_pair_labels
 
 
-def batch_statistics(indices: list[int], labels: torch.Tensor, num_classes: int, pair_mode: str,
-                     generator: torch.Generator) -> tuple[float, float, float, int]:
+def batch_statistics(
+    indices: list[int], labels: torch.Tensor, num_classes: int, pair_mode: str, generator: torch.Generator
+) -> tuple[float, float, float, int]:
     """(anchors with a positive image other than their own, positive images summed, anchors without any positive,
     anchors) for one batch of sample ``indices``."""
     index = torch.tensor(indices)
@@ -45,8 +46,11 @@ def measure(sampler, labels: torch.Tensor, num_classes: int, pair_mode: str, bat
             break
         totals += torch.tensor(batch_statistics(batch, labels, num_classes, pair_mode, generator))
     with_positive, positives, without_any, anchors = totals.tolist()
-    return {"with_positive": 100 * with_positive / anchors, "positives": positives / anchors,
-            "without_any": 100 * without_any / anchors}
+    return {
+        "with_positive": 100 * with_positive / anchors,
+        "positives": positives / anchors,
+        "without_any": 100 * without_any / anchors,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,19 +66,26 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.arange(options.classes).repeat_interleave(options.images_per_class)
     samplers = {
         "random (ra)": RepeatedAugmentationBatchSampler(len(labels), options.batch_size, options.ra, seed=options.seed),
-        f"pk (K={options.k})": ClassBalancedBatchSampler(labels, options.batch_size, options.k, options.ra,
-                                                         seed=options.seed),
+        f"pk (K={options.k})": ClassBalancedBatchSampler(
+            labels, options.batch_size, options.k, options.ra, seed=options.seed
+        ),
     }
-    print(f"# {options.classes} classes x {options.images_per_class} images, batch {options.batch_size}, "
-          f"ra {options.ra}, {options.batches} batches per row")
-    print("| pair mode | sampler | anchors with a positive image other than their own | positive images per anchor "
-          "| anchors without any positive |")
+    print(
+        f"# {options.classes} classes x {options.images_per_class} images, batch {options.batch_size}, "
+        f"ra {options.ra}, {options.batches} batches per row"
+    )
+    print(
+        "| pair mode | sampler | anchors with a positive image other than their own | positive images per anchor "
+        "| anchors without any positive |"
+    )
     print("|---|---|---:|---:|---:|")
     for pair_mode in ("identical", "arbitrary", "distinct"):
         for name, sampler in samplers.items():
             result = measure(sampler, labels, options.classes, pair_mode, options.batches, options.seed)
-            print(f"| {pair_mode} | {name} | {result['with_positive']:.1f}% | {result['positives']:.2f} | "
-                  f"{result['without_any']:.1f}% |")
+            print(
+                f"| {pair_mode} | {name} | {result['with_positive']:.1f}% | {result['positives']:.2f} | "
+                f"{result['without_any']:.1f}% |"
+            )
 
 
 if __name__ == "__main__":

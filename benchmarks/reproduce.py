@@ -11,8 +11,8 @@ trained, is evaluated too (``untrained``): the floor every trained variant shoul
     python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir outputs/reproduce_8ep
 
 Every variant is trained by running its training script (``train_pretrain.py`` or ``train_finetune.py``) in a
-child process with the budget's flags, as a user would. Several processes can share the work (``--seeds`` / ``--variants``, ``--threads 1`` each) in one output folder; a
-final call without them gathers every finished run.
+child process with the budget's flags, as a user would. Several processes can share the work (``--seeds`` /
+``--variants``, ``--threads 1`` each) in one output folder; a final call without them gathers every finished run.
 
 Finished variants are skipped when the command is run again (a killed reproduction continues where it stopped).
 Writes ``results.json``, ``results.md`` and ``results.png`` into the output folder.

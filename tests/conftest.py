@@ -32,3 +32,59 @@ def write_image_folder(root, images_per_class: int = 12, size: int = 16, seed: i
 @pytest.fixture
 def tiny_image_folder(tmp_path):
     return write_image_folder(tmp_path / "images")
+
+
+def tiny_config(**overrides):
+    """The tiny SimLAP configuration the model tests share: resnet10t at 16x16, output stride 8, 4 classes, a
+    32-wide projector to 16 dimensions and a small feature filter."""
+    from simlap_hf import SimLAPConfig
+
+    values = dict(
+        backbone="resnet10t",
+        backbone_kwargs={"output_stride": 8},
+        num_classes=4,
+        out_dim=16,
+        mlp_dim=32,
+        filter_embed_dim=8,
+        filter_hidden_dim=16,
+        image_size=16,
+    )
+    values.update(overrides)
+    return SimLAPConfig(**values)
+
+
+# A tiny pretraining run shared by the training tests: resnet10t (deep stem, output stride 8) on 16x16 images, no
+# random augmentation beyond crops and flips, batches of 12 (4 images x 3 copies), an evaluation and a checkpoint
+# every epoch, a log line every step.
+TINY_RUN = {
+    "model_name": "resnet10t",
+    "stem_type": "deep",
+    "output_stride": "8",
+    "out_dim": "16",
+    "mlp_dim": "32",
+    "input_size": "16",
+    "aa": "none",
+    "reprob": "0",
+    "per_device_train_batch_size": "12",
+    "per_device_eval_batch_size": "16",
+    "ra": "3",
+    "num_train_epochs": "2",
+    "warmup_epochs": "1",
+    "eval_every": "1",
+    "checkpointing_epochs": "1",
+    "learning_rate": "0.002",
+    "seed": "7",
+    "logging_steps": "1",
+}
+
+
+def tiny_run_flags(output_dir, train_dir=None, **overrides) -> list[str]:
+    """Command-line flags of :data:`TINY_RUN` (values replaced or added by ``overrides``; None drops a flag) for
+    ``output_dir``, on the image folder ``train_dir`` (a quarter held out for validation) when given."""
+    values = {**TINY_RUN, **{name: (None if value is None else str(value)) for name, value in overrides.items()}}
+    flags = ["--train_dir", str(train_dir), "--train_val_split", "0.25"] if train_dir is not None else []
+    flags += ["--output_dir", str(output_dir)]
+    for name, value in values.items():
+        if value is not None:
+            flags += [f"--{name}", value]
+    return flags

@@ -73,8 +73,11 @@ def check_gathered_loss() -> dict[str, float]:
     param_error = (encoder.module.weight.grad - reference_weight.grad).abs().max()
     errors = torch.stack([(mean_loss - reference.detach()).abs(), embedding_error, param_error])
     dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-    return {"loss_error": float(errors[0]), "embedding_grad_error": float(errors[1]),
-            "param_grad_error": float(errors[2])}
+    return {
+        "loss_error": float(errors[0]),
+        "embedding_grad_error": float(errors[1]),
+        "param_grad_error": float(errors[2]),
+    }
 
 
 def check_nan_on_one_process(image_folder: str, output_dir: Path) -> str:

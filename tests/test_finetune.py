@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from transformers import AutoModelForImageClassification, pipeline
@@ -26,14 +27,34 @@ from simlap_hf.training import (
     cross_entropy_smoothing,
 )
 
-DATA_FLAGS = ["--train_val_split", "0.25", "--input_size", "16", "--aa", "none", "--reprob", "0",
-              "--per_device_train_batch_size", "12", "--per_device_eval_batch_size", "16", "--ra", "3",
-              "--warmup_epochs", "1", "--eval_every", "1", "--checkpointing_epochs", "1", "--seed", "3"]
+DATA_FLAGS = [
+    "--train_val_split",
+    "0.25",
+    "--input_size",
+    "16",
+    "--aa",
+    "none",
+    "--reprob",
+    "0",
+    "--per_device_train_batch_size",
+    "12",
+    "--per_device_eval_batch_size",
+    "16",
+    "--ra",
+    "3",
+    "--warmup_epochs",
+    "1",
+    "--eval_every",
+    "1",
+    "--checkpointing_epochs",
+    "1",
+    "--seed",
+    "3",
+]
 
 
 def pretrained_folder(tmp_path, backbone="resnet10t", **kwargs):
-    config = SimLAPConfig(backbone=backbone, backbone_kwargs={"output_stride": 8}, num_classes=3, out_dim=16,
-                          mlp_dim=32, filter_embed_dim=8, filter_hidden_dim=16, image_size=16, **kwargs)
+    config = tiny_config(backbone=backbone, num_classes=3, **kwargs)
     model = SimLAPModel(config)
     folder = tmp_path / "pretrained"
     model.save_pretrained(folder)
@@ -67,9 +88,15 @@ def test_layer_decay_scales_follow_distance_from_head():
             scale_of[id(param)] = group["lr_scale"]
     names = dict(model.named_parameters())
     # resnet18: stem (0), 8 residual blocks (1..8), head (9).
-    expected = {"backbone.conv1.weight": 9, "backbone.bn1.weight": 9, "backbone.layer1.0.conv1.weight": 8,
-                "backbone.layer2.1.bn2.bias": 5, "backbone.layer4.1.conv2.weight": 1, "classifier.weight": 0,
-                "classifier.bias": 0}
+    expected = {
+        "backbone.conv1.weight": 9,
+        "backbone.bn1.weight": 9,
+        "backbone.layer1.0.conv1.weight": 8,
+        "backbone.layer2.1.bn2.bias": 5,
+        "backbone.layer4.1.conv2.weight": 1,
+        "classifier.weight": 0,
+        "classifier.bias": 0,
+    }
     for name, distance in expected.items():
         assert scale_of[id(names[name])] == pytest.approx(0.65**distance), name
     decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -152,9 +179,25 @@ def test_finetune_end_to_end_and_pipeline(tiny_image_folder, tmp_path):
     _, folder = pretrained_folder(tmp_path)
     output_dir = tmp_path / "ft"
     model, results = train_finetune.run(
-        ["--model_name_or_path", str(folder), "--train_dir", tiny_image_folder, "--output_dir", str(output_dir),
-         "--num_train_epochs", "2", "--opt", "sgd", "--learning_rate", "0.05", "--layer_decay", "0.65",
-         "--model_ema_decay", "0.5", *DATA_FLAGS]
+        [
+            "--model_name_or_path",
+            str(folder),
+            "--train_dir",
+            tiny_image_folder,
+            "--output_dir",
+            str(output_dir),
+            "--num_train_epochs",
+            "2",
+            "--opt",
+            "sgd",
+            "--learning_rate",
+            "0.05",
+            "--layer_decay",
+            "0.65",
+            "--model_ema_decay",
+            "0.5",
+            *DATA_FLAGS,
+        ]
     )
     saved = json.loads((output_dir / "all_results.json").read_text())
     assert saved == results and {"eval_top1", "eval_top5", "best_eval_top1", "best_epoch"} <= set(saved)
@@ -170,21 +213,56 @@ def test_finetune_end_to_end_and_pipeline(tiny_image_folder, tmp_path):
 def test_finetune_from_scratch_baseline(tiny_image_folder, tmp_path):
     output_dir = tmp_path / "scratch"
     model, results = train_finetune.run(
-        ["--model_name", "resnet10t", "--from_scratch", "--train_dir", tiny_image_folder,
-         "--output_dir", str(output_dir), "--num_train_epochs", "1", "--mixup", "0", "--cutmix", "0", *DATA_FLAGS]
+        [
+            "--model_name",
+            "resnet10t",
+            "--from_scratch",
+            "--train_dir",
+            tiny_image_folder,
+            "--output_dir",
+            str(output_dir),
+            "--num_train_epochs",
+            "1",
+            "--mixup",
+            "0",
+            "--cutmix",
+            "0",
+            *DATA_FLAGS,
+        ]
     )
     assert model.config.backbone == "resnet10t" and "eval_top1" in results
     with pytest.raises(ValueError, match="--from_scratch needs --model_name"):
-        train_finetune.run(["--from_scratch", "--train_dir", tiny_image_folder, "--output_dir",
-                            str(tmp_path / "x"), *DATA_FLAGS])
+        train_finetune.run(
+            ["--from_scratch", "--train_dir", tiny_image_folder, "--output_dir", str(tmp_path / "x"), *DATA_FLAGS]
+        )
 
 
 def test_fuse_end_to_end_and_pipeline(tiny_image_folder, tmp_path):
     output_dir = tmp_path / "fuse"
     model, results = train_fuse.run(
-        ["--model_name", "resnet10t", "--head_hidden_mult", "1", "--iter_num", "2", "--train_dir",
-         tiny_image_folder, "--output_dir", str(output_dir), "--num_train_epochs", "2", "--opt", "sgd",
-         "--learning_rate", "0.05", "--mixup", "0", "--cutmix", "0", *DATA_FLAGS]
+        [
+            "--model_name",
+            "resnet10t",
+            "--head_hidden_mult",
+            "1",
+            "--iter_num",
+            "2",
+            "--train_dir",
+            tiny_image_folder,
+            "--output_dir",
+            str(output_dir),
+            "--num_train_epochs",
+            "2",
+            "--opt",
+            "sgd",
+            "--learning_rate",
+            "0.05",
+            "--mixup",
+            "0",
+            "--cutmix",
+            "0",
+            *DATA_FLAGS,
+        ]
     )
     assert type(model) is SimLAPFuseForImageClassification and "eval_top1" in results
     assert model.config.head_dim == 512 and model.config.label_smoothing == 0.1

@@ -106,8 +106,7 @@ def _handler_for(state: FakeHub):
             if self._repo_missing(repo):
                 return
             siblings = [{"rfilename": name} for name in sorted(state.paths(repo))]
-            self._reply(200, {"id": repo, "sha": f"{len(state.commits):040x}", "private": False,
-                              "siblings": siblings})
+            self._reply(200, {"id": repo, "sha": f"{len(state.commits):040x}", "private": False, "siblings": siblings})
 
         def do_POST(self) -> None:
             path = urlparse(self.path).path
@@ -139,8 +138,10 @@ def _handler_for(state: FakeHub):
                 return
             if action == "preupload":
                 # Everything as regular (base64 in the commit): no LFS or Xet storage to stand in for.
-                files = [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                         for item in json.loads(body)["files"]]
+                files = [
+                    {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                    for item in json.loads(body)["files"]
+                ]
                 return self._reply(200, {"files": files, "commitOid": f"{len(state.commits):040x}"})
             if state.fail_commits:
                 return self._reply(400, {"error": "commit refused by the test"})
@@ -162,8 +163,7 @@ def _handler_for(state: FakeHub):
                     return self._reply(400, {"error": f"unexpected commit operation {item['key']}"})
             state.commits.append((repo, message, paths))
             oid = f"{len(state.commits):040x}"
-            self._reply(200, {"commitUrl": f"{state.base_url}/{repo}/commit/{oid}", "commitOid": oid,
-                              "success": True})
+            self._reply(200, {"commitUrl": f"{state.base_url}/{repo}/commit/{oid}", "commitOid": oid, "success": True})
 
     return Handler
 
@@ -203,7 +203,12 @@ def _forbid_training(monkeypatch) -> None:
 def test_pretrain_push_uploads_model_code_card_results_and_checkpoints(tiny_image_folder, tmp_path, fake_hub):
     output_dir = tmp_path / "run"
     flags = tiny_flags(tiny_image_folder, output_dir, epochs=1) + [
-        "--push_to_hub", "--hub_model_id", "tester/simlap-tiny", "--hub_token", GOOD_TOKEN, "--push_checkpoints",
+        "--push_to_hub",
+        "--hub_model_id",
+        "tester/simlap-tiny",
+        "--hub_token",
+        GOOD_TOKEN,
+        "--push_checkpoints",
     ]
     _, results = train_pretrain.run(flags)
 
@@ -211,8 +216,15 @@ def test_pretrain_push_uploads_model_code_card_results_and_checkpoints(tiny_imag
     assert fake_hub.requests[0] == ("POST", "/api/repos/create")  # created before anything else
     assert fake_hub.repos[repo] == {"private": False}
     uploaded = fake_hub.files[repo]
-    for name in ("config.json", "model.safetensors", "README.md", "all_results.json", "modeling_simlap.py",
-                 "configuration_simlap.py", "losses.py"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "all_results.json",
+        "modeling_simlap.py",
+        "configuration_simlap.py",
+        "losses.py",
+    ):
         assert uploaded[name] == (output_dir / name).read_bytes(), name
     # The final push leaves checkpoints out; --push_checkpoints uploaded the epoch's checkpoint into checkpoints/.
     checkpoint_files = {p for p in uploaded if p.startswith("checkpoints/")}
@@ -243,7 +255,11 @@ def test_pretrain_push_uploads_model_code_card_results_and_checkpoints(tiny_imag
 def test_bad_token_fails_before_training(tiny_image_folder, tmp_path, fake_hub, monkeypatch):
     _forbid_training(monkeypatch)
     flags = tiny_flags(tiny_image_folder, tmp_path / "run") + [
-        "--push_to_hub", "--hub_model_id", "tester/simlap-tiny", "--hub_token", "hf_wrong",
+        "--push_to_hub",
+        "--hub_model_id",
+        "tester/simlap-tiny",
+        "--hub_token",
+        "hf_wrong",
     ]
     with pytest.raises(HubPushError, match=r"(?s)401 Unauthorized.*--hub_token or HF_TOKEN"):
         train_pretrain.run(flags)
@@ -266,7 +282,11 @@ def test_offline_mode_fails_at_start(tiny_image_folder, tmp_path, fake_hub, monk
     _forbid_training(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     flags = tiny_flags(tiny_image_folder, tmp_path / "run") + [
-        "--push_to_hub", "--hub_model_id", "tester/simlap-tiny", "--hub_token", GOOD_TOKEN,
+        "--push_to_hub",
+        "--hub_model_id",
+        "tester/simlap-tiny",
+        "--hub_token",
+        GOOD_TOKEN,
     ]
     with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set.*python -m simlap_hf.push"):
         train_pretrain.run(flags)
@@ -278,9 +298,17 @@ def test_offline_mode_fails_at_start(tiny_image_folder, tmp_path, fake_hub, monk
 
 
 def _tiny_values(**kwargs) -> dict:
-    values = dict(backbone="resnet10t", backbone_kwargs={"stem_type": "deep", "output_stride": 8}, out_dim=16,
-                  mlp_dim=32, filter_embed_dim=16, filter_hidden_dim=16, image_size=16, id2label=LABELS,
-                  label2id={name: i for i, name in LABELS.items()})
+    values = dict(
+        backbone="resnet10t",
+        backbone_kwargs={"stem_type": "deep", "output_stride": 8},
+        out_dim=16,
+        mlp_dim=32,
+        filter_embed_dim=16,
+        filter_hidden_dim=16,
+        image_size=16,
+        id2label=LABELS,
+        label2id={name: i for i, name in LABELS.items()},
+    )
     values.update(kwargs)
     return values
 
@@ -306,8 +334,9 @@ def _randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
 def _save_processor(folder: Path) -> None:
     from transformers import ConvNextImageProcessor
 
-    ConvNextImageProcessor(size={"shortest_edge": 16}, crop_pct=0.875, resample=3, image_mean=MEAN,
-                           image_std=STD).save_pretrained(folder)
+    ConvNextImageProcessor(
+        size={"shortest_edge": 16}, crop_pct=0.875, resample=3, image_mean=MEAN, image_std=STD
+    ).save_pretrained(folder)
 
 
 def _saved_output_dir(tmp_path: Path) -> Path:
@@ -329,8 +358,13 @@ def test_push_command_uploads_an_existing_folder(tmp_path, fake_hub, capsys, mon
     assert "pushed: " in capsys.readouterr().out
     assert fake_hub.repos["tester/later"] == {"private": True}
     assert fake_hub.paths("tester/later") == {
-        "config.json", "model.safetensors", "all_results.json", "modeling_simlap.py", "configuration_simlap.py",
-        "losses.py", "utils.py",
+        "config.json",
+        "model.safetensors",
+        "all_results.json",
+        "modeling_simlap.py",
+        "configuration_simlap.py",
+        "losses.py",
+        "utils.py",
     }
     monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)  # the token may come from the environment
     assert push_main([str(folder), "--hub_model_id", "tester/later", "--include_checkpoints"]) == 0
@@ -347,8 +381,11 @@ def test_failed_upload_keeps_folder_and_says_how_to_push_later(tmp_path, fake_hu
     hub.create_hub_repo("tester/flaky", GOOD_TOKEN, private=False)
     fake_hub.fail_commits = True
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    with pytest.raises(HubPushError, match=rf"python -m simlap_hf.push {re.escape(str(folder))} --hub_model_id "
-                                           "tester/flaky"):
+    with pytest.raises(
+        HubPushError,
+        match=rf"python -m simlap_hf.push {re.escape(str(folder))} --hub_model_id "
+        "tester/flaky",
+    ):
         push_output_dir(folder, "tester/flaky", GOOD_TOKEN, "End of training")
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
     # A checkpoint upload that fails only warns: training goes on.
@@ -366,8 +403,16 @@ def test_failed_upload_keeps_folder_and_says_how_to_push_later(tmp_path, fake_hu
 def test_card_of_a_fine_tuned_model(tmp_path):
     config = _tiny_config()
     hyper = {"learning_rate": 0.1, "opt": "sgd", "hub_token": "secret"}
-    card = build_model_card(tmp_path, "finetune", config, {"eval_top1": 91.5, "eval_top5": 99.7}, hyper, "cifar10",
-                            repo_id="tester/finetuned", base_model="tester/simlap-pretrained")
+    card = build_model_card(
+        tmp_path,
+        "finetune",
+        config,
+        {"eval_top1": 91.5, "eval_top5": 99.7},
+        hyper,
+        "cifar10",
+        repo_id="tester/finetuned",
+        base_model="tester/simlap-pretrained",
+    )
     assert card.data.base_model == "tester/simlap-pretrained"
     assert card.data.datasets == ["uoft-cs/cifar10"]
     assert card.data.pipeline_tag == "image-classification"
@@ -436,14 +481,20 @@ def test_saved_folders_load_with_remote_code_without_simlap_hf(tmp_path):
     with torch.no_grad():
         out = pretrained(x)
         expected = {
-            "pixel_values": x, "logits": out.logits, "embeddings": out.embeddings,
+            "pixel_values": x,
+            "logits": out.logits,
+            "embeddings": out.embeddings,
             "pooler_output": out.pooler_output,
             "gates": pretrained.gate(torch.tensor([0, 1]), torch.tensor([2, 3])),
-            "classifier": classifier(x).logits, "fuse": fuse(x).logits,
+            "classifier": classifier(x).logits,
+            "fuse": fuse(x).logits,
         }
     save_file({k: v.contiguous() for k, v in expected.items()}, str(tmp_path / "expected.safetensors"))
-    for folder, model, task in (("pretrained", pretrained, "pretrain"), ("classifier", classifier, "finetune"),
-                                ("fuse", fuse, "fuse")):
+    for folder, model, task in (
+        ("pretrained", pretrained, "pretrain"),
+        ("classifier", classifier, "finetune"),
+        ("fuse", fuse, "fuse"),
+    ):
         model.save_pretrained(tmp_path / folder)
         if folder == "classifier":
             _save_processor(tmp_path / folder)
@@ -469,8 +520,14 @@ def test_saved_folders_load_with_remote_code_without_simlap_hf(tmp_path):
     workdir.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    completed = subprocess.run([sys.executable, "-I", str(script), str(tmp_path)], cwd=workdir, env=env,
-                               capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        [sys.executable, "-I", str(script), str(tmp_path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     assert "REMOTE CODE OK" in completed.stdout
 

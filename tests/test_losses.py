@@ -205,7 +205,15 @@ def test_terms_count_positive_pairs():
     expected_negative = torch.tensor([[False, False, False], [False, False, True], [False, False, False]])
     assert torch.equal(terms.negative, expected_negative)
     assert list(itertools.chain.from_iterable(terms.positive.tolist())) == [
-        False, False, True, True, True, False, True, True, False,
+        False,
+        False,
+        True,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
     ]
 
 

@@ -59,8 +59,21 @@ def start_machines(root: Path, flags: list[str]) -> list[subprocess.Popen]:
     for rank in (0, 1):
         folder = root / f"node{rank}"
         folder.mkdir(parents=True, exist_ok=True)
-        command = [TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                   "--master_addr", "127.0.0.1", "--master_port", port, str(ROOT / "train_pretrain.py"), *flags]
+        command = [
+            TORCHRUN,
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            str(ROOT / "train_pretrain.py"),
+            *flags,
+        ]
         log = open(folder / f"launch_{len(list(folder.glob('launch_*.log')))}.log", "w")
         machines.append(subprocess.Popen(command, cwd=folder, env=node_env(), stdout=log, stderr=subprocess.STDOUT))
     return machines
@@ -86,7 +99,9 @@ def last_log(root: Path, rank: int) -> str:
 
 def run_machines(root: Path, flags: list[str], expected: int = 0) -> None:
     codes = wait_all(start_machines(root, flags))
-    assert codes == [expected, expected], f"exit codes {codes}\n{last_log(root, 0)[-3000:]}\n---\n{last_log(root, 1)[-3000:]}"
+    assert codes == [expected, expected], (
+        f"exit codes {codes}\n{last_log(root, 0)[-3000:]}\n---\n{last_log(root, 1)[-3000:]}"
+    )
 
 
 def checkpoints(root: Path, rank: int) -> list[str]:
@@ -115,7 +130,9 @@ def test_two_machines_without_shared_files_stop_and_resume_exactly(tmp_path):
     for rank in (0, 1):
         log = last_log(straight, rank)
         assert "error: --resume_from_checkpoint" in log and "--save_on_each_node" in log, log[-3000:]
-        assert f'File "{ROOT / "simlap_hf"}' not in log, log[-3000:]  # one line from the package; torchrun's report follows
+        assert f'File "{ROOT / "simlap_hf"}' not in log, log[
+            -3000:
+        ]  # one line from the package; torchrun's report follows
 
     # A graceful stop (SIGTERM to both machines, as a scheduler sends) after the first logged step, then a resume
     # on both machines from their own copies of the checkpoint.
@@ -173,8 +190,22 @@ def run_slurm_script(command: str, submit_dir: Path, scratch: Path, *overrides: 
     bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
     (bin_dir / "srun").chmod(0o755)
-    env = dict(node_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_LOGS=str(scratch),
-               SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(submit_dir), MAIN_ADDR="127.0.0.1", MAIN_PORT=str(free_port()),
-               PROCESSES_PER_NODE="1", TORCHRUN=TORCHRUN)
-    return subprocess.run(["bash", str(ROOT / tokens[1]), *tokens[2:], *overrides], env=env, cwd=submit_dir,
-                          capture_output=True, text=True, timeout=900)
+    env = dict(
+        node_env(),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_SLURM_LOGS=str(scratch),
+        SLURM_NNODES="2",
+        SLURM_SUBMIT_DIR=str(submit_dir),
+        MAIN_ADDR="127.0.0.1",
+        MAIN_PORT=str(free_port()),
+        PROCESSES_PER_NODE="1",
+        TORCHRUN=TORCHRUN,
+    )
+    return subprocess.run(
+        ["bash", str(ROOT / tokens[1]), *tokens[2:], *overrides],
+        env=env,
+        cwd=submit_dir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

@@ -8,7 +8,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_python_api_example_runs(tmp_path, monkeypatch):
     text = README.read_text()
-    section = text[text.index("## Python API"):]
+    section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

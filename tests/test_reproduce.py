@@ -21,11 +21,31 @@ def tiny_budget(path: Path) -> Path:
         "threads": 2,
         "evaluation": {"transfer_dataset_name": "digits"},
         "train": {
-            "dataset_name": "digits", "max_train_samples": 240, "max_eval_samples": 60, "model_name": "resnet10t",
-            "stem_type": "", "output_stride": 8, "num_channels": 1, "input_size": 16, "mean": [0.5], "std": [0.5],
-            "aa": "none", "reprob": 0.0, "ra": 3, "per_device_train_batch_size": 48, "per_device_eval_batch_size": 64,
-            "num_train_epochs": 1, "warmup_epochs": 0, "opt": "adam", "learning_rate": 0.002, "out_dim": 16,
-            "mlp_dim": 32, "temperature": 0.1, "eval_every": 1, "checkpointing_epochs": 1, "logging_steps": 5,
+            "dataset_name": "digits",
+            "max_train_samples": 240,
+            "max_eval_samples": 60,
+            "model_name": "resnet10t",
+            "stem_type": "",
+            "output_stride": 8,
+            "num_channels": 1,
+            "input_size": 16,
+            "mean": [0.5],
+            "std": [0.5],
+            "aa": "none",
+            "reprob": 0.0,
+            "ra": 3,
+            "per_device_train_batch_size": 48,
+            "per_device_eval_batch_size": 64,
+            "num_train_epochs": 1,
+            "warmup_epochs": 0,
+            "opt": "adam",
+            "learning_rate": 0.002,
+            "out_dim": 16,
+            "mlp_dim": 32,
+            "temperature": 0.1,
+            "eval_every": 1,
+            "checkpointing_epochs": 1,
+            "logging_steps": 5,
         },
     }
     path.write_text(yaml.safe_dump(budget))
@@ -65,7 +85,16 @@ def test_reproduce_trains_evaluates_reports_and_reuses_finished_runs(tmp_path, m
 def test_budget_flags_leave_pretraining_model_flags_out_of_fine_tuning():
     budget = {"train": {"out_dim": 16, "temperature": 0.1, "learning_rate": 0.002, "mean": [0.5, 0.4]}}
     assert reproduce.budget_flags(budget, "pretrain") == [
-        "--out_dim", "16", "--temperature", "0.1", "--learning_rate", "0.002", "--mean", "0.5", "0.4"]
+        "--out_dim",
+        "16",
+        "--temperature",
+        "0.1",
+        "--learning_rate",
+        "0.002",
+        "--mean",
+        "0.5",
+        "0.4",
+    ]
     assert reproduce.budget_flags(budget, "finetune") == ["--learning_rate", "0.002", "--mean", "0.5", "0.4"]
 
 

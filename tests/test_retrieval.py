@@ -15,6 +15,8 @@ from simlap_hf.retrieval import EmbeddingIndex, Retriever, faiss_available
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import tiny_run_flags  # noqa: E402
+
 import train_pretrain  # noqa: E402
 
 DATA = ["--dataset_name", "digits", "--max_train_samples", "160", "--max_eval_samples", "40"]
@@ -29,40 +31,18 @@ def trained(tmp_path_factory):
     train_pretrain.run(
         [
             *DATA,
-            "--output_dir",
-            str(model_dir),
-            "--model_name",
-            "resnet10t",
-            "--stem_type",
-            "deep",
-            "--output_stride",
-            "8",
-            "--out_dim",
-            "16",
-            "--mlp_dim",
-            "32",
-            "--input_size",
-            "16",
-            "--aa",
-            "none",
-            "--reprob",
-            "0",
-            "--per_device_train_batch_size",
-            "48",
-            "--per_device_eval_batch_size",
-            "64",
-            "--num_train_epochs",
-            "1",
-            "--warmup_epochs",
-            "0",
-            "--eval_every",
-            "1",
-            "--checkpointing_epochs",
-            "0",
-            "--learning_rate",
-            "0.003",
-            "--seed",
-            "0",
+            *tiny_run_flags(
+                model_dir,
+                per_device_train_batch_size=48,
+                per_device_eval_batch_size=64,
+                ra=None,
+                num_train_epochs=1,
+                warmup_epochs=0,
+                checkpointing_epochs=0,
+                learning_rate=0.003,
+                seed=0,
+                logging_steps=None,
+            ),
         ]
     )
     info = embed.run(

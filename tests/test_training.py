@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_flags
 from safetensors.torch import load_file
 
 import simlap_hf.training as training
@@ -23,14 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_flags(train_dir: str, output_dir: Path, epochs: int = 2) -> list[str]:
-    return [
-        "--train_dir", train_dir, "--train_val_split", "0.25", "--output_dir", str(output_dir),
-        "--model_name", "resnet10t", "--stem_type", "deep", "--output_stride", "8", "--out_dim", "16",
-        "--mlp_dim", "32", "--input_size", "16", "--aa", "none", "--reprob", "0",
-        "--per_device_train_batch_size", "12", "--per_device_eval_batch_size", "16", "--ra", "3",
-        "--num_train_epochs", str(epochs), "--warmup_epochs", "1", "--eval_every", "1",
-        "--checkpointing_epochs", "1", "--learning_rate", "0.002", "--seed", "7", "--logging_steps", "1",
-    ]
+    return tiny_run_flags(output_dir, train_dir, num_train_epochs=epochs)
 
 
 def test_end_to_end_trains_evaluates_checkpoints_and_saves(tiny_image_folder, tmp_path):
@@ -47,17 +41,33 @@ def test_end_to_end_trains_evaluates_checkpoints_and_saves(tiny_image_folder, tm
     assert checkpoints == ["checkpoint-00000009", "checkpoint-00000018"]
     log = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
     logged = set().union(*log)
-    for name in ("loss", "contrastive_loss", "head_loss", "gate_activation", "gate_entropy", "cos_own",
-                 "cos_partner", "cos_negative", "embedding_std", "lr", "eval_knn_top1"):
+    for name in (
+        "loss",
+        "contrastive_loss",
+        "head_loss",
+        "gate_activation",
+        "gate_entropy",
+        "cos_own",
+        "cos_partner",
+        "cos_negative",
+        "embedding_std",
+        "lr",
+        "eval_knn_top1",
+    ):
         assert name in logged, name
 
     reloaded = SimLAPModel.from_pretrained(output_dir).eval()
     assert reloaded.config.id2label == {0: "blue", 1: "gray", 2: "green", 3: "red"}
     model.eval()
     data = prepare_data(
-        parse_args((PretrainModelArguments, DataArguments, TrainingArguments),
-                   tiny_flags(tiny_image_folder, tmp_path / "unused"))[1],
-        num_channels=3, train_batch_size=12, eval_batch_size=16, seed=7,
+        parse_args(
+            (PretrainModelArguments, DataArguments, TrainingArguments),
+            tiny_flags(tiny_image_folder, tmp_path / "unused"),
+        )[1],
+        num_channels=3,
+        train_batch_size=12,
+        eval_batch_size=16,
+        seed=7,
     )
     correct = total = 0
     with torch.no_grad():
@@ -110,7 +120,8 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 
 def test_cifar10_config_parses_to_the_paper_recipe():
     model_args, data_args, args = parse_args(
-        (PretrainModelArguments, DataArguments, TrainingArguments), [str(ROOT / "configs/pretrain_cifar10_resnet18.yaml")]
+        (PretrainModelArguments, DataArguments, TrainingArguments),
+        [str(ROOT / "configs/pretrain_cifar10_resnet18.yaml")],
     )
     assert (model_args.model_name, model_args.stem_type, model_args.output_stride) == ("resnet18", "deep", 8)
     assert (model_args.gate, model_args.pair_mode, model_args.temperature) == ("fused", "arbitrary", 0.1)
@@ -174,8 +185,16 @@ def test_two_processes_gather_loss_and_train_identically(tiny_image_folder, tmp_
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [
-        torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-        str(ROOT / "tests" / "distributed_check.py"), tiny_image_folder, str(tmp_path / "ddp"),
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(ROOT / "tests" / "distributed_check.py"),
+        tiny_image_folder,
+        str(tmp_path / "ddp"),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -184,7 +203,8 @@ def test_two_processes_gather_loss_and_train_identically(tiny_image_folder, tmp_
         assert report["world_size"] == 2
         assert report["loss_error"] < 1e-5
         assert report["embedding_grad_error"] < 1e-5 and report["param_grad_error"] < 1e-5
-    # 36 training images x ra 3 = 108 samples: 9 batches of 12; each process takes 4 (accelerate drops the incomplete last round, like drop_last).
+    # 36 training images x ra 3 = 108 samples: 9 batches of 12; each process takes 4 (accelerate drops the
+    # incomplete last round, like drop_last).
     for report in reports:  # process 1's NaN stopped both, before the update of that batch
         assert "Non-finite loss" in report["nan_error"] and "batch 2/4" in report["nan_error"], report["nan_error"]
         assert "on process(es) [1]" in report["nan_error"]
@@ -199,8 +219,10 @@ def test_gpu_switches_parse_and_run_on_cpu(tiny_image_folder, tmp_path):
 
     torch._dynamo.reset()
     flags = tiny_flags(tiny_image_folder, tmp_path / "switches", epochs=1)
-    model, results = train_pretrain.run(flags + ["--channels_last", "--tf32", "--cudnn_benchmark", "--torch_compile",
-                                                 "--torch_compile_backend", "aot_eager"])
+    model, results = train_pretrain.run(
+        flags
+        + ["--channels_last", "--tf32", "--cudnn_benchmark", "--torch_compile", "--torch_compile_backend", "aot_eager"]
+    )
     assert results["global_step"] == 9 and 0 <= results["eval_top1"] <= 100  # 36 images, 4 per batch
     conv = next(module for module in model.backbone.modules() if isinstance(module, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

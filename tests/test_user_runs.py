@@ -32,8 +32,18 @@ BIN = Path(sys.executable).parent
 TIMEOUT = 900  # seconds per command; generous for two busy cores
 
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot")
+FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 # README command (as shlex tokens joined back) -> the test that runs it. Install and test commands are what CI runs
 # itself (`.ci/run` runs `make test`, which creates the venv with the README's install commands), checked by
@@ -50,14 +60,14 @@ README_COMMAND_TESTS = {
     "accelerate launch train_finetune.py configs/finetune_cifar10_resnet18.yaml --model_name resnet18 "
     "--from_scratch --output_dir outputs/cross_entropy/cifar10_resnet18": "test_finetune_from_scratch_command",
     "accelerate launch train_fuse.py configs/fuse_cifar10_resnet18.yaml": "test_seed_fuse_command",
-    "python train_pretrain.py --dataset_name digits --output_dir outputs/digits --num_train_epochs 2":
-        "test_flag_only_digits_command",
+    "python train_pretrain.py --dataset_name digits --output_dir outputs/digits "
+    "--num_train_epochs 2": "test_flag_only_digits_command",
     "python train_pretrain.py configs/quickstart_digits.yaml --num_train_epochs 1": "test_quickstart_command",
     "accelerate launch train_pretrain.py configs/pretrain_cifar10_resnet18.yaml --gate open --pair_mode identical "
     "--output_dir outputs/supcon/cifar10_resnet18": "test_analyze_command",
     "python -m simlap_hf.analyze --model_name_or_path outputs/simlap/cifar10_resnet18 outputs/supcon/cifar10_resnet18 "
-    "--labels SimLAP SupCon --dataset_name cifar10 --transfer_dataset_name cifar100 --output_dir report":
-        "test_analyze_command",
+    "--labels SimLAP SupCon --dataset_name cifar10 --transfer_dataset_name cifar100 "
+    "--output_dir report": "test_analyze_command",
     "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir "
     "outputs/reproduce_8ep --threads 1 --seeds 0": "test_reproduce_commands",
     "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --output_dir "
@@ -68,28 +78,33 @@ README_COMMAND_TESTS = {
     "eval_every=3 --seeds 0 --variants simlap_fused_arbitrary supcon_open_arbitrary untrained --output_dir "
     "outputs/reproduce_os32_3ep": "test_reproduce_commands",
 }
-README_COMMAND_TESTS.update({
-    "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --variants simlap_fused_arbitrary "
-    "cross_entropy --seeds 0 1 --threads 1 --output_dir outputs/relations_8ep": "test_relations_embed_search_demo",
-    "python benchmarks/relations_fmnist.py outputs/relations_8ep --seeds 0 1": "test_relations_embed_search_demo",
-    "python -m simlap_hf.embed --model_name_or_path outputs/relations_8ep/simlap_fused_arbitrary_seed0 --dataset_name "
-    "fashion_mnist --output_dir index": "test_relations_embed_search_demo",
-    "python -m simlap_hf.embed --model_name_or_path outputs/relations_8ep/simlap_fused_arbitrary_seed0 --train_dir "
-    "photos/ --output_dir photo_index": "test_relations_embed_search_demo",
-    "python -m simlap_hf.search --index index --image sandal.png --k 3": "test_relations_embed_search_demo",
-    "python -m simlap_hf.search --index index --image sandal.png --k 3 --target_class 'Ankle boot'":
-        "test_relations_embed_search_demo",
-    "python -m simlap_hf.demo --index index --port 7860": "test_relations_embed_search_demo",
-    "accelerate launch --multi_gpu --num_processes 2 train_pretrain.py configs/pretrain_cifar10_resnet18.yaml "
-    "--output_dir outputs/simlap_cifar10_2proc": "test_multi_process_commands",
-    "accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --num_processes 2 --main_process_ip '$MAIN_ADDR' "
-    "--main_process_port 29500 train_pretrain.py configs/pretrain_cifar10_resnet18.yaml --output_dir "
-    "outputs/simlap_cifar10_2machines --save_on_each_node": "test_multi_process_commands",
-    "sbatch launch/slurm_pretrain.sbatch configs/pretrain_cifar10_resnet18.yaml --output_dir "
-    "outputs/simlap_cifar10_slurm": "test_slurm_command",
-})
+README_COMMAND_TESTS.update(
+    {
+        "python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --variants "
+        "simlap_fused_arbitrary cross_entropy --seeds 0 1 --threads 1 --output_dir "
+        "outputs/relations_8ep": "test_relations_embed_search_demo",
+        "python benchmarks/relations_fmnist.py outputs/relations_8ep --seeds 0 1": "test_relations_embed_search_demo",
+        "python -m simlap_hf.embed --model_name_or_path outputs/relations_8ep/simlap_fused_arbitrary_seed0 "
+        "--dataset_name fashion_mnist --output_dir index": "test_relations_embed_search_demo",
+        "python -m simlap_hf.embed --model_name_or_path outputs/relations_8ep/simlap_fused_arbitrary_seed0 --train_dir "
+        "photos/ --output_dir photo_index": "test_relations_embed_search_demo",
+        "python -m simlap_hf.search --index index --image sandal.png --k 3": "test_relations_embed_search_demo",
+        "python -m simlap_hf.search --index index --image sandal.png --k 3 "
+        "--target_class 'Ankle boot'": "test_relations_embed_search_demo",
+        "python -m simlap_hf.demo --index index --port 7860": "test_relations_embed_search_demo",
+        "accelerate launch --multi_gpu --num_processes 2 train_pretrain.py configs/pretrain_cifar10_resnet18.yaml "
+        "--output_dir outputs/simlap_cifar10_2proc": "test_multi_process_commands",
+        "accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --num_processes 2 --main_process_ip "
+        "'$MAIN_ADDR' --main_process_port 29500 train_pretrain.py configs/pretrain_cifar10_resnet18.yaml --output_dir "
+        "outputs/simlap_cifar10_2machines --save_on_each_node": "test_multi_process_commands",
+        "sbatch launch/slurm_pretrain.sbatch configs/pretrain_cifar10_resnet18.yaml --output_dir "
+        "outputs/simlap_cifar10_slurm": "test_slurm_command",
+    }
+)
 # Files of configs/ not named by a README command, and the test that runs each as written.
-CONFIG_TESTS = {"quickstart_digits.yaml": "tests/test_quickstart.py::test_quickstart_reaches_97_percent_online_head_top1"}
+CONFIG_TESTS = {
+    "quickstart_digits.yaml": "tests/test_quickstart.py::test_quickstart_reaches_97_percent_online_head_top1"
+}
 
 
 def readme_commands() -> list[str]:
@@ -117,8 +132,10 @@ def test_every_readme_command_is_run():
 
 
 # README sections whose ```python blocks run in a test, and the test.
-PYTHON_BLOCK_TESTS = {"Python API": "tests/test_readme.py::test_python_api_example_runs",
-                      "Embeddings, search and class relations": "test_relations_embed_search_demo"}
+PYTHON_BLOCK_TESTS = {
+    "Python API": "tests/test_readme.py::test_python_api_example_runs",
+    "Embeddings, search and class relations": "test_relations_embed_search_demo",
+}
 
 
 def test_every_readme_python_block_is_run():
@@ -165,8 +182,16 @@ def _class_images(num_classes: int, per_class: int, size: int, mode: str, seed: 
     return images, labels
 
 
-def write_standin(path: Path, names: tuple[str, ...], image_column: str, label_column: str, size: int, mode: str,
-                  train_per_class: int, test_per_class: int) -> str:
+def write_standin(
+    path: Path,
+    names: tuple[str, ...],
+    image_column: str,
+    label_column: str,
+    size: int,
+    mode: str,
+    train_per_class: int,
+    test_per_class: int,
+) -> str:
     """A ``save_to_disk`` DatasetDict with ``train`` and ``test`` splits in a Hub data set's layout."""
     features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=names)})
     splits = {}
@@ -205,17 +230,19 @@ def cifar100(tmp_path_factory) -> str:
     return write_standin(tmp_path_factory.mktemp("data") / "cifar100", names, "img", "fine_label", 32, "RGB", 6, 3)
 
 
-def run_command(command: str, cwd: Path, *overrides: str, env: dict[str, str] | None = None,
-                expected_code: int = 0) -> subprocess.CompletedProcess:
+def run_command(
+    command: str, cwd: Path, *overrides: str, env: dict[str, str] | None = None, expected_code: int = 0
+) -> subprocess.CompletedProcess:
     """Run a README command as written plus ``overrides`` (appended flags) in ``cwd``."""
     tokens = shlex.split(command)
     program = {"python": sys.executable, "accelerate": str(BIN / "accelerate")}.get(tokens[0], tokens[0])
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                **(env or {})}
-    result = subprocess.run([program, *tokens[1:], *overrides], cwd=cwd, env=full_env, capture_output=True,
-                            text=True, timeout=TIMEOUT)
-    assert result.returncode == expected_code, f"{command}: exit {result.returncode}\n{result.stdout[-3000:]}\n" \
-                                               f"{result.stderr[-5000:]}"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    result = subprocess.run(
+        [program, *tokens[1:], *overrides], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == expected_code, (
+        f"{command}: exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
     return result
 
 
@@ -242,8 +269,15 @@ def command_for(test_name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def seed_pretrain(workdir, cifar10, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     (command,) = command_for("test_seed_pretrain_command")
-    result = run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1",
-                         env=accelerate_env(tmp_path_factory.mktemp("accelerate")))
+    result = run_command(
+        command,
+        workdir,
+        "--dataset_name",
+        cifar10,
+        "--num_train_epochs",
+        "1",
+        env=accelerate_env(tmp_path_factory.mktemp("accelerate")),
+    )
     return workdir / "outputs" / "simlap" / "cifar10_resnet18", result
 
 
@@ -296,8 +330,9 @@ def test_multi_process_commands(workdir, cifar10, tmp_path):
     (the README's command on machine 0 and the same with --machine_rank 1), each in its own folder: nothing shared,
     so each keeps its own checkpoint (--save_on_each_node) and only machine 0 writes the model."""
     one_machine, first_machine = command_for("test_multi_process_commands")
-    run_command(one_machine, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1",
-                env=accelerate_env(tmp_path))
+    run_command(
+        one_machine, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", env=accelerate_env(tmp_path)
+    )
     results = results_of(workdir / "outputs" / "simlap_cifar10_2proc")
     assert results["global_step"] == 1 and results["epochs"] == 1
     from test_multinode import free_port
@@ -310,9 +345,16 @@ def test_multi_process_commands(workdir, cifar10, tmp_path):
         tokens = [{"$MAIN_ADDR": "127.0.0.1", "29500": port}.get(token, token) for token in shlex.split(first_machine)]
         tokens[tokens.index("--machine_rank") + 1] = str(rank)
         env = {**os.environ, **accelerate_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        machines.append(subprocess.Popen([str(BIN / "accelerate"), *tokens[1:], "--dataset_name", cifar10,
-                                          "--num_train_epochs", "1"], cwd=folder, env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True))
+        machines.append(
+            subprocess.Popen(
+                [str(BIN / "accelerate"), *tokens[1:], "--dataset_name", cifar10, "--num_train_epochs", "1"],
+                cwd=folder,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [machine.communicate(timeout=TIMEOUT)[0] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     output_dirs = [tmp_path / f"machine{rank}" / "outputs" / "simlap_cifar10_2machines" for rank in (0, 1)]
@@ -330,8 +372,9 @@ def test_slurm_command(workdir, cifar10, tmp_path):
 
     (command,) = command_for("test_slurm_command")
     for epochs in (1, 2):
-        result = run_slurm_script(command, workdir, tmp_path, "--dataset_name", cifar10, "--num_train_epochs",
-                                  str(epochs))
+        result = run_slurm_script(
+            command, workdir, tmp_path, "--dataset_name", cifar10, "--num_train_epochs", str(epochs)
+        )
         logs = [(tmp_path / f"task{node}.log").read_text() for node in (0, 1)]
         assert result.returncode == 0, result.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
         results = results_of(workdir / "outputs" / "simlap_cifar10_slurm")
@@ -392,8 +435,15 @@ def fashion_standin(tmp_path_factory) -> tuple[list[str], str]:
     folder = tmp_path_factory.mktemp("fashion")
     standin = write_standin(folder / "fmnist", FASHION_NAMES, "image", "label", 28, "L", 12, 6)
     transfer = write_standin(folder / "digits", tuple(str(i) for i in range(10)), "image", "label", 8, "L", 6, 3)
-    overrides = ["--override", f"dataset_name={standin}", "num_train_epochs=1", "eval_every=1",
-                 "max_train_samples=96", "max_eval_samples=60", f"evaluation.transfer_dataset_name={transfer}"]
+    overrides = [
+        "--override",
+        f"dataset_name={standin}",
+        "num_train_epochs=1",
+        "eval_every=1",
+        "max_train_samples=96",
+        "max_eval_samples=60",
+        f"evaluation.transfer_dataset_name={transfer}",
+    ]
     return overrides, standin
 
 
@@ -432,8 +482,13 @@ def test_relations_embed_search_demo(workdir, fashion_standin, tiny_image_folder
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     tokens = shlex.split(commands[6])
-    demo = subprocess.Popen([sys.executable, *tokens[1:], "--port", port], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    demo = subprocess.Popen(
+        [sys.executable, *tokens[1:], "--port", port],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -464,8 +519,7 @@ def test_reproduce_commands(workdir, fashion_standin):
     assert len(report["runs"]) == 2 * len({run["variant"] for run in report["runs"]})
     assert report["budget"]["train"]["per_device_train_batch_size"] == budget["train"]["per_device_train_batch_size"]
     short = json.loads((workdir / "outputs" / "reproduce_os32_3ep" / "results.json").read_text())
-    assert [run["variant"] for run in short["runs"]] == ["simlap_fused_arbitrary", "supcon_open_arbitrary",
-                                                         "untrained"]
+    assert [run["variant"] for run in short["runs"]] == ["simlap_fused_arbitrary", "supcon_open_arbitrary", "untrained"]
     assert short["budget"]["train"]["num_train_epochs"] == 1 and short["budget"]["train"]["eval_every"] == 1
 
 
@@ -473,9 +527,28 @@ def test_reproduce_commands(workdir, fashion_standin):
 # Mixed precision follows accelerate's conventions
 
 
-TINY = ["--model_name", "resnet10t", "--out_dim", "16", "--mlp_dim", "32", "--input_size", "16", "--aa", "none",
-        "--reprob", "0", "--per_device_train_batch_size", "12", "--num_train_epochs", "1", "--warmup_epochs", "0",
-        "--checkpointing_epochs", "0"]
+TINY = [
+    "--model_name",
+    "resnet10t",
+    "--out_dim",
+    "16",
+    "--mlp_dim",
+    "32",
+    "--input_size",
+    "16",
+    "--aa",
+    "none",
+    "--reprob",
+    "0",
+    "--per_device_train_batch_size",
+    "12",
+    "--num_train_epochs",
+    "1",
+    "--warmup_epochs",
+    "0",
+    "--checkpointing_epochs",
+    "0",
+]
 
 
 @pytest.mark.parametrize(
@@ -491,13 +564,31 @@ TINY = ["--model_name", "resnet10t", "--out_dim", "16", "--mlp_dim", "32", "--in
 def test_mixed_precision_follows_accelerate_launch(tiny_image_folder, tmp_path, launch_flags, script_flags, expected):
     if launch_flags == ["CONFIG"]:  # what `accelerate config` writes, passed as a file
         config = tmp_path / "accelerate.yaml"
-        config.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO",
-                                          "mixed_precision": "bf16", "num_processes": 1, "num_machines": 1,
-                                          "use_cpu": True}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "compute_environment": "LOCAL_MACHINE",
+                    "distributed_type": "NO",
+                    "mixed_precision": "bf16",
+                    "num_processes": 1,
+                    "num_machines": 1,
+                    "use_cpu": True,
+                }
+            )
+        )
         launch_flags = ["--config_file", str(config)]
     command = shlex.join(["accelerate", "launch", *launch_flags, str(ROOT / "train_pretrain.py")])
-    result = run_command(command, tmp_path, "--train_dir", tiny_image_folder, "--output_dir", str(tmp_path / "run"),
-                         *TINY, *script_flags, env=accelerate_env(tmp_path))
+    result = run_command(
+        command,
+        tmp_path,
+        "--train_dir",
+        tiny_image_folder,
+        "--output_dir",
+        str(tmp_path / "run"),
+        *TINY,
+        *script_flags,
+        env=accelerate_env(tmp_path),
+    )
     assert expected in result.stderr
 
 
@@ -522,14 +613,24 @@ MISSING_DATA = ["--dataset_name", "./no/such/data"]  # data that would fail to l
         ("train_pretrain", MISSING_DATA + ["--pair_mode", "random"], r"pair_mode='random' is not valid"),
         ("train_pretrain", MISSING_DATA + ["--temperature", "0"], r"temperature=0\.0 is not valid"),
         ("train_pretrain", MISSING_DATA + ["--model_name", "resnet81"], r"'resnet81' is not a timm model name"),
-        ("train_pretrain", MISSING_DATA + ["--model_name", "vit_tiny_patch16_224", "--stem_type", "deep"],
-         r"unexpected keyword argument 'stem_type'.*Leave out the option"),
-        ("train_pretrain", ["--dataset_name", "./no/such/data"], r"Local data set path './no/such/data' does not exist"),
+        (
+            "train_pretrain",
+            MISSING_DATA + ["--model_name", "vit_tiny_patch16_224", "--stem_type", "deep"],
+            r"unexpected keyword argument 'stem_type'.*Leave out the option",
+        ),
+        (
+            "train_pretrain",
+            ["--dataset_name", "./no/such/data"],
+            r"Local data set path './no/such/data' does not exist",
+        ),
         ("train_pretrain", ["--resume_from_checkpoint", "latest", "--output_dir", "OUT"], r"no complete checkpoint"),
         ("train_pretrain", ["--learning_rate", "-1"], r"--learning_rate=-1\.0 is not valid"),
         ("train_pretrain", ["--num_train_epoch", "3"], r"Unknown flags: num_train_epoch \(did you mean"),
-        ("train_finetune", MISSING_DATA + ["--model_name_or_path", "outputs/simlap/cifar10_resnet81"],
-         r"'outputs/simlap/cifar10_resnet81': this folder does not exist"),
+        (
+            "train_finetune",
+            MISSING_DATA + ["--model_name_or_path", "outputs/simlap/cifar10_resnet81"],
+            r"'outputs/simlap/cifar10_resnet81': this folder does not exist",
+        ),
         ("train_finetune", MISSING_DATA + ["--model_name_or_path", "./my-model"], r"this folder does not exist"),
         ("train_finetune", MISSING_DATA, r"Pass --model_name_or_path"),
         ("train_fuse", MISSING_DATA + ["--iter_num", "0"], r"iter_num=0 is not valid"),

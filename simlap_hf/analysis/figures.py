@@ -271,7 +271,8 @@ def plot_gate_histogram(gates: Mapping[str, Any], path: str | Path, title: str |
     axes.legend(fontsize=9.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     stats = gates["stats"]
     axes.set_title(
-        f"mean entropy {stats['mean_entropy_bits']:.3f} bits  \u2022  near-binary {100 * stats['near_binary_fraction']:.1f}%"
+        f"mean entropy {stats['mean_entropy_bits']:.3f} bits  \u2022  "
+        f"near-binary {100 * stats['near_binary_fraction']:.1f}%"
         f"  \u2022  open dims per pair {stats['mean_open_dims']:.1f} of {gates['dim']}",
         fontsize=10.5,
     )

@@ -229,7 +229,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
         others = [str(p) for p in list_checkpoints(Path(path).parent.parent) if p.resolve() != Path(path).resolve()]
         raise OSError(
             f"Could not load checkpoint {str(path)!r}: {type(error).__name__}: {error}. Either a file of it is "
-            "damaged or missing, or this command's model/optimizer flags differ from the run that saved it. Resume with "
-            f"the run's original flags, or from another checkpoint with --resume_from_checkpoint <folder> (available: "
-            f"{others or 'none'})."
+            "damaged or missing, or this command's model/optimizer flags differ from the run that saved it. Resume "
+            "with the run's original flags, or from another checkpoint with --resume_from_checkpoint <folder> "
+            f"(available: {others or 'none'})."
         ) from error
