@@ -327,7 +327,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size=embed_args.batch_size,
         shard_size=embed_args.shard_size,
         device=device,
-        num_workers=data_args.dataloader_num_workers,
+        num_workers=data_args.loader_workers(),
         description=description,
         data_source=_data_source(data_args, embed_args.seed),
     )

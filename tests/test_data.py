@@ -6,6 +6,7 @@ All fixtures are written into ``tmp_path``; the ``datasets`` cache is redirected
 import gzip
 import io
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -993,3 +994,21 @@ def test_uint8_random_erasing_fills_a_rectangle_with_the_mean_colour() -> None:
     assert 0.02 * 1024 * 0.5 <= changed.sum() <= 1024 / 3 * 1.5
     assert erased[:, rows[0], cols[0]].tolist() == [125, 123, 114] and torch.equal(image, torch.full_like(image, 7))
     assert torch.equal(UInt8RandomErasing(0.0, fill=(1, 1, 1))(image), image)
+
+
+def test_loader_workers_default_to_zero_without_a_gpu_and_to_the_cores_with_one(monkeypatch):
+    """Unset --dataloader_num_workers: 0 on a CPU-only machine (exact mid-epoch resume); with a GPU, the CPU cores
+    per local process minus one, between 1 and 8; an explicit value always wins."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert DataArguments(dataset_name="digits").loader_workers() == 0
+    assert DataArguments(dataset_name="digits", dataloader_num_workers=3).loader_workers() == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert DataArguments(dataset_name="digits").loader_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert DataArguments(dataset_name="digits").loader_workers() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert DataArguments(dataset_name="digits").loader_workers() == 1
+    assert DataArguments(dataset_name="digits", dataloader_num_workers=0).loader_workers() == 0

@@ -142,7 +142,7 @@ class EvalData:
                 self.args,
                 num_channels,
             )
-            workers = self.args.dataloader_num_workers
+            workers = self.args.loader_workers()
             self._loaders[num_channels] = (
                 create_eval_dataloader(views["train_eval"], self.batch_size, workers),
                 create_eval_dataloader(views["validation"], self.batch_size, workers),

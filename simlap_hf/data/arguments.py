@@ -1,5 +1,6 @@
 """Command-line arguments of the data pipeline and the split names every source ends with."""
 
+import os
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -114,7 +115,13 @@ class DataArguments:
         },
     )
     pk_images_per_class: int = field(default=4, metadata={"help": "K of --sampler pk: images of each class per batch."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "DataLoader worker processes (persistent). Unset: 0 without a GPU (exact mid-epoch resume, see "
+            "the README's Guarantees); with a GPU, the CPU cores per local process minus one, at most 8."
+        },
+    )
     uint8_transfer: bool = field(
         default=True,
         metadata={
@@ -129,6 +136,18 @@ class DataArguments:
             "names the file."
         },
     )
+
+    def loader_workers(self) -> int:
+        """Worker processes of the loaders: ``--dataloader_num_workers``, or when unset 0 without a GPU and, with
+        one, the CPU cores per process on this machine minus one (for the training process), at most 8."""
+        if self.dataloader_num_workers is not None:
+            return self.dataloader_num_workers
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0
+        processes_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, min(8, (os.cpu_count() or 1) // processes_here - 1))
 
     def __post_init__(self) -> None:
         """Check value ranges early, with messages that name the flag and the bad value."""
@@ -156,7 +175,7 @@ class DataArguments:
             raise ValueError(f"--sampler={self.sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}.")
         if self.pk_images_per_class < 1:
             raise ValueError(f"--pk_images_per_class must be >= 1, got {self.pk_images_per_class}.")
-        if self.dataloader_num_workers < 0:
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
         for flag in ("mean", "std"):
             value = getattr(self, flag)

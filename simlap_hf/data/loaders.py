@@ -205,7 +205,7 @@ def create_train_dataloader(
             f"The training set has {len(train_dataset)} images, fewer than the {batch_sampler.images_per_batch} "
             f"images of one batch (batch_size={batch_size} with ra={args.ra}); lower --per_device_train_batch_size."
         )
-    workers = args.dataloader_num_workers
+    workers = args.loader_workers()
     return DataLoader(
         ResumableAugmentations(train_dataset) if workers == 0 else train_dataset,
         batch_sampler=batch_sampler,
@@ -276,7 +276,7 @@ def prepare_data(
         data_args,
         num_channels,
     )
-    workers = data_args.dataloader_num_workers
+    workers = data_args.loader_workers()
     return DataBundle(
         label_names=get_label_names(dataset),
         train=create_train_dataloader(views[TRAIN_SPLIT], data_args, train_batch_size, seed=seed),
