@@ -53,13 +53,23 @@ def create_backbone(config: SimLAPConfig) -> nn.Module:
         ) from error
 
 
-def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
-    """Raise a ValueError when class indices fall outside [0, num_classes).
+def check_labels(labels: Tensor, num_classes: int, name: str = "labels", synchronize: bool = True) -> None:
+    """Raise a ValueError when the (B,) class indices ``labels`` fall outside [0, num_classes).
 
-    Skipped while ``torch.compile`` traces the model (the check needs the values on the host)."""
-    if torch.compiler.is_compiling():
+    ``synchronize=True`` reads the range on the host, which on an accelerator waits for the queued kernels.
+    ``synchronize=False`` (training forward passes: the data were checked when loaded) queues a device-side
+    assertion instead, with no host synchronisation: on the CPU it fails at once with the same ValueError, on an
+    accelerator a bad label fails the run at its next synchronisation with a device-side assertion error.
+    Skipped while ``torch.compile`` traces the model."""
+    if torch.compiler.is_compiling() or not labels.numel():
         return
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if not synchronize:
+        try:
+            torch._assert_async(((labels >= 0) & (labels < num_classes)).all(), f"{name} out of range")
+            return
+        except RuntimeError:  # raised at once where the assertion runs on the host: the full message below
+            pass
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(
             f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}); "
             f"got values from {int(labels.min())} to {int(labels.max())}."
@@ -417,12 +427,12 @@ class SimLAPModel(SimLAPPreTrainedModel):
         self, output: SimLAPModelOutput, labels: Tensor, pair_labels: Tensor | None, gather_keys: bool | None
     ) -> None:
         config = self.config
-        # One host-side range check per step: sampled partners are in range by construction.
-        check_labels(labels, config.num_classes)
+        # Sampled partners are in range by construction; in training no check waits for the device.
+        check_labels(labels, config.num_classes, synchronize=not self.training)
         if pair_labels is None:
             pair_labels = sample_pair_labels(labels, config.pair_mode, config.num_classes)
         else:
-            check_labels(pair_labels, config.num_classes, "pair_labels")
+            check_labels(pair_labels, config.num_classes, "pair_labels", synchronize=not self.training)
         gates = self._gates(labels, pair_labels)  # (B, K)
         embeddings = output.embeddings
         if gather_keys is None:
@@ -569,7 +579,7 @@ class SimLAPFuseForImageClassification(SimLAPPreTrainedModel):
         logits = arcgrad_logits(cosine, self.config.arc_scale) if self.training else cosine
         loss = None
         if labels is not None:
-            check_labels(labels, self.config.num_labels)
+            check_labels(labels, self.config.num_labels, synchronize=not self.training)
             targets = soft_labels if soft_labels is not None else labels
             loss = classification_loss(logits, targets, self.config.label_smoothing)
             if self.config.simlap_weight > 0:

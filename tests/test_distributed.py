@@ -34,8 +34,18 @@ def run_torchrun(mode: str, output_dir: Path, timeout: int = 300) -> list[dict]:
         with socket.socket() as probe:  # a free local port for the rendezvous
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                   str(Path(__file__).resolve()), mode, str(output_dir)]
+        command = [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(Path(__file__).resolve()),
+            mode,
+            str(output_dir),
+        ]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         if completed.returncode == 0 or GLOO_ABORT not in completed.stderr:
             break
@@ -575,6 +585,76 @@ def test_each_process_has_its_own_random_stream(tmp_path):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host synchronisations of the training step, and the key gather under torch.compile (tests/test_host_syncs.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def worker_host_syncs(output_dir: Path) -> dict:
+    """A tiny pretraining run on two processes with the host reads and collectives of every optimizer step counted
+    (the image folder ``output_dir / "images"`` is written by the test)."""
+    from dataclasses import asdict
+
+    from test_host_syncs import count_tiny_run
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        per_step = count_tiny_run(output_dir, monkeypatch)
+    return {str(step): asdict(counts) for step, counts in per_step.items()}
+
+
+def worker_compile(output_dir: Path) -> dict:
+    """The SimLAP loss over gathered keys under torch.compile, with the single-tensor collectives and with the
+    gloo fallbacks: graphs and graph breaks (torch._dynamo.explain), and whether the compiled loss and gradient
+    (fullgraph, aot_eager) equal the eager ones bit for bit; and the graph breaks of a training-mode SimLAPModel
+    forward with labels (keys gathered by default)."""
+    import torch._dynamo
+    import torch.distributed as dist
+    from conftest import tiny_config
+
+    from simlap_hf import SimLAPModel, losses
+
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    embeddings = torch.randn(6, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 3, (6,), generator=gen)
+
+    def loss_of(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        keys, key_labels = losses.gather_with_grad(embeddings), losses.gather_labels(labels)
+        gates = torch.ones_like(embeddings)
+        terms = losses.simlap_contrastive_terms(embeddings, labels, labels.flip(0), gates, 0.1, keys, key_labels)
+        return losses.distributed_mean(terms.loss_sum, terms.num_positives)
+
+    report: dict = {}
+    backend = str(dist.get_backend())
+    unsupported_sets = (losses._NO_GATHER_INTO_TENSOR, losses._NO_REDUCE_SCATTER_TENSOR)
+    saved = [set(unsupported) for unsupported in unsupported_sets]
+    try:
+        for path in ("single", "fallback"):
+            for unsupported in unsupported_sets:
+                (unsupported.add if path == "fallback" else unsupported.discard)(backend)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(loss_of)(embeddings, labels)
+            eager = loss_of(embeddings, labels)
+            (eager_grad,) = torch.autograd.grad(eager, embeddings)
+            compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True)(embeddings, labels)
+            (compiled_grad,) = torch.autograd.grad(compiled, embeddings)
+            report[path] = {
+                "graphs": explained.graph_count,
+                "graph_breaks": explained.graph_break_count,
+                "reasons": [str(reason.reason) for reason in explained.break_reasons],
+                "bit_identical": torch.equal(compiled, eager) and torch.equal(compiled_grad, eager_grad),
+            }
+    finally:
+        for unsupported, before in zip(unsupported_sets, saved):
+            unsupported.clear()
+            unsupported.update(before)
+    torch._dynamo.reset()
+    model = SimLAPModel(tiny_config()).train()
+    pixels = torch.randn(4, 3, 16, 16, generator=gen)
+    explained = torch._dynamo.explain(lambda p, y: model(pixel_values=p, labels=y).loss)(pixels, labels[:4])
+    report["model"] = {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count}
+    return report
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from simlap_hf import (
@@ -11,21 +12,6 @@ from simlap_hf import (
     SimLAPModel,
 )
 from simlap_hf.configuration_simlap import SimLAPFuseConfig
-
-
-def tiny_config(**overrides) -> SimLAPConfig:
-    values = dict(
-        backbone="resnet10t",
-        backbone_kwargs={"output_stride": 8},
-        num_classes=4,
-        out_dim=16,
-        mlp_dim=32,
-        filter_embed_dim=8,
-        filter_hidden_dim=16,
-        image_size=16,
-    )
-    values.update(overrides)
-    return SimLAPConfig(**values)
 
 
 @pytest.fixture
@@ -43,8 +29,17 @@ def test_forward_outputs(gate, batch):
     assert out.logits.shape == (8, 4)
     assert out.embeddings.shape == (8, 16)
     assert out.pooler_output.shape == (8, width)
-    for name in ("loss", "contrastive_loss", "head_loss", "gate_activation", "gate_entropy", "cos_own",
-                 "cos_partner", "cos_negative", "embedding_std"):
+    for name in (
+        "loss",
+        "contrastive_loss",
+        "head_loss",
+        "gate_activation",
+        "gate_entropy",
+        "cos_own",
+        "cos_partner",
+        "cos_negative",
+        "embedding_std",
+    ):
         assert torch.isfinite(getattr(out, name)), name
     assert out.loss.item() == pytest.approx(out.contrastive_loss.item() + out.head_loss.item(), rel=1e-5)
     out.loss.backward()
@@ -186,15 +181,23 @@ def test_labels_out_of_range_are_rejected(batch):
 def test_unknown_forward_arguments_are_named():
     from simlap_hf.modeling_simlap import SimLAPFuseForImageClassification
 
-    config = SimLAPConfig(backbone="resnet10t", num_classes=3, out_dim=8, mlp_dim=16, filter_embed_dim=8,
-                          filter_hidden_dim=8, image_size=16)
+    config = SimLAPConfig(
+        backbone="resnet10t",
+        num_classes=3,
+        out_dim=8,
+        mlp_dim=16,
+        filter_embed_dim=8,
+        filter_hidden_dim=8,
+        image_size=16,
+    )
     pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     for model in (SimLAPModel(config), SimLAPForImageClassification(config)):
         with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'label'; it takes pixel_values, labels"):
             model(pixels, label=labels)
         model(pixels, output_hidden_states=False)  # transformers' switches are accepted
-    fuse = SimLAPFuseForImageClassification(SimLAPFuseConfig(backbone="resnet10t", num_classes=3, image_size=16,
-                                                             head_hidden_mult=1))
+    fuse = SimLAPFuseForImageClassification(
+        SimLAPFuseConfig(backbone="resnet10t", num_classes=3, image_size=16, head_hidden_mult=1)
+    )
     with pytest.raises(TypeError, match="'soft_label'"):
         fuse(pixels, soft_label=labels)
 
@@ -273,8 +276,9 @@ def test_saved_model_code_imports_with_torch_timm_transformers_only(tmp_path):
     (folder / "__init__.py").write_text("")
     script = tmp_path / "check.py"
     script.write_text(BLOCKED_IMPORT_CHECK)
-    result = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     imported = result.stdout.strip().splitlines()[-1].removeprefix("IMPORTED ").split(",")
     assert {"configuration_simlap", "modeling_simlap", "losses"} <= set(imported)

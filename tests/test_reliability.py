@@ -38,7 +38,7 @@ import accelerate
 import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
-from conftest import write_image_folder
+from conftest import tiny_run_flags, write_image_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -84,15 +84,17 @@ SLOW_SECOND_SAVE = (
 
 
 def flags(train_dir: str | Path, output_dir: Path, epochs: int = EPOCHS) -> list[str]:
-    """A tiny pretraining run: resnet10t on 16x16 images, 4 steps per epoch, an evaluation and a checkpoint per epoch."""
-    return [
-        "--train_dir", str(train_dir), "--train_val_split", "0.25", "--output_dir", str(output_dir),
-        "--model_name", "resnet10t", "--output_stride", "0", "--out_dim", "16", "--mlp_dim", "32",
-        "--input_size", "16", "--aa", "none", "--reprob", "0", "--ra", "3",
-        "--per_device_train_batch_size", "12", "--per_device_eval_batch_size", "32", "--knn_k", "5",
-        "--num_train_epochs", str(epochs), "--warmup_epochs", "1", "--eval_every", "1", "--checkpointing_epochs", "1",
-        "--learning_rate", "0.002", "--seed", "7", "--logging_steps", "1",
-    ]
+    """A tiny pretraining run: resnet10t (output stride 32) on 16x16 images, 4 steps per epoch, an evaluation and a
+    checkpoint per epoch."""
+    return tiny_run_flags(
+        output_dir,
+        train_dir,
+        stem_type=None,
+        output_stride=0,
+        per_device_eval_batch_size=32,
+        knn_k=5,
+        num_train_epochs=epochs,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,8 +255,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(image_folder, re
     run = scripts("killed", flags(image_folder, output_dir))
     first_checkpoint = output_dir / "checkpoints" / f"checkpoint-{STEPS_PER_EPOCH:08d}"
     # Past the first (epoch-end) checkpoint, inside the second epoch.
-    run.wait_until(lambda: first_checkpoint.is_dir() and last_trained_step(output_dir) > STEPS_PER_EPOCH,
-                   "a step of the second epoch")
+    run.wait_until(
+        lambda: first_checkpoint.is_dir() and last_trained_step(output_dir) > STEPS_PER_EPOCH,
+        "a step of the second epoch",
+    )
     run.process.send_signal(signal.SIGKILL)
     assert run.wait(expected_code=None) == -signal.SIGKILL
     assert STEPS_PER_EPOCH < last_trained_step(output_dir) < 2 * STEPS_PER_EPOCH  # killed mid-epoch
@@ -274,7 +278,10 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_previous(image_folder,
     run.process.send_signal(signal.SIGKILL)
     run.wait(expected_code=-signal.SIGKILL)
     first, second = f"checkpoint-{STEPS_PER_EPOCH:08d}", f"checkpoint-{2 * STEPS_PER_EPOCH:08d}"
-    assert checkpoint_names(output_dir) == [f".tmp-{second}", first]  # the half-written one only under its temporary name
+    assert checkpoint_names(output_dir) == [
+        f".tmp-{second}",
+        first,
+    ]  # the half-written one only under its temporary name
 
     with caplog.at_level(logging.WARNING, logger="simlap_hf"):
         assert training.find_checkpoint(output_dir, "latest") == output_dir / "checkpoints" / first
@@ -282,7 +289,10 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_previous(image_folder,
 
     resumed = scripts("resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"])
     resumed.wait()
-    assert "Ignoring incomplete checkpoint" in resumed.stderr and f"Resumed from {output_dir / 'checkpoints' / first}" in resumed.stderr
+    assert (
+        "Ignoring incomplete checkpoint" in resumed.stderr
+        and f"Resumed from {output_dir / 'checkpoints' / first}" in resumed.stderr
+    )
     assert not any(name.startswith(".tmp") for name in checkpoint_names(output_dir))  # rewritten, then renamed
     assert_same_run(reference_dir(reference), output_dir)
 
@@ -303,8 +313,9 @@ def test_sigterm_saves_mid_epoch_checkpoint_exits_143_and_resumes(image_folder, 
     assert state["global_step"] == last_trained_step(output_dir)  # saved at the step boundary after the signal
     assert (latest / "augmentation_rng_0.pt").is_file()  # the random state before the next batch's augmentations
 
-    resumed = scripts("resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"],
-                      code=RUN_MAIN)
+    resumed = scripts(
+        "resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"], code=RUN_MAIN
+    )
     resumed.wait()
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["epochs"] == EPOCHS and results["global_step"] == TOTAL_STEPS
@@ -341,8 +352,9 @@ def test_overwrite_then_ctrl_c_then_resume_continues_the_new_run(image_folder, r
     names = checkpoint_names(output_dir)
     assert names and all(int(name.split("-")[1]) < TOTAL_STEPS for name in names), names  # only the new run's
     assert not (output_dir / "model.safetensors").exists() and (output_dir / "notes.txt").is_file()
-    resumed = scripts("resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"],
-                      code=RUN_MAIN)
+    resumed = scripts(
+        "resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"], code=RUN_MAIN
+    )
     resumed.wait()
     assert_same_run(reference_dir(reference), output_dir)
 
@@ -372,8 +384,9 @@ def test_more_epochs_on_resume_rebuild_the_schedule_fewer_are_refused(image_fold
     output_dir = tmp_path / "extended"
     train_pretrain.run(flags(image_folder, output_dir, epochs=1) + ["--min_lr", "1e-6"])
     with caplog.at_level(logging.WARNING, logger="simlap_hf"):
-        train_pretrain.run(flags(image_folder, output_dir, epochs=2) + ["--min_lr", "1e-6",
-                                                                       "--resume_from_checkpoint", "latest"])
+        train_pretrain.run(
+            flags(image_folder, output_dir, epochs=2) + ["--min_lr", "1e-6", "--resume_from_checkpoint", "latest"]
+        )
     assert "schedule is rebuilt for 2 epochs" in caplog.text
     rates = {record["step"]: record["lr"] for record in read_log(output_dir) if "lr" in record}
     assert sorted(rates) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
@@ -436,11 +449,11 @@ STOP_AT_THIRD_STEP = (
     "import simlap_hf.training as training\n"
     "import simlap_hf.training.loop as loop\n"
     "calls = []\n"
-    "original = loop._stop_everywhere\n"
-    "def stop_at_third_step(accelerator, requested):\n"
+    "original = loop._exchange_step_flags\n"
+    "def stop_at_third_step(accelerator, requested, losses):\n"
     "    calls.append(1)\n"
-    "    return len(calls) == 3 or original(accelerator, requested)\n"
-    "loop._stop_everywhere = stop_at_third_step\n"
+    "    return original(accelerator, requested or len(calls) == 3, losses)\n"
+    "loop._exchange_step_flags = stop_at_third_step\n"
     "sys.exit(training.run_main(train_pretrain.run, sys.argv[1:]))\n"
 )
 
@@ -458,8 +471,18 @@ def test_two_processes_mid_epoch_resume_equals_uninterrupted_two_process_run(ima
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                   str(entry), *flags(image_folder, output_dir), *extra]
+        command = [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(entry),
+            *flags(image_folder, output_dir),
+            *extra,
+        ]
         return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
     uninterrupted = torchrun_run(RUN_MAIN, tmp_path / "uninterrupted", [])
@@ -530,7 +553,9 @@ def test_disk_full_on_second_checkpoint_keeps_the_first(tmp_path, monkeypatch):
     monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state_disk_full)
     with torch.no_grad():
         model.weight.add_(1.0)
-    with pytest.raises(OSError, match=r"Could not write checkpoint .*checkpoint-00000002.*No space left on device") as error:
+    with pytest.raises(
+        OSError, match=r"Could not write checkpoint .*checkpoint-00000002.*No space left on device"
+    ) as error:
         training.save_checkpoint(accelerator, training.TrainerState(epoch=2, global_step=2), args)
     message = str(error.value)
     assert f"The previous checkpoint {first} is intact" in message and "--resume_from_checkpoint latest" in message
@@ -570,8 +595,10 @@ def test_epoch_end_checkpoint_is_later_than_a_stop_after_the_last_batch(tmp_path
     """A stop request after the last batch of an epoch saves checkpoint-<step>-<batches>; the epoch-end checkpoint of
     the same step (saved after resuming and evaluating) is the later one."""
     root = tmp_path / "checkpoints"
-    for name, state in (("checkpoint-00000008", {"epoch": 2, "step_in_epoch": 0}),
-                        ("checkpoint-00000008-4", {"epoch": 1, "step_in_epoch": 4})):
+    for name, state in (
+        ("checkpoint-00000008", {"epoch": 2, "step_in_epoch": 0}),
+        ("checkpoint-00000008-4", {"epoch": 1, "step_in_epoch": 4}),
+    ):
         (root / name).mkdir(parents=True)
         (root / name / training.STATE_FILE).write_text(json.dumps({"global_step": 8, **state}))
     assert training.find_checkpoint(tmp_path, "latest") == root / "checkpoint-00000008"
@@ -743,7 +770,9 @@ def test_folder_without_config_is_named(saved_classifier, tmp_path):
 
 @pytest.mark.parametrize("override", [{"num_labels": 5}, {"id2label": {i: f"c{i}" for i in range(5)}}])
 def test_other_number_of_classes_names_the_mismatch(saved_classifier, override):
-    with pytest.raises(ValueError, match=r"classifier\.weight: \(3, \d+\) in the file, \(5, \d+\) in the model") as error:
+    with pytest.raises(
+        ValueError, match=r"classifier\.weight: \(3, \d+\) in the file, \(5, \d+\) in the model"
+    ) as error:
         SimLAPForImageClassification.from_pretrained(saved_classifier, **override)
     assert str(saved_classifier / "model.safetensors") in str(error.value)
     assert "ignore_mismatched_sizes=True" in str(error.value)
@@ -787,8 +816,15 @@ def test_loss_is_permutation_invariant_and_finite(batch, dim, num_classes, tempe
     torch.testing.assert_close(permuted, loss, rtol=1e-5, atol=1e-5)
     # Keys given separately, in another order, give the same loss.
     key_order = torch.randperm(batch, generator=generator)
-    with_keys = simlap_loss(embeddings, labels, pairs, gates, temperature=temperature,
-                            keys=embeddings[key_order], key_labels=labels[key_order])
+    with_keys = simlap_loss(
+        embeddings,
+        labels,
+        pairs,
+        gates,
+        temperature=temperature,
+        keys=embeddings[key_order],
+        key_labels=labels[key_order],
+    )
     torch.testing.assert_close(with_keys, loss, rtol=1e-5, atol=1e-5)
 
 

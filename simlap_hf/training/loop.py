@@ -52,21 +52,6 @@ class TrainingResult:
     final_metrics: dict[str, float]
 
 
-def _flag_of_every_process(accelerator: Accelerator, flag: bool | torch.Tensor) -> list[bool]:
-    """``flag`` of every process in rank order, the same list on all of them (one tiny gather when there are several
-    processes: every process must call this at the same point)."""
-    values = torch.as_tensor(flag, dtype=torch.float32, device=accelerator.device).reshape(1)
-    if accelerator.num_processes > 1:
-        values = accelerator.gather(values)
-    return [bool(value) for value in values.tolist()]
-
-
-def _stop_everywhere(accelerator: Accelerator, requested: bool) -> bool:
-    """Whether any process was asked to stop, agreed by all of them, so that they save the same mid-epoch checkpoint
-    together instead of waiting on each other."""
-    return any(_flag_of_every_process(accelerator, requested))
-
-
 def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar tensors averaged over the processes, as floats (one all-reduce for all of them)."""
     if not values:
@@ -77,11 +62,41 @@ def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tenso
     return {name: float(value) for name, value in zip(names, averaged.tolist())}
 
 
-def _processes_with_non_finite_loss(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:
-    """Ranks whose loss is NaN or infinite. Every process gets the same answer, so all of them stop at the same
-    batch instead of the healthy ones waiting forever in the next gradient all-reduce."""
-    finite = _flag_of_every_process(accelerator, torch.isfinite(loss.detach()))
-    return [rank for rank, ok in enumerate(finite) if not ok]
+@dataclass
+class _StepFlags:
+    """What every process agrees on before an optimizer update.
+
+    Attributes:
+        stop: some process was asked to stop (SIGINT/SIGTERM).
+        non_finite_ranks: the processes whose loss was NaN or infinite in a batch since the last update.
+        first_non_finite: position, among those batches, of the first one with a non-finite loss on any process.
+    """
+
+    stop: bool
+    non_finite_ranks: list[int]
+    first_non_finite: int | None
+
+
+def _exchange_step_flags(accelerator: Accelerator, stop_requested: bool, losses: list[torch.Tensor]) -> _StepFlags:
+    """The one host synchronisation of an optimizer step: every process's stop request and the finiteness of its
+    ``losses`` (scalars, one per batch since the last update), in one tiny gather read once. Every process must call
+    this at the same point, and every process gets the same answer: all of them stop at the same step, and a
+    non-finite loss stops all of them before the update instead of the healthy ones waiting forever in the next
+    gradient all-reduce."""
+    device = accelerator.device
+    finite = torch.isfinite(torch.stack([loss.detach().float().reshape(()) for loss in losses]).to(device))  # (A,)
+    # torch.full, not torch.tensor: a fill on the device needs no blocking copy from the host.
+    stop = torch.full((1,), float(stop_requested), device=device)
+    flags = torch.cat([(~finite).float(), stop])  # (A + 1,)
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(flags)
+    rows = flags.reshape(accelerator.num_processes, len(losses) + 1).tolist()  # (W, A + 1) on the host
+    bad = [[index for index, value in enumerate(row[:-1]) if value] for row in rows]
+    return _StepFlags(
+        stop=any(row[-1] for row in rows),
+        non_finite_ranks=[rank for rank, indices in enumerate(bad) if indices],
+        first_non_finite=min((indices[0] for indices in bad if indices), default=None),
+    )
 
 
 def _adapt_schedule_length(
@@ -144,6 +159,8 @@ class _TrainingLoop:
         self.metrics: dict[str, float] = {}
         self.world_images = args.per_device_train_batch_size * accelerator.num_processes
         self.progress: Any = None
+        # (batch index, detached loss, logged parts) of the batches since the last update, checked before it.
+        self.unchecked: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
 
     def run(self) -> TrainingResult:
         """Restore, train the remaining epochs, and return the final state and metrics."""
@@ -206,45 +223,53 @@ class _TrainingLoop:
         skip, batches = self.start_epoch(epoch)
         epoch_start = time.perf_counter()
         for step, batch in enumerate(batches, start=skip):
-            loss, logs = self.train_step(batch, epoch, step)
+            loss, logs, stop_now = self.train_step(batch, epoch, step, stop)
             self.state.step_in_epoch = step + 1
             self.state.train_images += self.world_images
             self.progress.update(1)
             if self.accelerator.sync_gradients:
                 self.after_update(epoch, {"loss": loss.detach(), **logs})
-            # Stop only at an optimizer-step boundary: gradients accumulated so far are not part of a checkpoint.
-            if self.accelerator.sync_gradients and _stop_everywhere(self.accelerator, stop.requested):
+            # Only at an optimizer-step boundary (agreed before its update): accumulated gradients are not saved.
+            if stop_now:
                 self.stop(epoch, epoch_start, stop)
         self.state.train_seconds += time.perf_counter() - epoch_start
 
     def train_step(
-        self, batch: dict[str, torch.Tensor], epoch: int, step: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward, finiteness check on every process, backward, clipping and the optimizer step (accumulated)."""
+        self, batch: dict[str, torch.Tensor], epoch: int, step: int, stop: StopRequested
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+        """Forward, backward, and at the end of an accumulation the flag exchange (stop requests, finiteness of
+        every process's losses since the last update), clipping and the optimizer update.
+
+        Returns the loss, its logged parts, and whether every process stops after this update."""
         accelerator, args = self.accelerator, self.args
         if args.channels_last:
             batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+        stop_now = False
         with accelerator.accumulate(self.model):
             loss, logs = self.compute_loss(self.model, batch)
-            self.check_finite(loss, logs, epoch, step)
+            self.unchecked.append((step, loss.detach(), logs))
             accelerator.backward(loss)
-            if accelerator.sync_gradients and args.clip_grad is not None:
-                accelerator.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+            if accelerator.sync_gradients:
+                stop_now = self.check_before_update(epoch, stop.requested)
+                if args.clip_grad is not None:
+                    accelerator.clip_grad_norm_(self.model.parameters(), args.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss, logs
+        return loss, logs, stop_now
 
-    def check_finite(self, loss: torch.Tensor, logs: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-        """Raise FloatingPointError on every process, before the update, when the loss of any process is not
-        finite."""
-        bad_processes = _processes_with_non_finite_loss(self.accelerator, loss)
-        if not bad_processes:
-            return
+    def check_before_update(self, epoch: int, stop_requested: bool) -> bool:
+        """Exchange the step's flags; raise FloatingPointError on every process, before the update, when a loss of
+        any process since the last update is not finite. Returns whether every process stops after the update."""
+        unchecked, self.unchecked = self.unchecked, []
+        flags = _exchange_step_flags(self.accelerator, stop_requested, [loss for _, loss, _ in unchecked])
+        if flags.first_non_finite is None:
+            return flags.stop
+        step, loss, logs = unchecked[flags.first_non_finite]
         parts = ", ".join(f"{k}={float(torch.as_tensor(v).detach()):.4g}" for k, v in logs.items())
-        where = "" if self.accelerator.num_processes == 1 else f" on process(es) {bad_processes}"
+        where = "" if self.accelerator.num_processes == 1 else f" on process(es) {flags.non_finite_ranks}"
         good = list_checkpoints(self.args.output_dir)
         raise FloatingPointError(
-            f"Non-finite loss {float(loss.detach()):.4g}{where} in epoch {epoch + 1}/{self.args.num_train_epochs}, "
+            f"Non-finite loss {float(loss):.4g}{where} in epoch {epoch + 1}/{self.args.num_train_epochs}, "
             f"batch {step + 1}/{len(self.train_dataloader)} (loss parts: {parts}); training stopped before this "
             f"update. The last good checkpoint, {str(good[-1]) if good else '(none yet)'}, stays the latest; lower the "
             "learning rate or disable mixed precision and resume with --resume_from_checkpoint latest."
