@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -171,20 +172,14 @@ def simlap_contrastive_terms(
 
 
 def simlap_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    pair_labels: Tensor,
-    gates: Tensor,
-    temperature: float = 0.1,
-    keys: Tensor | None = None,
-    key_labels: Tensor | None = None,
-    positives: str = "partner",
+    embeddings: Tensor, labels: Tensor, pair_labels: Tensor, gates: Tensor, temperature: float = 0.1, **options: Any
 ) -> Tensor:
     """SimLAP multi-positive InfoNCE: the mean over all positive pairs of the batch (0 when there are none).
 
-    Shapes as in :func:`simlap_contrastive_terms`. Returns a float32 scalar.
+    Shapes and ``options`` (``keys``, ``key_labels``, ``positives``) as in :func:`simlap_contrastive_terms`. Returns
+    a float32 scalar.
     """
-    terms = simlap_contrastive_terms(embeddings, labels, pair_labels, gates, temperature, keys, key_labels, positives)
+    terms = simlap_contrastive_terms(embeddings, labels, pair_labels, gates, temperature, **options)
     return terms.loss_sum / terms.num_positives.clamp_min(1.0)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -262,33 +263,21 @@ def knn_accuracy(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    batch_size: int | None = None,
-    *,
-    sharded: bool = False,
-    max_block_elements: int = KNN_BLOCK_ELEMENTS,
+    **options: Any,
 ) -> float:
     """Top-1 accuracy (percent, 0-100) of :func:`knn_classify` on ``query_features`` (M, D) / ``query_labels`` (M,).
 
-    The other arguments are those of :func:`knn_classify`. Ties in the class scores go to the lower class index.
-    With ``sharded=True`` every process passes its shards (train and queries) and receives the accuracy over all
-    processes' queries: the counts are reduced once, at the end.
+    The other arguments, and ``options`` (``batch_size``, ``sharded``, ``max_block_elements``), are those of
+    :func:`knn_classify`. Ties in the class scores go to the lower class index. With ``sharded=True`` every process
+    passes its shards (train and queries) and receives the accuracy over all processes' queries: the counts are
+    reduced once, at the end.
     """
-    scores = knn_classify(
-        train_features,
-        train_labels,
-        query_features,
-        num_classes,
-        k,
-        temperature,
-        batch_size,
-        sharded=sharded,
-        max_block_elements=max_block_elements,
-    )
+    scores = knn_classify(train_features, train_labels, query_features, num_classes, k, temperature, **options)
     targets = to_tensor(query_labels).to(scores.device).long().reshape(-1)
     if targets.shape[0] != scores.shape[0]:
         raise ValueError(f"query features and labels differ in length: {scores.shape[0]} vs {targets.shape[0]}")
     counts = torch.stack([(scores.argmax(dim=1) == targets).sum(), torch.tensor(targets.numel(), device=scores.device)])
-    world, _ = _knn_group(sharded)
+    world, _ = _knn_group(options.get("sharded", False))
     if world > 1:
         torch.distributed.all_reduce(counts)
     correct, total = counts.tolist()
