@@ -23,6 +23,8 @@ Modules:
 * ``images`` and ``idx``: image encoding/decoding and corrupt-image checks; IDX files (numpy only).
 * ``preprocessing``: :func:`resolve_preprocessing`, the one source of input size, crop, interpolation and
   normalisation for the transforms, the saved image processor and the timm export.
+* ``streaming`` and ``stream_sources``: ``--streaming`` training from a ``datasets`` IterableDataset (tar shards,
+  an image folder or the Hub), repeated augmentation, split across processes and workers, resumable.
 * ``transforms``, ``loaders`` and ``samplers``: augmentation, loaders (``prepare_data`` builds a run's three),
   resumable augmentation and the repeated-augmentation / class-balanced batch samplers.
 
@@ -83,6 +85,9 @@ _EXPORTS: dict[str, str] = {
     "prepare_data": "loaders",
     "restore_rng_state": "loaders",
     "with_image_transforms": "loaders",
+    "StreamingRepeatedAugmentation": "streaming",
+    "prepare_streaming_data": "streaming",
+    "expand_shard_patterns": "stream_sources",
 }
 
 __all__ = sorted(_EXPORTS)

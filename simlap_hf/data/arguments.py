@@ -136,6 +136,41 @@ class DataArguments:
             "names the file."
         },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from a stream (datasets' IterableDataset): local tar shards (--train_files), an image "
+            "folder (--train_dir) or a Hub data set, read in order without random access and without loading it "
+            "first; images shuffled in a seeded buffer (--shuffle_buffer_size), each decoded once and augmented --ra "
+            "times in one batch; every process and loader worker reads its own shards. Validation is loaded into "
+            "memory from --validation_files, --validation_dir or the source's validation/test split."
+        },
+    )
+    train_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming: WebDataset-style tar shards (key.png/.jpg with key.cls or key.json "
+            "{'label': n}), as paths, globs or brace ranges, e.g. 'shards/train-{0000..0003}.tar'."
+        },
+    )
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "With --streaming: tar shards of the validation split (as --train_files)."}
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={"help": "With --streaming: images in the seeded shuffle buffer (reshuffled every epoch)."},
+    )
+    streaming_num_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming: training images in the stream (sets the epoch length and the schedule); "
+            "needed when the source does not say it (local shards and folders)."
+        },
+    )
+    streaming_train_eval_examples: int = field(
+        default=1000,
+        metadata={"help": "With --streaming: training images (the stream's first) kept in memory for kNN evaluation."},
+    )
 
     def loader_workers(self) -> int:
         """Worker processes of the loaders: ``--dataloader_num_workers``, or when unset 0 without a GPU and, with
@@ -183,3 +218,20 @@ class DataArguments:
                 raise ValueError(f"--{flag} needs 1 or 3 values, got {len(value)}: {value}.")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"--std values must be positive, got {self.std}.")
+        self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """The streaming flags: only with --streaming, positive sizes, and no sampler that needs random access."""
+        if not self.streaming:
+            for flag in ("train_files", "validation_files", "streaming_num_examples"):
+                if getattr(self, flag) is not None:
+                    raise ValueError(f"--{flag} is read only with --streaming; add --streaming or drop it.")
+            return
+        for flag in ("shuffle_buffer_size", "streaming_num_examples", "streaming_train_eval_examples"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag} must be a positive integer, got {value}.")
+        if self.max_train_samples is not None:
+            raise ValueError("--max_train_samples needs random access; with --streaming use --streaming_num_examples.")
+        if self.sampler != "random":
+            raise ValueError(f"--sampler {self.sampler} needs random access to the images; not with --streaming.")

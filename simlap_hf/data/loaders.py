@@ -129,6 +129,15 @@ class ResumableAugmentations(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """One training batch; called once per batch by the DataLoader."""
+        after = self._begin_batch()
+        getitems = getattr(self.dataset, "__getitems__", None)
+        rows = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        self._end_batch(after)
+        return rows
+
+    def _begin_batch(self) -> dict[str, Any] | None:
+        """Remember (or, on a resume, put back) the RNG states before the next batch's augmentations. Returns the
+        states to put back once the batch is augmented (None: keep going from where the batch leaves them)."""
         after = None
         if self._pending is not None:
             state, after = self._pending
@@ -139,11 +148,12 @@ class ResumableAugmentations(torch.utils.data.Dataset):
         self._states[self._next_batch] = state
         self._states.pop(self._next_batch - self.keep, None)
         self._next_batch += 1
-        getitems = getattr(self.dataset, "__getitems__", None)
-        rows = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        return after
+
+    def _end_batch(self, after: dict[str, Any] | None) -> None:
+        """After a batch's augmentations: the states :meth:`_begin_batch` returned, if any."""
         if after is not None:
             restore_rng_state(after)
-        return rows
 
     def start_epoch(self, first_batch: int = 0) -> None:
         """Number the coming fetches from ``first_batch`` (the batches a resumed epoch skips are not fetched)."""
@@ -266,7 +276,12 @@ def prepare_data(
 ) -> DataBundle:
     """Load the data set of ``data_args`` (splits seeded with ``seed``) and build the three loaders of a run (see
     :class:`DataBundle`): training batches of ``train_batch_size`` (order seeded with ``seed``), evaluation batches
-    of ``eval_batch_size``, images of ``num_channels`` channels."""
+    of ``eval_batch_size``, images of ``num_channels`` channels. With ``--streaming``, see
+    :func:`~simlap_hf.data.streaming.prepare_streaming_data`."""
+    if data_args.streaming:
+        from .streaming import prepare_streaming_data
+
+        return prepare_streaming_data(data_args, num_channels, train_batch_size, eval_batch_size, seed)
     dataset = load_image_dataset(data_args, seed=seed)
     _check_two_classes(dataset)
     views = with_image_transforms(

@@ -150,6 +150,15 @@ def _prepare(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Modul
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, args)
+    # A streamed training set (--streaming) is already split across the processes: only placed on the device.
+    if getattr(getattr(data.train, "dataset", None), "skips_itself", False):
+        from ..data.streaming import prepare_own_part_loader
+
+        data.train = prepare_own_part_loader(accelerator, data.train)
+        model, optimizer, data.validation, data.train_eval = accelerator.prepare(
+            model, optimizer, data.validation, data.train_eval
+        )
+        return model, optimizer
     model, optimizer, data.train, data.validation, data.train_eval = accelerator.prepare(
         model, optimizer, data.train, data.validation, data.train_eval
     )

@@ -210,7 +210,11 @@ class _TrainingLoop:
         self.model.train()
         self.train_dataloader.set_epoch(epoch)
         skip = self.state.step_in_epoch
-        batches = self.accelerator.skip_first_batches(self.train_dataloader, skip) if skip else self.train_dataloader
+        # A streamed training set replays its stream up to the position itself (start_epoch below), undecoded.
+        skips_itself = getattr(self.augmentations, "skips_itself", False)
+        batches = self.train_dataloader
+        if skip and not skips_itself:
+            batches = self.accelerator.skip_first_batches(self.train_dataloader, skip)
         if self.augmentations is not None:
             self.augmentations.start_epoch(first_batch=skip)
             if self.resume_augmentations is not None:
