@@ -673,7 +673,7 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch, c
     def bug(*args, **kwargs):
         return [][1]  # an IndexError: a bug, not an input error
 
-    monkeypatch.setattr(train_pretrain, "prepare_data", bug)
+    monkeypatch.setattr(train_pretrain, "load_run_data", bug)
     with pytest.raises(IndexError):
         train_pretrain.main(["--output_dir", str(tmp_path / "run")])
     error = ValueError("raised by a library")  # the same type raised outside the package keeps its traceback
