@@ -1,7 +1,11 @@
 """Test-wide settings: no test may reach the network; caches go to a temporary folder."""
 
 import os
+import shutil
+import socket
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -88,3 +92,33 @@ def tiny_run_flags(output_dir, train_dir=None, **overrides) -> list[str]:
         if value is not None:
             flags += [f"--{name}", value]
     return flags
+
+
+def free_port() -> int:
+    """A free local TCP port (a torchrun rendezvous, a web server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_executable() -> str:
+    """The torchrun of this Python; the calling test is skipped when it is not installed."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    return torchrun
+
+
+def two_process_command(script, *arguments) -> list[str]:
+    """``torchrun`` starting ``script`` with ``arguments`` in 2 local CPU processes, rendezvous on a free port."""
+    return [
+        torchrun_executable(),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, arguments),
+    ]

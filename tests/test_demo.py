@@ -5,10 +5,10 @@ Needs gradio, selenium and Debian's chromium + chromium-driver (installed by .ci
 
 import os
 import shutil
-import socket
 
 import pytest
 import torch
+from conftest import free_port
 
 from simlap_hf import SimLAPConfig, SimLAPModel, embed
 from simlap_hf.data import DataArguments, load_image_dataset, save_image_processor
@@ -21,12 +21,6 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromium-driver not installed")
 
 DATA = ["--dataset_name", "digits", "--max_train_samples", "80", "--max_eval_samples", "20"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import two_process_command
 
 ROOT = Path(__file__).resolve().parents[1]
 U32 = 2.0**-24  # float32 unit roundoff
@@ -24,28 +23,11 @@ GLOO_ABORT = "terminate called without an active exception"
 
 
 def run_torchrun(mode: str, output_dir: Path, timeout: int = 300) -> list[dict]:
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed")
     # A gloo worker process now and then aborts in C++ with GLOO_ABORT (2 of about 55 runs of the syncbn check,
     # both while the 2 cores were busy with other jobs; not reproduced since, cause not found). That abort is
     # retried once, on a fresh port; a second abort, or any other failure, fails the test.
     for _attempt in range(2):
-        with socket.socket() as probe:  # a free local port for the rendezvous
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            str(Path(__file__).resolve()),
-            mode,
-            str(output_dir),
-        ]
+        command = two_process_command(Path(__file__).resolve(), mode, output_dir)
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         if completed.returncode == 0 or GLOO_ABORT not in completed.stderr:
             break

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import free_port, torchrun_executable
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 
 # A small real run on the bundled digits: resnet10t at 16 px, 2 machines x 1 process x 48 samples, 5 optimizer steps
 # per epoch, a checkpoint every epoch.
@@ -38,12 +35,6 @@ SMALL_RUN = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def node_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     env.pop("SIMLAP_DEBUG", None)
@@ -52,15 +43,14 @@ def node_env() -> dict[str, str]:
 
 def start_machines(root: Path, flags: list[str]) -> list[subprocess.Popen]:
     """One torchrun per machine (1 process each), in ``root/node0`` and ``root/node1``."""
-    if not Path(TORCHRUN).exists():
-        pytest.skip("torchrun is not installed")
+    torchrun = torchrun_executable()
     port = str(free_port())
     machines = []
     for rank in (0, 1):
         folder = root / f"node{rank}"
         folder.mkdir(parents=True, exist_ok=True)
         command = [
-            TORCHRUN,
+            torchrun,
             "--nnodes",
             "2",
             "--node_rank",
@@ -199,7 +189,7 @@ def run_slurm_script(command: str, submit_dir: Path, scratch: Path, *overrides: 
         MAIN_ADDR="127.0.0.1",
         MAIN_PORT=str(free_port()),
         PROCESSES_PER_NODE="1",
-        TORCHRUN=TORCHRUN,
+        TORCHRUN=torchrun_executable(),
     )
     return subprocess.run(
         ["bash", str(ROOT / tokens[1]), *tokens[2:], *overrides],

@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ import accelerate
 import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
-from conftest import tiny_run_flags, write_image_folder
+from conftest import tiny_run_flags, two_process_command, write_image_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -418,16 +417,12 @@ def _local_rank(pid: int) -> str | None:
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(image_folder, scripts, tmp_path):
     """Preemption may reach the processes of a multi-process run at different steps (or only one of them): they agree
     on the step to stop at, save one checkpoint together and exit, instead of waiting on each other for ever."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists() or not Path("/proc/self/task").is_dir():
-        pytest.skip("needs torchrun and Linux /proc to signal a single worker process")
-    with socket.socket() as probe:  # a free local port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux /proc to signal a single worker process")
     entry = tmp_path / "preemptible.py"
     entry.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + RUN_MAIN)
     output_dir = tmp_path / "two_processes"
-    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), str(entry)]
+    command = two_process_command(entry)
     run = scripts("two_processes", flags(image_folder, output_dir), command=command)
     # Each process takes 2 of the 4 batches of an epoch: signal rank 1 only, inside the second epoch.
     run.wait_until(lambda: last_trained_step(output_dir) >= 3, "a step of the second epoch")
@@ -461,28 +456,11 @@ STOP_AT_THIRD_STEP = (
 def test_two_processes_mid_epoch_resume_equals_uninterrupted_two_process_run(image_folder, tmp_path):
     """Each process replays its own augmentation RNG state: the resumed 2-process run ends with the weights of an
     uninterrupted 2-process run."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("needs torchrun")
 
     def torchrun_run(code: str, output_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
         entry = tmp_path / f"entry_{len(list(tmp_path.glob('entry_*')))}.py"
         entry.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + code)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            str(entry),
-            *flags(image_folder, output_dir),
-            *extra,
-        ]
+        command = two_process_command(entry, *flags(image_folder, output_dir), *extra)
         return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
     uninterrupted = torchrun_run(RUN_MAIN, tmp_path / "uninterrupted", [])

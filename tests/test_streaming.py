@@ -3,8 +3,6 @@ parts and equal batch counts on 2 processes, an end-to-end run, and an exact mid
 
 import io
 import json
-import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -13,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_flags
+from conftest import tiny_run_flags, two_process_command
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -192,17 +190,10 @@ WORKER = (
 
 
 def test_two_processes_with_two_workers_each_get_equal_batch_counts(shards, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("needs torchrun")
     entry = tmp_path / "worker.py"
     out = str(tmp_path / "result_")
     entry.write_text(WORKER.format(root=str(ROOT), train=shards[0], val=shards[1], out=out))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), str(entry)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(two_process_command(entry), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(Path(out + str(rank)).read_text()) for rank in range(2)]
     assert [(r["batches"], r["len"]) for r in results] == [(12, 12), (12, 12)]  # 48 images / (2 processes x 2)

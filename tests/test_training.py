@@ -1,15 +1,12 @@
 """train_pretrain.py end to end on tiny on-disk data: training, evaluation, checkpoints, resume, saving, errors."""
 
 import json
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_flags
+from conftest import tiny_run_flags, two_process_command
 from safetensors.torch import load_file
 
 import simlap_hf.training as training
@@ -178,24 +175,7 @@ def test_bad_input_fails_before_training(tiny_image_folder, tmp_path, monkeypatc
 
 def test_two_processes_gather_loss_and_train_identically(tiny_image_folder, tmp_path):
     """torchrun with 2 CPU processes (gloo): see tests/distributed_check.py for what is compared."""
-    if shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists():
-        pytest.skip("torchrun is not installed")
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    with socket.socket() as probe:  # a free local port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        torchrun,
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(ROOT / "tests" / "distributed_check.py"),
-        tiny_image_folder,
-        str(tmp_path / "ddp"),
-    ]
+    command = two_process_command(ROOT / "tests" / "distributed_check.py", tiny_image_folder, tmp_path / "ddp")
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     reports = [json.loads((tmp_path / "ddp" / f"distributed_report_{rank}.json").read_text()) for rank in (0, 1)]

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import datasets
 import numpy as np
 import pytest
 import yaml
+from conftest import free_port
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,8 +335,6 @@ def test_multi_process_commands(workdir, cifar10, tmp_path):
     )
     results = results_of(workdir / "outputs" / "simlap_cifar10_2proc")
     assert results["global_step"] == 1 and results["epochs"] == 1
-    from test_multinode import free_port
-
     port, machines = str(free_port()), []
     for rank in (0, 1):
         folder = tmp_path / f"machine{rank}"
@@ -478,9 +476,7 @@ def test_relations_embed_search_demo(workdir, fashion_standin, tiny_image_folder
     finally:
         os.chdir(cwd)
     assert namespace["features"].shape[0] == 1 and namespace["relations"].relatedness.shape == (10, 10)
-    with socket.socket() as probe:  # a free port instead of 7860, which may be taken
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_port())  # instead of 7860, which may be taken
     tokens = shlex.split(commands[6])
     demo = subprocess.Popen(
         [sys.executable, *tokens[1:], "--port", port],

@@ -24,19 +24,13 @@ from .arguments import DataArguments
 from .images import decode_image
 from .labels import get_label_names
 from .loaders import DataBundle, ResumableAugmentations, collate_fn, create_eval_dataloader, with_image_transforms
-from .samplers import RepeatedAugmentationBatchSampler
+from .samplers import RepeatedAugmentationBatchSampler, copies_per_image
 from .stream_sources import StandardStream, collect_split, open_train_stream, open_validation_stream
 from .transforms import create_train_normalizer, create_train_transform
 
 __all__ = ["StreamingRepeatedAugmentation", "prepare_own_part_loader", "prepare_streaming_data"]
 
 logger = logging.getLogger("simlap_hf")
-
-
-def _copies(batch_size: int, images: int) -> list[int]:
-    """Copies of each of ``images`` images filling ``batch_size`` places, the spare ones to the first images."""
-    base, spare = divmod(batch_size, images)
-    return [base + 1] * spare + [base] * (images - spare)
 
 
 class StreamingRepeatedAugmentation(ResumableAugmentations, torch.utils.data.IterableDataset):
@@ -135,7 +129,7 @@ class StreamingRepeatedAugmentation(ResumableAugmentations, torch.utils.data.Ite
             raise ValueError("Every image of a training batch is undecodable.")
         samples = [
             {"pixel_values": self.transform(image), "labels": label}
-            for image, label, copies in zip(images, labels, _copies(self.batch_size, len(images)), strict=True)
+            for image, label, copies in zip(images, labels, copies_per_image(self.batch_size, len(images)), strict=True)
             for _ in range(copies)
         ]
         return collate_fn(samples)
