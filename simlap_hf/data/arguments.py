@@ -132,8 +132,10 @@ class DataArguments:
     skip_corrupt_images: bool = field(
         default=False,
         metadata={
-            "help": "Skip images that cannot be decoded (and log how many) instead of raising an error that "
-            "names the file."
+            "help": "Skip images that cannot be decoded instead of raising an error that names the file. Image "
+            "folders and splits of at most 10,000 images are decoded when loaded and such images dropped (how many "
+            "and which is logged); in larger ones, not decoded before training, an unreadable image is replaced in its "
+            "batch by another image of that batch, with that image's label, and named in a warning."
         },
     )
     streaming: bool = field(

@@ -4,9 +4,9 @@ column (see :func:`load_image_dataset`)."""
 from __future__ import annotations
 
 import datasets
-import numpy as np
 
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
+from .arrays import carve_indices, limit_indices
 from .images import drop_corrupt_rows
 from .labels import check_not_empty, label_values, standardize_columns, warn_classes_missing_from_a_split
 from .sources import load_source
@@ -37,50 +37,30 @@ def _pick_splits(data: datasets.DatasetDict, description: str) -> datasets.Datas
 
 
 def _carve_validation(train: datasets.Dataset, fraction: float, seed: int, description: str) -> datasets.DatasetDict:
-    """Split ``fraction`` of ``train`` into validation: seeded, stratified by label when every class allows it.
+    """Split ``fraction`` of ``train`` into validation (:func:`~simlap_hf.data.arrays.carve_indices`: seeded,
+    stratified by label when every class allows it).
 
-    Indices are computed here and applied with ``select(keep_in_memory=True)`` so that nothing is written
-    next to memory-mapped sources (``Dataset.train_test_split`` would write index cache files).
+    The rows are applied with ``select(keep_in_memory=True)`` so that nothing is written next to memory-mapped
+    sources (``Dataset.train_test_split`` would write index cache files).
     """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(
-            f"{description} has no validation/test split, so --train_val_split must be in (0, 1) to carve one "
-            f"out of train; got {fraction}."
-        )
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(train))
-    labels = np.asarray(label_values(train).to_numpy())
-    try:
-        train_idx, val_idx = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels)
-    except ValueError:  # a class with a single image, or fewer validation images than classes
-        try:
-            train_idx, val_idx = train_test_split(indices, test_size=fraction, random_state=seed)
-        except ValueError as err:
-            raise ValueError(
-                f"{description}: cannot carve --train_val_split={fraction} out of {len(train)} training images "
-                f"({err}); provide a validation split or more data."
-            ) from err
+    train_rows, validation_rows = carve_indices(label_values(train).to_numpy(), fraction, seed, description)
     return datasets.DatasetDict(
         {
-            TRAIN_SPLIT: train.select(np.sort(train_idx), keep_in_memory=True),
-            VALIDATION_SPLIT: train.select(np.sort(val_idx), keep_in_memory=True),
+            TRAIN_SPLIT: train.select(train_rows, keep_in_memory=True),
+            VALIDATION_SPLIT: train.select(validation_rows, keep_in_memory=True),
         }
     )
 
 
 def _limited(data: datasets.DatasetDict, args: DataArguments, seed: int, description: str) -> datasets.DatasetDict:
-    """Both splits, each cut to its ``max_*_samples`` first rows of a permutation seeded with ``seed``."""
+    """Both splits, each cut to its ``max_*_samples`` (:func:`~simlap_hf.data.arrays.limit_indices`)."""
     limits = {TRAIN_SPLIT: args.max_train_samples, VALIDATION_SPLIT: args.max_eval_samples}
     result = {}
     for split in (TRAIN_SPLIT, VALIDATION_SPLIT):
         ds = data[split]
         check_not_empty(ds, split, description)
-        limit = limits[split]
-        if limit is not None and limit < len(ds):
-            order = np.random.default_rng(seed).permutation(len(ds))[:limit]
-            ds = ds.select(order, keep_in_memory=True)
-        result[split] = ds
+        rows = limit_indices(len(ds), limits[split], seed)
+        result[split] = ds if rows is None else ds.select(rows, keep_in_memory=True)
     return datasets.DatasetDict(result)
 
 
@@ -97,12 +77,16 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> datasets.DatasetD
           ``validation``; without one, ``train_val_split`` of train is carved out (seeded with ``seed``,
           stratified by label when possible; ``digits`` always uses 20%).
         * ``max_train_samples`` / ``max_eval_samples`` keep the first N rows after a shuffle seeded with ``seed``.
-        * Corrupt images: by default an imagefolder file that PIL cannot decode raises ``ValueError`` naming
-          the file, before anything is built; other sources (bytes stored in Arrow) are not scanned at load
-          time and an undecodable image raises ``ValueError`` naming its path/row when it is first transformed
-          (:func:`~simlap_hf.data.with_image_transforms`). With ``skip_corrupt_images=True`` every image of every
-          source is decoded once at load time, failing rows are dropped and their number is logged (WARNING,
-          logger ``simlap_hf.data``) per split.
+        * Corrupt images: by default an imagefolder tree (``train_dir``, ``validation_dir``) of at most
+          ``EAGER_CHECK_MAX_IMAGES`` (10,000) images is decoded before anything is built and a file that PIL
+          cannot decode raises ``ValueError`` naming it; other sources (bytes stored in Arrow) are not scanned.
+          With ``skip_corrupt_images=True`` every split of at most ``EAGER_CHECK_MAX_IMAGES`` images, of any
+          source, is decoded once at load time, failing rows are dropped and their number is logged (WARNING,
+          logger ``simlap_hf.data``) per split. Larger trees and splits are not decoded here (a log line at INFO
+          says so); an undecodable image that is not dropped is met when it is first transformed
+          (:class:`~simlap_hf.data.ImageTransform`): it raises ``ValueError`` naming its path/row, or with
+          ``skip_corrupt_images=True`` is replaced in its batch by another image of the batch, with that image's
+          label, and named in a warning.
         * Nothing is written to disk except the ``datasets`` cache of builders (imagefolder, parquet, Hub).
 
     Raises:
@@ -119,7 +103,7 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> datasets.DatasetD
         source.description,
     )
     if args.skip_corrupt_images:
-        data = drop_corrupt_rows(data)
+        data = drop_corrupt_rows(data, source.description)
     if VALIDATION_SPLIT not in data:
         fraction = source.validation_fraction if source.validation_fraction is not None else args.train_val_split
         check_not_empty(data[TRAIN_SPLIT], TRAIN_SPLIT, source.description)

@@ -12,15 +12,18 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import PIL.Image
-import pyarrow as pa
+
+if TYPE_CHECKING:  # imported where used: decoding and the checks work without datasets (see .arrays)
+    import datasets
 
 __all__ = [
+    "EAGER_CHECK_MAX_IMAGES",
     "check_image_files",
+    "checked_at_load",
     "dataset_from_arrays",
     "decode_image",
     "describe_image",
@@ -32,6 +35,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__package__)
+
+# An image folder (--train_dir, --validation_dir) or a split of a loaded source with at most this many images is
+# decoded image by image when the data is loaded, so that unreadable files are named before training; a larger one is
+# not (a million images would take hours) and an unreadable image is reported when training meets it.
+EAGER_CHECK_MAX_IMAGES = 10_000
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -74,6 +82,9 @@ def dataset_from_arrays(images: np.ndarray, labels: np.ndarray, label_names: Seq
     Images are stored as PNG bytes in an Arrow struct column, so the ``image`` column is a regular
     :class:`datasets.Image` feature (PIL on access) without a per-image PIL encode.
     """
+    import datasets
+    import pyarrow as pa
+
     if images.dtype != np.uint8:
         raise ValueError(f"Images must be uint8 to be stored as PNG, got dtype {images.dtype}.")
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
@@ -142,9 +153,31 @@ def image_file_checks_done() -> Iterator[None]:
         _CHECKS_DONE.active = False
 
 
+def checked_at_load(count: int, where: str, skip_corrupt_images: bool) -> bool:
+    """Whether the ``count`` images of ``where`` are decoded when the data is loaded (at most
+    :data:`EAGER_CHECK_MAX_IMAGES`); when they are not, a log line (INFO) says so and what happens to an unreadable
+    image."""
+    if count <= EAGER_CHECK_MAX_IMAGES:
+        return True
+    if skip_corrupt_images:
+        when_met = "is replaced in its batch by another image of that batch and named in a warning"
+    else:
+        when_met = "stops the run with an error naming it (--skip_corrupt_images skips it instead)"
+    logger.info(
+        "%s holds %d images, more than %d: they are not decoded before training; an unreadable image %s when it is "
+        "met.",
+        where,
+        count,
+        EAGER_CHECK_MAX_IMAGES,
+        when_met,
+    )
+    return False
+
+
 def check_image_files(files: Sequence[Path], root: str) -> None:
-    """Raise ValueError naming the first corrupt file among ``files`` (imagefolder, before anything is built)."""
-    if getattr(_CHECKS_DONE, "active", False):
+    """Raise ValueError naming the corrupt files among ``files`` (imagefolder, before anything is built); only when
+    there are at most :data:`EAGER_CHECK_MAX_IMAGES` of them (see :func:`checked_at_load`)."""
+    if getattr(_CHECKS_DONE, "active", False) or not checked_at_load(len(files), f"Image folder {root!r}", False):
         return
     bad = [(path, problem) for path in files if (problem := image_problem(path)) is not None]
     if bad:
@@ -155,10 +188,16 @@ def check_image_files(files: Sequence[Path], root: str) -> None:
         )
 
 
-def drop_corrupt_rows(data: datasets.DatasetDict) -> datasets.DatasetDict:
-    """Decode every image once and drop the rows that fail; log how many were skipped per split."""
+def drop_corrupt_rows(data: datasets.DatasetDict, description: str = "the data") -> datasets.DatasetDict:
+    """Decode every image once and drop the rows that fail; log how many were skipped per split. A split of more
+    than :data:`EAGER_CHECK_MAX_IMAGES` images is kept as it is (see :func:`checked_at_load`)."""
+    import datasets
+
     kept = {}
     for split, ds in data.items():
+        if not checked_at_load(len(ds), f"{description}, split {split!r},", True):
+            kept[split] = ds
+            continue
         storage = ds.with_format("arrow")["image"]
         bad: list[tuple[int, str]] = []
         index = 0
@@ -180,7 +219,11 @@ def drop_corrupt_rows(data: datasets.DatasetDict) -> datasets.DatasetDict:
     return datasets.DatasetDict(kept)
 
 
-_IMAGE_DECODER = datasets.Image()
+def _decode_stored(value: Any) -> PIL.Image.Image:
+    """A stored image value as ``datasets.Image`` decodes it (PIL image, file opened lazily)."""
+    import datasets
+
+    return datasets.Image().decode_example(value)
 
 
 def decode_image(value: Any, index: int) -> PIL.Image.Image:
@@ -188,12 +231,12 @@ def decode_image(value: Any, index: int) -> PIL.Image.Image:
     if isinstance(value, PIL.Image.Image):
         return value
     try:
-        return _IMAGE_DECODER.decode_example(value)
+        return _decode_stored(value)
     except Exception as err:
         where = describe_image(value, index) if isinstance(value, Mapping) else repr(value)
         raise ValueError(
-            f"Could not decode image {where}: {type(err).__name__}: {err}. Fix or remove it, or reload the data "
-            f"with --skip_corrupt_images to drop undecodable images."
+            f"Could not decode image {where}: {type(err).__name__}: {err}. Fix or remove it, or pass "
+            f"--skip_corrupt_images to skip undecodable images (each one skipped is logged)."
         ) from err
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT
+from .arrays import check_label_range, renumber_integer_labels
 
 __all__ = [
     "check_label_range",
@@ -67,17 +68,6 @@ def _resolve_label_column(ds: datasets.Dataset, wanted: str | None, image_column
     if len(class_labels) == 1:
         return class_labels[0]
     raise ValueError(column_error("label", None, columns, description, "--label_column_name"))
-
-
-def check_label_range(values: np.ndarray, num_classes: int, column: str, description: str, split: str) -> None:
-    """Raise ValueError naming the column, the first bad value and the valid range [0, num_classes)."""
-    bad = values[(values < 0) | (values >= num_classes)]
-    if bad.size:
-        raise ValueError(
-            f"{description}, split {split!r}: label column {column!r} has value {int(bad[0])} outside the valid "
-            f"range [0, {num_classes}) ({bad.size} bad value(s)). Fix the labels or choose another column with "
-            f"--label_column_name."
-        )
 
 
 def check_not_empty(ds: datasets.Dataset, split: str, description: str) -> None:
@@ -179,34 +169,6 @@ def _standardize_labels(
             for split, ds in data.items()
         }
     )
-
-
-def renumber_integer_labels(
-    labels: dict[str, np.ndarray], column: str, description: str
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Class ids for integer labels without class names: the sorted distinct values become 0..C-1 and each class is
-    named by its original value. Values that are already 0..C-1 stay as they are; any other set (starting above 0,
-    with gaps, negative) is renumbered with a warning that gives the mapping, so that no class is ever empty."""
-    values = np.unique(np.concatenate([v for v in labels.values() if v.size] or [np.zeros(0, np.int64)]))
-    if values.size and values[0] < 0:  # negative ids usually mark unlabelled images
-        for split, split_values in labels.items():
-            check_label_range(split_values, int(values[-1]) + 1, column, description, split)
-    names = [str(int(v)) for v in values]
-    if values.size and (values[0] != 0 or values[-1] != values.size - 1):
-        shown = ", ".join(f"{int(v)}->{i}" for i, v in enumerate(values[:12])) + (", ..." if values.size > 12 else "")
-        logger.warning(
-            "%s: label column %r holds %d distinct integer ids that are not 0..%d (%s); they are renumbered %s "
-            "and the classes are named by their original ids. Give the column class names (a ClassLabel) to "
-            "choose the order yourself.",
-            description,
-            column,
-            values.size,
-            values.size - 1,
-            f"starting at {int(values[0])}" if values[0] != 0 else "with gaps",
-            shown,
-        )
-        labels = {split: np.searchsorted(values, v).astype(np.int64) for split, v in labels.items()}
-    return labels, names
 
 
 def warn_classes_missing_from_a_split(data: datasets.DatasetDict, description: str) -> None:

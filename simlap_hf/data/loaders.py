@@ -8,28 +8,29 @@ Rows come out of :func:`with_image_transforms` as ``{"pixel_values": Tensor(C, H
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
-from .dataset import load_image_dataset
 from .images import decode_image, image_key
-from .labels import get_label_names, label_values
 from .samplers import ClassBalancedBatchSampler, RepeatedAugmentationBatchSampler
 from .transforms import create_eval_transform, create_train_normalizer, create_train_transform
+
+if TYPE_CHECKING:  # the training path runs without datasets when the data are arrays (see .arrays)
+    import datasets
 
 __all__ = [
     "DataBundle",
     "ImageTransform",
     "ResumableAugmentations",
     "capture_rng_state",
+    "check_two_classes",
     "collate_fn",
     "create_eval_dataloader",
     "create_train_dataloader",
@@ -45,30 +46,96 @@ class ImageTransform:
     ``pixel_values`` is a list of tensors (C, H, W); ``labels`` a list of ints. With ``decode_once`` (default),
     an image that appears several times in the batch (its repeated-augmentation copies, which the training sampler
     puts in one batch) is decoded once and augmented once per copy.
+
+    An image that cannot be decoded raises ValueError naming it. With ``skip_corrupt_images`` its rows take the
+    image and the label of the next row of the batch (wrapping around) whose image decodes, so the batch keeps its
+    size and every label stays that of its pixels; a WARNING names the file the first time this transform meets it.
+    A batch without any readable image raises ValueError.
     """
 
-    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor], decode_once: bool = True) -> None:
+    def __init__(
+        self,
+        transform: Callable[[PIL.Image.Image], torch.Tensor],
+        decode_once: bool = True,
+        skip_corrupt_images: bool = False,
+    ) -> None:
         """``transform``: PIL image -> Tensor(C, H, W)."""
         self.transform = transform
         self.decode_once = decode_once
+        self.skip_corrupt_images = skip_corrupt_images
+        self._reported: set[str] = set()
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """Decode and transform a batch of rows (lists of equal length B)."""
-        decoded: dict[Any, PIL.Image.Image] = {}
-        images = []
-        for index, value in enumerate(batch["image"]):
+        images = self._decode(batch["image"])
+        labels = [int(label) for label in batch["label"]]
+        unreadable = {index: image for index, image in enumerate(images) if isinstance(image, ValueError)}
+        if unreadable:
+            images, labels = self._replace_unreadable(batch["image"], images, labels, unreadable)
+        return {"pixel_values": [self.transform(image) for image in images], "labels": labels}
+
+    def _decode(self, values: list[Any]) -> list[PIL.Image.Image | ValueError]:
+        """Each row's image, each distinct one decoded once; an unreadable one's error (with ``skip_corrupt_images``)
+        in its place."""
+        decoded: dict[Any, PIL.Image.Image | ValueError] = {}
+        images: list[PIL.Image.Image | ValueError] = []
+        for index, value in enumerate(values):
             key = image_key(value) if self.decode_once else None
             image = decoded.get(key) if key is not None else None
             if image is None:
-                image = decode_image(value, index)
+                try:
+                    image = decode_image(value, index)
+                    if key is not None:
+                        image.load()  # decode now, once, rather than lazily in each copy's first operation
+                except ValueError as error:
+                    if not self.skip_corrupt_images:
+                        raise
+                    image = error
                 if key is not None:
-                    image.load()  # decode now, once, rather than lazily in each copy's first operation
                     decoded[key] = image
             images.append(image)
-        return {
-            "pixel_values": [self.transform(image) for image in images],
-            "labels": [int(label) for label in batch["label"]],
-        }
+        return images
+
+    def _replace_unreadable(
+        self,
+        values: list[Any],
+        images: list[PIL.Image.Image | ValueError],
+        labels: list[int],
+        unreadable: dict[int, ValueError],
+    ) -> tuple[list[PIL.Image.Image], list[int]]:
+        """Give each unreadable row the image and label of the next readable row (wrapping around); warn once per
+        file. Without random draws, so that the other rows get the augmentations they would get without the file."""
+        from .images import describe_image, logger
+
+        def name(index: int) -> str:
+            value = values[index]
+            return describe_image(value, index) if isinstance(value, Mapping) else repr(value)
+
+        size = len(images)
+        if len(unreadable) == size:
+            listed = ", ".join(sorted({name(index) for index in unreadable})[:5])
+            raise ValueError(
+                f"Every image of a batch of {size} is unreadable ({listed}): --skip_corrupt_images can only replace "
+                f"an unreadable image by a readable one of its batch. Fix or remove these images."
+            )
+        images, labels = list(images), list(labels)
+        for index, error in unreadable.items():
+            source = next(row for row in (index + step for step in range(1, size)) if row % size not in unreadable)
+            images[index], labels[index] = images[source % size], labels[source % size]
+            where = name(index)
+            if where not in self._reported:
+                self._reported.add(where)
+                cause = error.__cause__ if error.__cause__ is not None else error
+                logger.warning(
+                    "Unreadable image %s (%s: %s) replaced in its batch by %s, with that image's label %d "
+                    "(--skip_corrupt_images); its later replacements are not logged.",
+                    where,
+                    type(cause).__name__,
+                    cause,
+                    name(source % size),
+                    labels[index],
+                )
+        return images, labels
 
 
 def with_image_transforms(
@@ -80,13 +147,15 @@ def with_image_transforms(
     rows with ``args.uint8_transfer``, float32 otherwise). The image column is switched to ``Image(decode=False)``
     (metadata only) so that decoding happens here and an undecodable image raises a ValueError naming its file.
     """
+    import datasets
+
     train_transform = create_train_transform(args, num_channels)
     eval_transform = create_eval_transform(args, num_channels)
     out = {}
     for split, ds in dataset.items():
         transform = train_transform if split == TRAIN_SPLIT else eval_transform
         raw = ds.cast_column("image", datasets.Image(decode=False))
-        out[split] = raw.with_transform(ImageTransform(transform))
+        out[split] = raw.with_transform(ImageTransform(transform, skip_corrupt_images=args.skip_corrupt_images))
     return datasets.DatasetDict(out)
 
 
@@ -201,12 +270,8 @@ def create_train_dataloader(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if args.sampler == "pk":
-        if isinstance(train_dataset, datasets.Dataset):
-            labels = label_values(train_dataset).to_numpy()
-        else:
-            labels = [int(train_dataset[i]["labels"]) for i in range(len(train_dataset))]
         batch_sampler = ClassBalancedBatchSampler(
-            labels, batch_size, images_per_class=args.pk_images_per_class, repeats=args.ra, seed=seed
+            _class_ids(train_dataset), batch_size, images_per_class=args.pk_images_per_class, repeats=args.ra, seed=seed
         )
     else:
         batch_sampler = RepeatedAugmentationBatchSampler(len(train_dataset), batch_size, repeats=args.ra, seed=seed)
@@ -224,6 +289,18 @@ def create_train_dataloader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
     )
+
+
+def _class_ids(dataset: torch.utils.data.Dataset) -> Sequence[int]:
+    """The class id of every row of a training set (N,), read without decoding images where the set keeps them."""
+    labels = getattr(dataset, "labels", None)  # ArrayImages
+    if isinstance(labels, np.ndarray):
+        return labels
+    if hasattr(dataset, "with_format"):  # a datasets.Dataset
+        from .labels import label_values
+
+        return label_values(dataset).to_numpy()
+    return [int(dataset[i]["labels"]) for i in range(len(dataset))]
 
 
 def create_eval_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
@@ -257,18 +334,25 @@ class DataBundle:
     train_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def _check_two_classes(dataset: datasets.DatasetDict) -> None:
-    """Training needs at least 2 classes in its split; a ValueError that names the classes otherwise."""
-    train_classes = dataset[TRAIN_SPLIT].unique("label")
-    if len(train_classes) < 2:
-        names = get_label_names(dataset)
-        present = [names[i] for i in train_classes]
+def check_two_classes(present: Sequence[int], label_names: Sequence[str]) -> None:
+    """Training needs at least 2 classes in its split (``present``: the class ids it holds); a ValueError that names
+    the classes otherwise."""
+    if len(present) < 2:
+        names = ", ".join(repr(label_names[i]) for i in present)
         raise ValueError(
-            f"The training split holds a single class ({', '.join(map(repr, present))}; classes named by the data: "
-            f"{names}). Training needs at least 2 classes: the contrastive loss has no negatives and the "
-            "cross-entropy nothing to separate, so nothing would be learned. Check --train_dir / --dataset_name and "
-            "--label_column_name."
+            f"The training split holds a single class ({names}; classes named by the data: {list(label_names)}). "
+            "Training needs at least 2 classes: the contrastive loss has no negatives and the cross-entropy nothing "
+            "to separate, so nothing would be learned. Check --train_dir / --dataset_name and --label_column_name."
         )
+
+
+def datasets_installed() -> bool:
+    """Whether the ``datasets`` library can be imported (without it, only array sources train: see .arrays)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def prepare_data(
@@ -277,13 +361,23 @@ def prepare_data(
     """Load the data set of ``data_args`` (splits seeded with ``seed``) and build the three loaders of a run (see
     :class:`DataBundle`): training batches of ``train_batch_size`` (order seeded with ``seed``), evaluation batches
     of ``eval_batch_size``, images of ``num_channels`` channels. With ``--streaming``, see
-    :func:`~simlap_hf.data.streaming.prepare_streaming_data`."""
+    :func:`~simlap_hf.data.streaming.prepare_streaming_data`; where the ``datasets`` library is not installed, array
+    sources train through :func:`~simlap_hf.data.arrays.prepare_array_data` (same batches, same weights)."""
+    if not datasets_installed():
+        from .arrays import prepare_array_data
+
+        return prepare_array_data(data_args, num_channels, train_batch_size, eval_batch_size, seed)
     if data_args.streaming:
         from .streaming import prepare_streaming_data
 
         return prepare_streaming_data(data_args, num_channels, train_batch_size, eval_batch_size, seed)
+    import datasets
+
+    from .dataset import load_image_dataset
+    from .labels import get_label_names
+
     dataset = load_image_dataset(data_args, seed=seed)
-    _check_two_classes(dataset)
+    check_two_classes(dataset[TRAIN_SPLIT].unique("label"), get_label_names(dataset))
     views = with_image_transforms(
         datasets.DatasetDict(
             train=dataset[TRAIN_SPLIT], validation=dataset[VALIDATION_SPLIT], train_eval=dataset[TRAIN_SPLIT]

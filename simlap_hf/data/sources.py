@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
-from .idx import is_idx_folder, read_idx_folder
+from .arrays import ArraySource, digits_arrays, idx_arrays
+from .idx import is_idx_folder
 from .images import check_image_files, dataset_from_arrays, list_image_files
-from .labels import check_label_range, check_not_empty, renumber_integer_labels
+from .labels import check_not_empty
 from .registry import NamedDatasetSpec, known_names, local_copy, named_spec, normalize_name
 
 __all__ = ["SOURCE_LOADERS", "RawSource", "SourceRequest", "load_source"]
@@ -89,48 +89,35 @@ def load_hub(request: SourceRequest) -> RawSource:
     return RawSource(_as_dataset_dict(loaded, f"Hub data set {hub_id!r}"), f"Hub data set {hub_id!r}")
 
 
-def load_sklearn_digits(request: SourceRequest) -> RawSource:
-    """scikit-learn's bundled digits: 1,797 8x8 images, values 0..16 scaled to grayscale uint8 0..255."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
-    names = [str(i) for i in range(10)]
-    data = datasets.DatasetDict({TRAIN_SPLIT: dataset_from_arrays(images, bunch.target, names)})
-    fraction = request.spec.validation_fraction if request.spec is not None else None
-    return RawSource(data, "digits (scikit-learn)", validation_fraction=fraction)
-
-
-def _load_idx_folder(folder: Path, label_names: Sequence[str] | None = None) -> datasets.DatasetDict:
-    """Load ``train-*`` (and ``t10k-*`` as validation) IDX image/label pairs from ``folder``.
-
-    Images (N, H, W) uint8 become grayscale PNGs (mode "L"), (N, H, W, 3) RGB PNGs. Class names are
-    ``label_names`` when given, else the labels' values (renumbered 0..C-1 when they are not, with a warning).
-    """
-    arrays = read_idx_folder(folder)
-    description = f"IDX folder {str(folder)!r}"
-    if label_names is None:
-        labels_by_split, label_names = renumber_integer_labels(
-            {split: labels for split, (_, labels) in arrays.items()}, "label", description
-        )
-        arrays = {split: (images, labels_by_split[split]) for split, (images, _) in arrays.items()}
-    for split, (_, labels) in arrays.items():
-        check_label_range(labels, len(label_names), "label", description, split)
+def _as_standard(source: ArraySource) -> datasets.DatasetDict:
+    """An array source's splits as PNGs in Arrow: (N, H, W) images become grayscale PNGs (mode "L"), (N, H, W, 3)
+    RGB PNGs."""
     return datasets.DatasetDict(
-        {split: dataset_from_arrays(images, labels, label_names) for split, (images, labels) in arrays.items()}
+        {
+            split: dataset_from_arrays(data.images, data.labels, source.label_names)
+            for split, data in source.splits.items()
+        }
     )
 
 
+def load_sklearn_digits(request: SourceRequest) -> RawSource:
+    """scikit-learn's bundled digits (:func:`~simlap_hf.data.arrays.digits_arrays`)."""
+    source = digits_arrays()
+    fraction = request.spec.validation_fraction if request.spec is not None else None
+    return RawSource(_as_standard(source), source.description, validation_fraction=fraction)
+
+
 def load_idx(request: SourceRequest) -> RawSource:
-    """A folder of MNIST-style IDX files; class names from the named row, if any."""
+    """A folder of MNIST-style IDX files (:func:`~simlap_hf.data.arrays.idx_arrays`); class names from the named
+    row, if any."""
     label_names = request.spec.label_names if request.spec is not None else None
-    data = _load_idx_folder(request.path, label_names)
-    return RawSource(data, f"IDX folder {request.location!r}", "image", "label")
+    source = idx_arrays(request.path, label_names, f"IDX folder {str(request.path)!r}")
+    return RawSource(_as_standard(source), f"IDX folder {request.location!r}", "image", "label")
 
 
 def _imagefolder_files(flag: str, directory: str, skip_corrupt_images: bool) -> Path:
-    """Check one imagefolder tree (it exists, holds images, no empty class folder, no corrupt file unless skipped);
-    returns its root."""
+    """Check one imagefolder tree (it exists, holds images, no empty class folder; without ``skip_corrupt_images`` no
+    corrupt file, when it holds at most ``EAGER_CHECK_MAX_IMAGES`` images); returns its root."""
     root = Path(directory).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -165,8 +152,9 @@ def _imagefolder_files(flag: str, directory: str, skip_corrupt_images: bool) -> 
 def load_imagefolder(request: SourceRequest) -> RawSource:
     """Load ``train_dir`` (and ``validation_dir``) through datasets' ``imagefolder`` builder.
 
-    Image files are opened with PIL first (cheap for small images); a corrupt one raises unless
-    ``skip_corrupt_images`` is set, in which case the later row-level check drops it.
+    A tree of at most ``EAGER_CHECK_MAX_IMAGES`` images is decoded with PIL first (cheap for small images): a
+    corrupt file raises unless ``skip_corrupt_images`` is set, in which case the later row-level check drops it. A
+    larger tree is not decoded here (see :func:`~simlap_hf.data.images.checked_at_load`).
     """
     args = request.args
     dirs = {TRAIN_SPLIT: args.train_dir}
