@@ -3,36 +3,43 @@
 #
 # Usage, from anywhere (it changes to the repository root):
 #   bash benchmarks/gpu_check.sh OUTDIR               # on the GPU machine
-#   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR   # every part on the CPU with tiny sizes (~2-3 min), to catch
+#   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR   # every part on the CPU with tiny sizes (a few minutes), to catch
 #                                                     # errors before spending device time (or GPU_CHECK_CPU_SMOKE=1)
 #
 # Preparing the run (the repository is copied to the GPU machine and run from its root; outputs/ is git-ignored,
 # so the Fashion-MNIST files travel as a carried path):
 #   mkdir -p outputs/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz outputs/fashion-mnist/
-#   device tool: carry ["outputs/fashion-mnist"], command "bash benchmarks/gpu_check.sh $OUT", timeout_s 600
+#   device tool: carry ["outputs/fashion-mnist"], command "GPU_CHECK_WORK=/tmp/gpu_check bash benchmarks/gpu_check.sh
+#   $OUT", timeout_s 600 (the logs and runs stay there; OUT gets the report and the JSON)
 #
 # The machine needs python3 with torch (CUDA), timm, transformers, numpy, Pillow; not datasets/evaluate, and the
 # package need not be installed: PYTHONPATH is set to the repository root here.
 #
-# Parts (each under its own time limit; a part that fails or times out is reported and the next one runs):
-#   info          nvidia-smi -L, torch / CUDA / timm / transformers versions
-#   loss          benchmarks/bench_loss.py --device cuda, B = 1024, 4096, 16384 (N = B, K = 256): our B x N loss vs
-#                 the materialised B x N x K baseline; peak memory from torch.cuda.max_memory_allocated; the
-#                 baseline is skipped by estimate (or caught out of memory) where it does not fit
-#   step_eager_bB benchmarks/bench_step.py --device cuda --bf16 --channels-last, SimLAP vs plain cross-entropy step,
-#                 ResNet-18 deep stem OS8 at 32x32, batch B in $STEP_BATCHES (default "256 1024")
-#   fmnist        benchmarks/gpu_pretrain_fmnist.py: short Fashion-MNIST pretraining at the reference recipe;
-#                 online-head and kNN top-1 on the 10k test images, images/s. Epochs: $FMNIST_EPOCHS, else as many
-#                 as fit its time limit at the SimLAP step speed measured by step_eager_b256
-#   step_compile_bB  the step benchmark again with torch.compile, batch B in $COMPILE_BATCHES (default "256")
+# Parts (each under its own time limit; a part that fails or times out is reported and the next one runs; a part
+# with under 20 s of the budget left is skipped, so the order is the priority):
+#   info                   nvidia-smi -L, torch / CUDA / timm / transformers versions
+#   pretrain_bf16          train_pretrain.py with configs/pretrain_cifar10_resnet18.yaml (the seed's recipe: ResNet-18
+#                          deep stem, output stride 8, 32 px, batch 255, ra 3) on Fashion-MNIST, bf16, channels-last,
+#                          TF32, cuDNN autotuning; $EPOCHS epochs (default 3), evaluated at the end
+#   pretrain_compile_bf16  the same for 1 epoch with --torch_compile (early, so that compilation has its time)
+#   plain_bf16             train_finetune.py --from_scratch with configs/finetune_cifar10_resnet18.yaml: the plain
+#                          cross-entropy step on the same backbone, 1 epoch
+#   pretrain_fp16, plain_fp16   the same with fp16 (GradScaler), 1 epoch each
+#   throughput_bf16/_fp16  benchmarks/train_throughput.py over those runs: images/s, time waiting for data, the step's
+#                          consumption against the training loader's delivery, FLOPs per image and achieved TFLOP/s
+#                          against a timed matrix product and the datasheet peak
+#   loss                   benchmarks/bench_loss.py --device cuda, B = 1024, 4096, 16384 (N = B, K = 256): our B x N
+#                          loss vs the materialised B x N x K baseline, peak memory; the baseline is skipped by
+#                          estimate (or caught out of memory) where it does not fit
 #
-# Results in OUTDIR: <part>.log (full output), <part>.json (each benchmark's JSON), report.md (all tables and the
-# status of every part), summary.json (status and seconds of every part). Exit status 0 when every part passed,
-# 1 otherwise.
+# Results: report.md (all tables and the status of every part) and summary.json (status and seconds of every part) in
+# OUTDIR; <part>.log (full output), <part>.json (the benchmarks' JSON) and runs/<part>/ (each training run's output
+# folder) in $GPU_CHECK_WORK (default OUTDIR), the throughput JSON copied to OUTDIR. Exit status 0 when every part
+# passed, 1 otherwise.
 #
-# Environment overrides: GPU_CHECK_DEADLINE_S (total budget in s, default 525), FMNIST_EPOCHS, FMNIST_LIMIT_S
-# (default 240), STEP_BATCHES, COMPILE_BATCHES, PYTHON (interpreter; default: python of an active virtual
-# environment, else .venv/bin/python when present, else python3).
+# Environment overrides: GPU_CHECK_DEADLINE_S (total budget in s, default 525), GPU_CHECK_WORK, EPOCHS, SIMLAP_FASHION_MNIST_DIR,
+# PYTHON (interpreter; default: python of an active virtual environment, else .venv/bin/python when present, else
+# python3).
 set -uo pipefail
 
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
@@ -47,6 +54,11 @@ fi
 MODE=$([[ "$SMOKE" == 1 ]] && echo cpu-smoke || echo gpu)
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
+# Logs, JSON and the training runs' folders; OUT gets report.md, summary.json and the throughput JSON (few files, for
+# tools that bring back only a handful).
+WORK=${GPU_CHECK_WORK:-$OUT}
+mkdir -p "$WORK" || exit 2
+WORK=$(cd "$WORK" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -93,8 +105,8 @@ run_part() {
     {
         echo "limit ${limit}s, started at ${start}s"
         echo "+ $*"
-    } | tee "$OUT/$name.log"
-    timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    } | tee "$WORK/$name.log"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$WORK/$name.log"
     local rc=${PIPESTATUS[0]}
     local took=$((SECONDS - start))
     local state=ok
@@ -105,17 +117,6 @@ run_part() {
     fi
     echo "--- $name: $state in ${took}s"
     record "$name" "$state" "$took"
-}
-
-# Epochs of the Fashion-MNIST run that fit TRAIN_S seconds at the SimLAP step speed of step_eager_b256.json.
-auto_epochs() {
-    local train_s=$1 images=$2
-    "$PY" - "$OUT/step_eager_b256.json" "$train_s" "$images" <<'EOF' 2>/dev/null || echo 6
-import json, sys
-speed = json.load(open(sys.argv[1]))["images_per_s"]["simlap"]
-train_s, images = float(sys.argv[2]), int(sys.argv[3])
-print(max(1, min(50, int(0.75 * train_s * speed / (3 * images)))))
-EOF
 }
 
 echo "SimLAP-HF GPU check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), mode $MODE"
@@ -149,56 +150,64 @@ if [[ "$SMOKE" == 1 ]]; then
     DEVICE=cpu
     # B = 64 runs the baseline, B = 256 skips it by estimate (cap 0.3 GiB)
     LOSS_ARGS=(--batch-sizes 64 256 --repeats 2 --warmup 1 --max-baseline-repeats 1 --max-baseline-gib 0.3)
-    STEP_ARGS=(--steps 1 --image-size 16 --breakdown-repeats 1)
-    STEP_BATCHES=${STEP_BATCHES:-8}
-    COMPILE_BATCHES=${COMPILE_BATCHES:-8}
-    COMPILE_ARGS=(--compile --compile-backend aot_eager --warmup-steps 1)  # inductor would compile for minutes here
-    FMNIST_ARGS=(--max_train_samples 150 --max_test_samples 100 --batch_size 48 --input_size 16 --num_workers 1
-        --log_every 2)
-    FMNIST_LIMIT_S=${FMNIST_LIMIT_S:-120}
-    FMNIST_EPOCHS=${FMNIST_EPOCHS:-1}
-    TRAIN_IMAGES=300
+    TRAIN_BATCH=12
+    TRAIN_ARGS=(--max_train_samples 48 --max_eval_samples 24 --per_device_train_batch_size "$TRAIN_BATCH"
+        --per_device_eval_batch_size 24 --input_size 16 --dataloader_num_workers 0 --model_name resnet10t)
+    EPOCHS=${EPOCHS:-1}
+    COMPILE_BACKEND=aot_eager  # inductor would compile for minutes here
 else
     DEVICE=cuda
     LOSS_ARGS=(--batch-sizes 1024 4096 16384 --repeats 20 --max-baseline-gib 120)
-    STEP_ARGS=(--steps 30 --breakdown-repeats 5)
-    STEP_BATCHES=${STEP_BATCHES:-256 1024}
-    COMPILE_BATCHES=${COMPILE_BATCHES:-256}
-    COMPILE_ARGS=(--compile)
-    FMNIST_ARGS=()
-    FMNIST_LIMIT_S=${FMNIST_LIMIT_S:-240}
-    TRAIN_IMAGES=60000
+    TRAIN_BATCH=255
+    TRAIN_ARGS=()
+    EPOCHS=${EPOCHS:-3}
+    COMPILE_BACKEND=inductor
 fi
 
-# --- a. loss ----------------------------------------------------------------------------------------------------
-run_part loss 100 "${RUNPY[@]}" benchmarks/bench_loss.py --device "$DEVICE" "${LOSS_ARGS[@]}" --json "$OUT/loss.json"
+# Fashion-MNIST: the carried copy of the IDX files (see the top), else where the environment or the package says.
+if [[ -z "${SIMLAP_FASHION_MNIST_DIR:-}" && -d "$ROOT/outputs/fashion-mnist" ]]; then
+    export SIMLAP_FASHION_MNIST_DIR="$ROOT/outputs/fashion-mnist"
+fi
 
-# --- b. training step, eager --------------------------------------------------------------------------------------
-for batch in $STEP_BATCHES; do
-    extra=()
-    [[ "$batch" == 256 || "$SMOKE" == 1 ]] && extra=(--breakdown)
-    run_part "step_eager_b$batch" 75 "${RUNPY[@]}" benchmarks/bench_step.py --device "$DEVICE" --bf16 --channels-last \
-        --batch-size "$batch" "${STEP_ARGS[@]}" "${extra[@]}" --json "$OUT/step_eager_b$batch.json"
+# --- training runs: the real train_pretrain.py (SimLAP) and train_finetune.py --from_scratch (plain cross-entropy) --
+# The seed's CIFAR-10 ResNet-18 recipes (deep stem, output stride 8, 32 px, batch 256 -> 255 with ra 3) on
+# Fashion-MNIST (IDX arrays: no datasets/evaluate needed), a few epochs each; bf16 and fp16; TF32, cuDNN autotuning
+# and channels-last on. Each writes all_results.json with images/s and the time it waited for data.
+RUNS="$WORK/runs"
+mkdir -p "$RUNS"
+PRETRAIN=(train_pretrain.py configs/pretrain_cifar10_resnet18.yaml --dataset_name fashion_mnist --channels_last
+    --tf32 --cudnn_benchmark --warmup_epochs 0 --logging_steps 50 --report_to none "${TRAIN_ARGS[@]}")
+PLAIN=(train_finetune.py configs/finetune_cifar10_resnet18.yaml --dataset_name fashion_mnist --from_scratch
+    --model_name resnet18 --stem_type deep --output_stride 8 --model_name_or_path "" --channels_last --tf32
+    --cudnn_benchmark --warmup_epochs 0 --logging_steps 50 --report_to none "${TRAIN_ARGS[@]}")
+train_part() {  # train_part NAME LIMIT_S EPOCHS COMMAND...: one training run into $RUNS/NAME, evaluated at its end
+    local name=$1 limit=$2 epochs=$3
+    shift 3
+    run_part "$name" "$limit" "${RUNPY[@]}" "$@" --num_train_epochs "$epochs" --eval_every "$epochs" \
+        --checkpointing_epochs "$epochs" --output_dir "$RUNS/$name" --overwrite_output_dir
+}
+train_part pretrain_bf16 120 "$EPOCHS" "${PRETRAIN[@]}" --mixed_precision bf16
+# torch.compile early, so that its compilation (minutes) has the time it needs.
+train_part pretrain_compile_bf16 150 1 "${PRETRAIN[@]}" --mixed_precision bf16 --torch_compile \
+    --torch_compile_backend "$COMPILE_BACKEND"
+train_part plain_bf16 60 1 "${PLAIN[@]}" --mixed_precision bf16
+train_part pretrain_fp16 60 1 "${PRETRAIN[@]}" --mixed_precision fp16
+train_part plain_fp16 60 1 "${PLAIN[@]}" --mixed_precision fp16
+
+# --- throughput: images/s, waiting for data, the loader alone, TFLOP/s against the chip's peak ------------------
+for precision in bf16 fp16; do
+    runs=()
+    for name in pretrain_$precision pretrain_compile_$precision plain_$precision; do
+        [[ -f "$RUNS/$name/all_results.json" ]] && runs+=("${name/pretrain/simlap}=$RUNS/$name")
+    done
+    ((${#runs[@]})) || continue
+    run_part "throughput_$precision" 60 "${RUNPY[@]}" benchmarks/train_throughput.py --device "$DEVICE" \
+        --precision "$precision" --batch-size "$TRAIN_BATCH" "${runs[@]}" --json "$WORK/throughput_$precision.json" \
+        -- "${PRETRAIN[@]:1}" --mixed_precision "$precision"
 done
 
-# --- c. Fashion-MNIST pretraining ------------------------------------------------------------------------------
-left=$((DEADLINE - RESERVE - SECONDS))
-fmnist_limit=$((FMNIST_LIMIT_S < left ? FMNIST_LIMIT_S : left))
-overhead=$([[ "$SMOKE" == 1 ]] && echo 40 || echo 60)  # start-up, data loading and evaluation
-train_budget=$((fmnist_limit - overhead))
-((train_budget < 10)) && train_budget=10
-epochs=${FMNIST_EPOCHS:-$(auto_epochs "$train_budget" "$TRAIN_IMAGES")}
-echo
-echo "Fashion-MNIST: $epochs epoch(s), training time budget ${train_budget}s within a ${fmnist_limit}s limit"
-run_part fmnist "$fmnist_limit" "${RUNPY[@]}" benchmarks/gpu_pretrain_fmnist.py --device "$DEVICE" --epochs "$epochs" \
-    --time_budget_s "$train_budget" "${FMNIST_ARGS[@]}" --json "$OUT/fmnist.json"
-
-# --- b'. training step with torch.compile (last: compilation takes minutes; it gets the time left, up to 240 s) -----
-for batch in $COMPILE_BATCHES; do
-    run_part "step_compile_b$batch" 240 "${RUNPY[@]}" benchmarks/bench_step.py --device "$DEVICE" --bf16 \
-        --channels-last --batch-size "$batch" "${STEP_ARGS[@]}" "${COMPILE_ARGS[@]}" \
-        --json "$OUT/step_compile_b$batch.json"
-done
+# --- the loss alone, at up to 16k keys, when time is left ---------------------------------------------------------
+run_part loss 80 "${RUNPY[@]}" benchmarks/bench_loss.py --device "$DEVICE" "${LOSS_ARGS[@]}" --json "$WORK/loss.json"
 
 # --- summary ----------------------------------------------------------------------------------------------------
 failures=0
@@ -208,7 +217,7 @@ failures=0
     echo "$(date -u '+%Y-%m-%d %H:%M:%S UTC'), total ${SECONDS}s"
     echo
     echo '```'
-    grep -v '^+ \|^limit ' "$OUT/info.log" 2>/dev/null
+    grep -v '^+ \|^limit ' "$WORK/info.log" 2>/dev/null
     echo '```'
     echo
     echo "| part | status | seconds |"
@@ -217,15 +226,15 @@ failures=0
         echo "| ${NAMES[$i]} | ${STATES[$i]} | ${TIMES[$i]} |"
     done
     for name in "${NAMES[@]}"; do
-        [[ "$name" == info || ! -f "$OUT/$name.log" ]] && continue
+        [[ "$name" == info || ! -f "$WORK/$name.log" ]] && continue
         echo
         echo "## $name"
         echo
         echo '```'
-        grep -m1 '^+ ' "$OUT/$name.log"
+        grep -m1 '^+ ' "$WORK/$name.log"
         echo '```'
         echo
-        grep -E '^\||overhead|Targets|out of memory|stopped early|Note:|Error|error:' "$OUT/$name.log" |
+        grep -E '^\||overhead|Targets|out of memory|stopped early|Note:|Error|error:' "$WORK/$name.log" |
             grep -v '^W[0-9]'
     done
 } >"$OUT/report.md"
@@ -250,5 +259,6 @@ echo "|---|---|---|"
 for i in "${!NAMES[@]}"; do
     echo "| ${NAMES[$i]} | ${STATES[$i]} | ${TIMES[$i]} |"
 done
-echo "report: $OUT/report.md, $OUT/summary.json, logs and JSON per part in $OUT"
+[[ "$WORK" != "$OUT" ]] && cp "$WORK"/throughput_*.json "$OUT"/ 2>/dev/null
+echo "report: $OUT/report.md, $OUT/summary.json; logs, JSON and training runs per part in $WORK"
 ((failures == 0))

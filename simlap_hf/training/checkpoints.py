@@ -43,6 +43,7 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     train_images: int = 0
+    data_wait_seconds: float = 0.0  # of train_seconds, waiting for the training loader
     num_train_epochs: int | None = None  # the schedule's length (None in checkpoints of older versions)
 
 

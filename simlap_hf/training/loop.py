@@ -225,8 +225,11 @@ class _TrainingLoop:
     def train_epoch(self, epoch: int, stop: StopRequested) -> None:
         """The steps of one epoch (from the first batch not yet trained); stops at a step boundary when asked."""
         skip, batches = self.start_epoch(epoch)
-        epoch_start = time.perf_counter()
+        epoch_start = waiting_since = time.perf_counter()
         for step, batch in enumerate(batches, start=skip):
+            # Time this process waits for the loader (fetch, collate, copy to the device): with one host sync per
+            # step the device is idle for about as long, so it says whether the input keeps up with the step.
+            self.state.data_wait_seconds += time.perf_counter() - waiting_since
             loss, logs, stop_now = self.train_step(batch, epoch, step, stop)
             self.state.step_in_epoch = step + 1
             self.state.train_images += self.world_images
@@ -236,6 +239,7 @@ class _TrainingLoop:
             # Only at an optimizer-step boundary (agreed before its update): accumulated gradients are not saved.
             if stop_now:
                 self.stop(epoch, epoch_start, stop)
+            waiting_since = time.perf_counter()
         self.state.train_seconds += time.perf_counter() - epoch_start
 
     def train_step(

@@ -34,6 +34,8 @@ def build_results(result: TrainingResult, metric_names: Sequence[str]) -> dict[s
     results["global_step"] = state.global_step
     results["train_seconds"] = round(state.train_seconds, 2)
     results["train_images_per_second"] = round(state.train_images / max(state.train_seconds, 1e-9), 2)
+    results["train_data_wait_seconds"] = round(state.data_wait_seconds, 2)
+    results["train_data_wait_fraction"] = round(state.data_wait_seconds / max(state.train_seconds, 1e-9), 4)
     return results
 
 
