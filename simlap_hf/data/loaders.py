@@ -183,6 +183,10 @@ class ResumableAugmentations(torch.utils.data.Dataset):
     Only with ``dataloader_num_workers=0``: worker processes draw from their own generators.
     """
 
+    # Whether a resumed epoch reaches its position by itself (start_epoch(first_batch)) rather than by the loop
+    # skipping the batches before it.
+    replays_to_position = False
+
     def __init__(self, dataset: torch.utils.data.Dataset, keep: int = 4) -> None:
         self.dataset = dataset
         self.keep = keep
@@ -332,6 +336,9 @@ class DataBundle:
     train_eval: DataLoader
     # Normalises uint8 training batches on the device (None: the loader already normalised them).
     train_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The training loader yields only this process's part already (a stream split across processes): it is placed
+    # on the device but not sharded again.
+    train_split_per_process: bool = False
 
 
 def check_two_classes(present: Sequence[int], label_names: Sequence[str]) -> None:

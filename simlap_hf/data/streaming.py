@@ -52,7 +52,7 @@ class StreamingRepeatedAugmentation(ResumableAugmentations, torch.utils.data.Ite
     :class:`~simlap_hf.data.ResumableAugmentations`).
     """
 
-    skips_itself = True  # the training loop passes a resume position to start_epoch instead of skipping batches
+    replays_to_position = True  # the training loop passes a resume position to start_epoch instead of skipping
 
     def __init__(
         self,
@@ -200,6 +200,7 @@ def prepare_streaming_data(
         validation=create_eval_dataloader(views["validation"], eval_batch_size, workers),
         train_eval=create_eval_dataloader(views["train_eval"], eval_batch_size, workers),
         train_normalizer=create_train_normalizer(data_args, num_channels),
+        train_split_per_process=True,
     )
 
 

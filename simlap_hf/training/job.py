@@ -151,7 +151,7 @@ def _prepare(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Modul
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, args)
     # A streamed training set (--streaming) is already split across the processes: only placed on the device.
-    if getattr(getattr(data.train, "dataset", None), "skips_itself", False):
+    if data.train_split_per_process:
         from ..data.streaming import prepare_own_part_loader
 
         data.train = prepare_own_part_loader(accelerator, data.train)

@@ -211,9 +211,9 @@ class _TrainingLoop:
         self.train_dataloader.set_epoch(epoch)
         skip = self.state.step_in_epoch
         # A streamed training set replays its stream up to the position itself (start_epoch below), undecoded.
-        skips_itself = getattr(self.augmentations, "skips_itself", False)
+        replays = self.augmentations is not None and self.augmentations.replays_to_position
         batches = self.train_dataloader
-        if skip and not skips_itself:
+        if skip and not replays:
             batches = self.accelerator.skip_first_batches(self.train_dataloader, skip)
         if self.augmentations is not None:
             self.augmentations.start_epoch(first_batch=skip)
