@@ -6,14 +6,16 @@ directory and memory-mapped back, like a real local data set), attaches the trai
 augmentation sampler, batch ``--batch-size``, ``--ra`` copies per image) with 0, 1, 2, ... loader workers.
 
 Images/s counts augmented samples (``ra`` copies of an image count ``ra`` times) that reach the collated
-batch ``{"pixel_values": FloatTensor(B, 3, 32, 32), "labels": LongTensor(B)}``. The first batch of every
+batch ``{"pixel_values": Tensor(B, 3, 32, 32), "labels": LongTensor(B)}`` (uint8 on the loader's path, float32
+on the earlier one). The first batch of every
 run is a warm-up (worker start-up) and is not timed.
 
 Prints two markdown tables: the loader's path (each image decoded once per repeated-augmentation group, samples
 left as uint8 for the device to normalise) against the earlier path (every copy decoded, normalised to float32 in
 the loader), and each change alone, for 32x32 PNGs and 224x224 JPEGs (``--compare-formats``), measured side by side
-on one core (0 workers, 1 torch thread), alternated ``--repeats`` times (medians); then images/s against loader
-workers (0, 1, 2, ...) on the loader's path.
+on one core (0 workers, 1 torch thread), alternated ``--repeats`` times (medians; the last column divides images
+per second of the process's CPU time, which moves less than wall-clock time on a machine shared with other jobs);
+then images/s against loader workers (0, 1, 2, ...) on the loader's path.
 
 Example::
 
@@ -65,22 +67,25 @@ def build_dataset(
     return datasets.load_from_disk(folder)
 
 
-def measure(dataset: datasets.Dataset, args: DataArguments, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Iterate the training loader for ``epochs`` epochs; return (images per second, timed images)."""
+def measure(dataset: datasets.Dataset, args: DataArguments, batch_size: int, epochs: int) -> tuple[float, int, float]:
+    """Iterate the training loader for ``epochs`` epochs; return (images per second, timed images, images per
+    second of this process's CPU time). The CPU-time rate leaves out the time the process waits for a core, so it
+    moves less than the wall-clock rate on a machine shared with other jobs."""
     loader = create_train_dataloader(dataset, args, batch_size=batch_size, seed=0)
     timed_images = 0
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     for epoch in range(epochs):
         loader.batch_sampler.sampler.set_epoch(epoch)
         iterator = iter(loader)
         first = next(iterator)  # warm-up: worker start-up and first decode
         assert first["pixel_values"].shape[0] == batch_size
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for batch in iterator:
             timed_images += batch["pixel_values"].shape[0]
         elapsed += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
         del iterator
-    return timed_images / max(elapsed, 1e-9), timed_images
+    return timed_images / max(elapsed, 1e-9), timed_images, timed_images / max(cpu, 1e-9)
 
 
 PATHS = {  # name: (decode once per group, uint8 samples)
@@ -93,8 +98,9 @@ PATHS = {  # name: (decode once per group, uint8 samples)
 
 def compare_paths(
     image_format: str, image_size: int, input_size: int, options: argparse.Namespace, folder: str
-) -> dict[str, float]:
-    """Median images/s on one core of every path of :data:`PATHS`, alternated ``options.repeats`` times."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median images/s on one core of every path of :data:`PATHS`, alternated ``options.repeats`` times: per
+    second of wall-clock time and per second of CPU time."""
     from simlap_hf.data import ImageTransform, create_train_transform
 
     count = options.num_images if image_size <= 64 else options.num_images // 4
@@ -103,14 +109,20 @@ def compare_paths(
     )["train"]
     raw = data.cast_column("image", datasets.Image(decode=False))
     speeds: dict[str, list[float]] = {name: [] for name in PATHS}
+    cpu_speeds: dict[str, list[float]] = {name: [] for name in PATHS}
     for _ in range(options.repeats):
         for name, (decode_once, uint8) in PATHS.items():
             args = DataArguments(
                 dataset_name="bench", input_size=input_size, ra=options.ra, aa=options.aa, uint8_transfer=uint8
             )
             view = raw.with_transform(ImageTransform(create_train_transform(args), decode_once=decode_once))
-            speeds[name].append(measure(view, args, options.batch_size, 1)[0])
-    return {name: float(np.median(values)) for name, values in speeds.items()}
+            speed, _, cpu_speed = measure(view, args, options.batch_size, 1)
+            speeds[name].append(speed)
+            cpu_speeds[name].append(cpu_speed)
+    return (
+        {name: float(np.median(values)) for name, values in speeds.items()},
+        {name: float(np.median(values)) for name, values in cpu_speeds.items()},
+    )
 
 
 def main() -> None:
@@ -126,7 +138,7 @@ def main() -> None:
         help="batch size (256); rounded down to a multiple of --ra as the loader requires (256 -> 255 for ra 3)",
     )
     parser.add_argument("--ra", type=int, default=3, help="repeated augmentation count (3)")
-    parser.add_argument("--workers", type=str, default="0,1,2", help="comma-separated worker counts (0,1,2)")
+    parser.add_argument("--workers", type=str, default="0,1,2", help="worker counts, comma-separated ('' skips)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per setting; one epoch = ra passes (1)")
     parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy or 'none'")
     parser.add_argument("--quick", action="store_true", help="short run: 768 images, batch 96 (before rounding)")
@@ -158,19 +170,30 @@ def main() -> None:
         for item in filter(None, options.compare_formats.split(",")):
             image_format = "JPEG" if item.startswith("jpeg") else "PNG"
             size = int(item.removeprefix("jpeg").removeprefix("png"))
-            speeds = compare_paths(image_format, size, min(size, 224), options, folder)
-            comparisons.append((f"{size}x{size} {image_format}", speeds))
+            speeds, cpu_speeds = compare_paths(image_format, size, min(size, 224), options, folder)
+            comparisons.append((f"{size}x{size} {image_format}", speeds, cpu_speeds))
             print(f"# {item}: " + ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()), flush=True)
         torch.set_num_threads(threads)
         if comparisons:
             names = list(PATHS)
             print()
-            print(f"| images (ra {options.ra}, 1 core), images/s | " + " | ".join(names) + " | now / earlier |")
-            print("|---|" + "---:|" * (len(names) + 1))
-            for label, speeds in comparisons:
+            print(
+                f"| images (ra {options.ra}, 1 core), images/s | "
+                + " | ".join(names)
+                + " | now / earlier | now / earlier, CPU time |"
+            )
+            print("|---|" + "---:|" * (len(names) + 2))
+            for label, speeds, cpu_speeds in comparisons:
                 ratio = speeds[names[-1]] / speeds[names[0]]
-                print(f"| {label} | " + " | ".join(f"{speeds[n]:,.0f}" for n in names) + f" | {ratio:.2f}x |")
+                cpu_ratio = cpu_speeds[names[-1]] / cpu_speeds[names[0]]
+                print(
+                    f"| {label} | "
+                    + " | ".join(f"{speeds[n]:,.0f}" for n in names)
+                    + f" | {ratio:.2f}x | {cpu_ratio:.2f}x |"
+                )
             print()
+        if not workers:
+            return
         start = time.perf_counter()
         data = build_dataset(options.num_images, options.image_size, 10, options.seed, folder)
         print(f"# built and saved the data set in {time.perf_counter() - start:.1f} s")
@@ -178,7 +201,7 @@ def main() -> None:
         rows = []
         for count in workers:
             args.dataloader_num_workers = count
-            speed, images = measure(train, args, options.batch_size, options.epochs)
+            speed, images, _ = measure(train, args, options.batch_size, options.epochs)
             rows.append((count, speed, images))
             print(f"# workers={count}: {images} images timed, {speed:.0f} images/s", flush=True)
     base = next((speed for count, speed, _ in rows if count == 0), rows[0][1])

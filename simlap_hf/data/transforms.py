@@ -57,6 +57,91 @@ class ConvertImageMode:
         return f"{type(self).__name__}(mode={self.mode!r})"
 
 
+class PILToUInt8Tensor:
+    """PIL image of H x W pixels -> contiguous uint8 tensor (C, H, W) of the same values; tensors pass unchanged.
+
+    The values of torchvision's ``pil_to_tensor`` (timm's ``MaybePILToTensor``). That one returns a (C, H, W) view of
+    the (H, W, C) pixels, which the collate's ``torch.stack`` then gathers channel by channel; here the sample is made
+    contiguous at once, so the stack is a plain copy. Modes other than ``"L"`` and ``"RGB"`` (which
+    :class:`ConvertImageMode` produces) go through ``pil_to_tensor``.
+    """
+
+    # From about this many pixels on, reading each channel plane out of PIL (one call per channel) is faster than
+    # transposing the interleaved pixels in NumPy; below it the per-call cost dominates.
+    plane_by_plane_pixels = 128 * 128
+
+    def __call__(self, image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+        """``image`` -> Tensor(C, H, W) uint8 for "L" (C=1) and "RGB" (C=3) images."""
+        if isinstance(image, torch.Tensor):
+            return image
+        width, height = image.size
+        if image.mode == "L":
+            return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, height, width)
+        if image.mode != "RGB":
+            from torchvision.transforms.functional import pil_to_tensor
+
+            return pil_to_tensor(image).contiguous()
+        if width * height < self.plane_by_plane_pixels:
+            pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, 3)
+            return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+        out = torch.empty((3, height, width), dtype=torch.uint8)
+        planes = out.numpy()
+        for index, band in enumerate("RGB"):
+            planes[index] = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(height, width)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class DirectRandomResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` applied to PIL images without torchvision's functional dispatch.
+
+    The same random draws (the wrapped transform's ``get_params``, then its interpolation choice when that is random)
+    and the same PIL calls as ``torchvision.transforms.functional.resized_crop`` (``crop`` of the box, then
+    ``resize`` to ``size`` unless the box already has that size), so the same pixels; tensors go to the wrapped
+    transform.
+    """
+
+    def __init__(self, crop: Any) -> None:
+        """``crop``: a timm ``RandomResizedCropAndInterpolation``."""
+        self.crop = crop
+
+    def __call__(self, image: PIL.Image.Image | torch.Tensor) -> PIL.Image.Image | torch.Tensor:
+        """``image`` -> PIL image of ``crop.size`` (height, width)."""
+        if not isinstance(image, PIL.Image.Image):
+            return self.crop(image)
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        crop = self.crop
+        top, left, height, width = crop.get_params(image, crop.scale, crop.ratio)
+        interpolation = crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        image = image.crop((left, top, left + width, top + height))
+        if [height, width] == list(crop.size):
+            return image
+        return image.resize((crop.size[1], crop.size[0]), pil_modes_mapping.get(interpolation, interpolation))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.crop!r})"
+
+
+def _direct_uint8_steps(timm_transform: Any) -> Any:
+    """Swap, in timm's uint8 training pipeline (a torchvision ``Compose``), the random resized crop for
+    :class:`DirectRandomResizedCrop` and the final ``MaybePILToTensor`` for :class:`PILToUInt8Tensor`: the same
+    random draws and the same values, less time per sample. Steps of other types are kept as they are."""
+    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+
+    steps = timm_transform.transforms
+    for index, step in enumerate(steps):
+        if type(step) is RandomResizedCropAndInterpolation:
+            steps[index] = DirectRandomResizedCrop(step)
+        elif type(step) is MaybePILToTensor:
+            steps[index] = PILToUInt8Tensor()
+    return timm_transform
+
+
 class UInt8RandomErasing:
     """Random erasing of one rectangle of a (C, H, W) uint8 image, filled with a constant colour (the mean, so that
     it normalises to 0 like timm's ``RandomErasing(mode='const')`` of a normalised image).
@@ -147,7 +232,8 @@ def create_train_transform(args: DataArguments, num_channels: int = 3) -> Callab
     -> ToTensor -> Normalize -> RandomErasing(``args.reprob``). Color jitter only when ``args.color_jitter``
     is set and ``aa`` is disabled. With ``args.uint8_transfer`` the result stays uint8 (no ToTensor scaling, no
     Normalize; the erased rectangle gets the mean colour, which normalises to 0 as timm's erasing) and
-    :class:`TrainNormalizer` finishes it on the device.
+    :class:`TrainNormalizer` finishes it on the device; that path crops with :class:`DirectRandomResizedCrop` and
+    ends with :class:`PILToUInt8Tensor` (timm's random draws and values, less time per sample).
 
     Returns:
         A callable mapping any PIL image to a tensor of shape (num_channels, input_size, input_size): float32, or
@@ -171,6 +257,8 @@ def create_train_transform(args: DataArguments, num_channels: int = 3) -> Callab
         std=preprocessing.std,
         **finish,
     )
+    if args.uint8_transfer:
+        timm_transform = _direct_uint8_steps(timm_transform)
     steps = [ConvertImageMode(num_channels), timm_transform]
     if args.uint8_transfer and args.reprob > 0:
         steps.append(UInt8RandomErasing(args.reprob, tuple(round(255 * value) for value in preprocessing.mean)))
