@@ -10,7 +10,7 @@ so a run gives the same weights either way (the images decoded from the PNGs equ
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ __all__ = [
     "ArraySplit",
     "carve_indices",
     "check_label_range",
+    "check_not_empty",
     "digits_arrays",
     "idx_arrays",
     "limit_indices",
@@ -72,6 +73,15 @@ def check_label_range(values: np.ndarray, num_classes: int, column: str, descrip
             f"{description}, split {split!r}: label column {column!r} has value {int(bad[0])} outside the valid "
             f"range [0, {num_classes}) ({bad.size} bad value(s)). Fix the labels or choose another column with "
             f"--label_column_name."
+        )
+
+
+def check_not_empty(rows: Sized, split: str, description: str) -> None:
+    """Raise ValueError naming the split when ``rows`` (a split of any form) has no rows."""
+    if len(rows) == 0:
+        raise ValueError(
+            f"{description}: split {split!r} is empty; every split needs images (check the source, "
+            f"--train_val_split and --skip_corrupt_images)."
         )
 
 
@@ -196,22 +206,17 @@ def _standard_splits(source: ArraySource, args: DataArguments, seed: int) -> dic
     splits = dict(source.splits)
     if VALIDATION_SPLIT not in splits:
         train = splits[TRAIN_SPLIT]
-        _check_not_empty(train, TRAIN_SPLIT, source.description)
+        check_not_empty(train, TRAIN_SPLIT, source.description)
         fraction = source.validation_fraction if source.validation_fraction is not None else args.train_val_split
         train_rows, validation_rows = carve_indices(train.labels, fraction, seed, source.description)
         splits = {TRAIN_SPLIT: train.take(train_rows), VALIDATION_SPLIT: train.take(validation_rows)}
     limits = {TRAIN_SPLIT: args.max_train_samples, VALIDATION_SPLIT: args.max_eval_samples}
     for split, limit in limits.items():
-        _check_not_empty(splits[split], split, source.description)
+        check_not_empty(splits[split], split, source.description)
         rows = limit_indices(len(splits[split]), limit, seed)
         if rows is not None:
             splits[split] = splits[split].take(rows)
     return splits
-
-
-def _check_not_empty(split_data: ArraySplit, split: str, description: str) -> None:
-    if len(split_data) == 0:
-        raise ValueError(f"{description}: split {split!r} is empty; every split needs images (check the source).")
 
 
 class ArrayImages(torch.utils.data.Dataset):

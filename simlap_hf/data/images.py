@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -219,11 +220,17 @@ def drop_corrupt_rows(data: datasets.DatasetDict, description: str = "the data")
     return datasets.DatasetDict(kept)
 
 
-def _decode_stored(value: Any) -> PIL.Image.Image:
-    """A stored image value as ``datasets.Image`` decodes it (PIL image, file opened lazily)."""
+@functools.cache
+def _image_feature() -> datasets.Image:
+    """``datasets.Image()``, built once, on the first image decoded (``datasets`` is imported only then)."""
     import datasets
 
-    return datasets.Image().decode_example(value)
+    return datasets.Image()
+
+
+def _decode_stored(value: Any) -> PIL.Image.Image:
+    """A stored image value as ``datasets.Image`` decodes it (PIL image, file opened lazily)."""
+    return _image_feature().decode_example(value)
 
 
 def decode_image(value: Any, index: int) -> PIL.Image.Image:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT
-from .arrays import check_label_range, renumber_integer_labels
+from .arrays import check_label_range, check_not_empty, renumber_integer_labels
 
 __all__ = [
     "check_label_range",
@@ -68,15 +68,6 @@ def _resolve_label_column(ds: datasets.Dataset, wanted: str | None, image_column
     if len(class_labels) == 1:
         return class_labels[0]
     raise ValueError(column_error("label", None, columns, description, "--label_column_name"))
-
-
-def check_not_empty(ds: datasets.Dataset, split: str, description: str) -> None:
-    """Raise ValueError naming the split when ``ds`` has no rows."""
-    if len(ds) == 0:
-        raise ValueError(
-            f"{description}: split {split!r} is empty; every split needs images (check the source, "
-            f"--train_val_split and --skip_corrupt_images)."
-        )
 
 
 def label_values(ds: datasets.Dataset) -> pa.ChunkedArray:
