@@ -142,11 +142,3 @@ def convert_distributed_batchnorm(module: nn.Module) -> nn.Module:
             converted.add_module(name, new_child)
     return converted
 
-
-def count_batchnorm_layers(module: nn.Module) -> dict[str, int]:
-    """Numbers of BatchNorm layers by class name (a helper for checks and logs)."""
-    counts: dict[str, int] = {}
-    for layer in module.modules():
-        if isinstance(layer, _BatchNorm):
-            counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
-    return counts
