@@ -7,9 +7,7 @@ somewhere deep inside a training run.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
-import platform
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch
 
 def _require(condition: bool, api: str, library: str, used_by: str) -> None:
     if not condition:
-        version = platform.python_version() if library == "Python" else importlib.metadata.version(library)
+        version = importlib.metadata.version(library)
         pytest.fail(f"{library} {version} no longer provides {api}, which {used_by} relies on; adapt that code.")
 
 
@@ -77,17 +75,21 @@ def test_transformers_is_hf_initialized_flag():
     )
 
 
-def test_argparse_actions():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--flag")
-    actions = getattr(parser, "_actions", None)
-    _require(
-        isinstance(actions, list),
-        "argparse.ArgumentParser._actions",
-        "Python",
-        "simlap_hf.training.arguments (flag listing)",
-    )
-    assert "flag" in [action.dest for action in actions]
+def test_transformers_hf_argument_parser_hooks():
+    """GroupedArgumentParser places each dataclass field into its --help group by overriding these two methods."""
+    from transformers import HfArgumentParser
+
+    for name in ("_add_dataclass_arguments", "_parse_dataclass_field"):
+        _require(
+            callable(getattr(HfArgumentParser, name, None)),
+            f"HfArgumentParser.{name}",
+            "transformers",
+            "simlap_hf.training.flag_groups.GroupedArgumentParser (flag groups in --help)",
+        )
+    from simlap_hf.training import PRETRAIN_ARGUMENTS
+    from simlap_hf.training.flag_groups import GroupedArgumentParser
+
+    assert "\nmodel options:" in GroupedArgumentParser(PRETRAIN_ARGUMENTS).format_help()
 
 
 def test_datasets_imagefolder_extensions():

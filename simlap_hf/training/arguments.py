@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
 
 from ..data import DataArguments
 from .backbones import RESNET_OUTPUT_STRIDE_HELP, RESNET_STEM_HELP
 from .checkpoints import find_checkpoint, list_checkpoints
+from .flag_groups import GroupedArgumentParser, field_names, resolve_aliases
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "lars", "lamb")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -233,10 +233,6 @@ FUSE_ARGUMENTS = (FuseModelArguments, ClassificationArguments, DataArguments, Tr
 # Parsing
 
 
-def _parser_destinations(parser: HfArgumentParser) -> list[str]:
-    return [action.dest for action in parser._actions if action.dest != "help"]
-
-
 def _close_matches_message(unknown: Sequence[str], known: Sequence[str], what: str) -> str:
     parts = []
     for name in unknown:
@@ -259,6 +255,7 @@ def _read_config_file(config_path: Path, known: Sequence[str]) -> dict[str, Any]
         raise ValueError(f"Config file {str(config_path)!r} is not valid YAML{where}: {problem}.") from None
     if not isinstance(values, dict):
         raise ValueError(f"Config file {str(config_path)!r} must hold a mapping of option: value.")
+    values = resolve_aliases(values, f"Config file {str(config_path)!r}")
     unknown = [key for key in values if key not in known]
     if unknown:
         raise ValueError(_close_matches_message(unknown, known, f"keys in {config_path}"))
@@ -272,8 +269,8 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     lists close matches.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(list(dataclass_types), allow_abbrev=False)
-    known = _parser_destinations(parser)
+    parser = GroupedArgumentParser(dataclass_types, allow_abbrev=False)
+    known = field_names(dataclass_types)
     if argv and argv[0].endswith((".yaml", ".yml")):
         parser.set_defaults(**_read_config_file(Path(argv.pop(0)), known))
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
