@@ -193,6 +193,7 @@ def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: d
         std=train_cfg.get("std"),
         max_train_samples=split_limit.get("train"),
         max_eval_samples=split_limit.get("validation"),
+        dataloader_num_workers=train_cfg.get("dataloader_num_workers"),
     )
     # The training loader it also builds is not used: batches of one image (its ra copies) fit any split.
     data = prepare_data(data_args, train_cfg["num_channels"], data_args.ra, 256, seed)
@@ -215,8 +216,9 @@ def relation_precisions(model: torch.nn.Module) -> dict[str, float]:
 
 
 def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Online head, kNN, linear probe, effective rank on Fashion-MNIST; kNN and probe transfer to digits."""
-    model.eval()
+    """Online head, kNN, linear probe, effective rank on Fashion-MNIST; kNN and probe transfer to digits. Features
+    are extracted on the GPU when there is one."""
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     results: dict[str, Any] = {}
     source_train, source_test, label_names = loaders["source"]
     train_out = extract_features(model, source_train, output_key="pooler_output", show_progress=False)
@@ -404,6 +406,12 @@ def parse_options(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str,
     )
     parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
     parser.add_argument(
+        "--workers",
+        type=int,
+        help="data loader worker processes of every training run and of the evaluation (default: the scripts' own, "
+        "0 without a GPU); e.g. 1 when several reproduce.py processes share a GPU machine's cores",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="override the budget's torch threads (e.g. 1 per process when "
@@ -426,6 +434,8 @@ def parse_options(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str,
         apply_overrides(budget, options.override)
     except ValueError as error:
         parser.error(str(error))
+    if options.workers is not None:
+        budget["train"]["dataloader_num_workers"] = options.workers
     return options, budget
 
 

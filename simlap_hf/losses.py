@@ -169,7 +169,7 @@ def multi_positive_infonce(
         return (pair_terms * positive).sum(), positive.sum()
     if normalization == "anchor":
         per_anchor = (pair_terms * positive).sum(dim=1) / (positive.sum(dim=1) + _ANCHOR_COUNT_EPS)  # (B,)
-        return per_anchor.sum(), logits.new_tensor(float(logits.shape[0]))
+        return per_anchor.sum(), logits.new_full((), float(logits.shape[0]))
     raise ValueError(
         f"normalization={normalization!r} is not valid; choose one of {', '.join(POSITIVE_NORMALIZATIONS)}."
     )

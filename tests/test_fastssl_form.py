@@ -470,6 +470,21 @@ def test_flags_build_the_config_and_a_bad_value_is_one_error_line(tmp_path):
     assert lines[-1].startswith("error: ") and "loss_form='dott'" in lines[-1] and "cosine, dot" in lines[-1]
 
 
+@pytest.mark.parametrize("gate", ["stochastic", "gumbel"])
+def test_training_with_every_option_keeps_one_host_sync_per_step(tmp_path, monkeypatch, gate):
+    """A tiny pretraining run with the full later form: no option reads a tensor value on the host in the step."""
+    from conftest import write_image_folder
+    from test_host_syncs import check_counts, count_tiny_run
+
+    write_image_folder(tmp_path / "images")
+    options = dict(loss_form="dot", learnable_temperature="true", alpha=0.5, positive_normalization="anchor")
+    per_step = count_tiny_run(tmp_path, monkeypatch, gate=gate, projector_norm="batchnorm", **options)
+    check_counts(per_step, expected_steps=9)
+    log = [json.loads(line) for line in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
+    logged = next(record for record in log if "loss" in record)
+    assert {"logit_scale", "alpha"} <= set(logged) and ("gate_regularizer_loss" in logged) == (gate == "stochastic")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The ablation in benchmarks/reproduce.py, without the datasets library
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,7 +551,17 @@ def test_reproduce_runs_the_ablation_without_datasets(tmp_path):
     }
     output_dir = tmp_path / "ablation"
     command = [sys.executable, "benchmarks/reproduce.py", "benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml"]
-    command += ["--variants", "fastssl_full_distinct", "ablate_stochastic_gate", "--seeds", "0", "--threads", "1"]
+    command += [
+        "--variants",
+        "fastssl_full_distinct",
+        "ablate_stochastic_gate",
+        "--seeds",
+        "0",
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+    ]
     command += ["--output_dir", str(output_dir), "--override", "num_train_epochs=1", "eval_every=1"]
     command += ["max_train_samples=48", "max_eval_samples=20", "per_device_train_batch_size=24"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
