@@ -35,6 +35,19 @@ batch: 256 images x 3 repeated augmentations) and 2048.
 
 Targets (at B = 768): ours at least 8x faster and with at least 30x less extra peak memory than the baseline.
 
+Loss forms (``--forms``, default ``reference``; each gets its own table):
+
+* ``reference``: the gated cosine, fixed temperature, one mean over all positive pairs (above).
+* ``fastssl``: the authors' later form (erow/FastSSL ``model/simlap.py``): the gated dot product of the
+  unit-normalised embeddings ``<z_b * g_b * g_b, z_n>`` without renormalisation, a learnable logit scale
+  ``s = exp(scale_logit)``, ``alpha`` = 0.5 (learnable: ``- alpha * s * <z_b, z_n>``) and the per-anchor mean (each
+  anchor's terms divided by its positive count + 1e-6, then the mean over anchors). Ours: ``simlap_loss`` with
+  those options; baseline: the same formulation with the anchor-gated keys materialised as (B, N, K).
+* ``cosine_options``: the reference's gated cosine with the learnable logit scale, alpha 0.5 and the per-anchor
+  mean; the baseline materialises the gated keys as for ``reference``.
+
+The scale logit and alpha are leaf tensors that require gradients in both methods, so the backward computes theirs.
+
 How to run
 ----------
 From the repository root, with the package importable (for example inside its virtual environment)::
@@ -43,6 +56,7 @@ From the repository root, with the package importable (for example inside its vi
     python benchmarks/bench_loss.py --quick          # fewer repetitions
     python benchmarks/bench_loss.py --batch-sizes 256 768 --threads 2 --json loss.json
     python benchmarks/bench_loss.py --device cuda --batch-sizes 1024 4096 16384 --max-baseline-gib 120
+    python benchmarks/bench_loss.py --forms reference fastssl cosine_options --batch-sizes 768
 
 On a GPU (``--device cuda``) everything runs in this process: the times synchronise the device, and the extra
 peak memory is ``torch.cuda.max_memory_allocated`` during one forward + backward minus the memory allocated
@@ -55,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -79,6 +94,8 @@ if str(REPO_ROOT) not in sys.path:
 from simlap_hf.losses import simlap_loss  # noqa: E402
 
 METHODS = ("ours", "baseline")
+FORMS = ("reference", "fastssl", "cosine_options")
+ALPHA = 0.5
 FLOAT_BYTES = 4
 GIB = 1024**3
 MIB = 1024**2
@@ -122,9 +139,65 @@ def ours_loss(embeddings: Tensor, labels: Tensor, pair_labels: Tensor, gates: Te
     return simlap_loss(embeddings, labels, pair_labels, gates, temperature)
 
 
-LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]] = {
-    "ours": ours_loss,
-    "baseline": baseline_loss,
+def learnable_scalars(temperature: float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Leaf tensors (requiring gradients) of the later form: the scale logit log(1 / T) and alpha."""
+    scale_logit = torch.tensor(math.log(1.0 / temperature), device=like.device, requires_grad=True)
+    alpha = torch.tensor(ALPHA, device=like.device, requires_grad=True)
+    return scale_logit, alpha
+
+
+def ours_options_loss(form: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]:
+    """The package's B x N loss with the later options: learnable scale, alpha, per-anchor mean; ``form`` is the
+    similarity (``"dot"`` or ``"cosine"``)."""
+
+    def loss(embeddings: Tensor, labels: Tensor, pair_labels: Tensor, gates: Tensor, temperature: float) -> Tensor:
+        scale_logit, alpha = learnable_scalars(temperature, embeddings)
+        return simlap_loss(
+            embeddings,
+            labels,
+            pair_labels,
+            gates,
+            temperature,
+            form=form,
+            logit_scale=scale_logit.exp(),
+            alpha=alpha,
+            positive_normalization="anchor",
+        )
+
+    return loss
+
+
+def baseline_options_loss(form: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]:
+    """The later options with the gated keys materialised as a (B, N, K) tensor (keys = anchors): ``"dot"``:
+    ``<z_b / |z_b| * g_b, g_b * z_n / |z_n|>`` summed over K; ``"cosine"``: the reference's renormalised cosine.
+    Then ``s * sim - alpha * s * <z_b, z_n>`` and the per-anchor multi-positive InfoNCE."""
+
+    def loss(embeddings: Tensor, labels: Tensor, pair_labels: Tensor, gates: Tensor, temperature: float) -> Tensor:
+        scale_logit, alpha = learnable_scalars(temperature, embeddings)
+        scale = scale_logit.exp()
+        unit = F.normalize(embeddings, dim=1)  # (B, K); the keys are the anchors
+        if form == "dot":
+            gated_keys = gates[:, None, :] * unit[None, :, :]  # (B, N, K)
+            similarity = ((unit * gates)[:, None, :] * gated_keys).sum(dim=2)  # (B, N)
+        else:
+            gated_keys = gates[:, None, :] * embeddings[None, :, :]  # (B, N, K)
+            similarity = F.cosine_similarity((gates * embeddings)[:, None, :], gated_keys, dim=2)  # (B, N)
+        logits = scale * similarity - alpha * scale * (unit @ unit.T)
+        positive = labels[None, :] == pair_labels[:, None]  # (B, N)
+        negative = ~(positive | (labels[None, :] == labels[:, None]))
+        logits = logits - logits.mean(dim=1, keepdim=True).detach()
+        exp_logits = logits.exp()
+        negative_sum = (exp_logits * negative).sum(dim=1, keepdim=True)  # (B, 1)
+        terms = (torch.log(exp_logits + negative_sum) - logits) * positive  # (B, N)
+        return (terms.sum(dim=1) / (positive.sum(dim=1) + 1e-6)).mean()
+
+    return loss
+
+
+LOSSES: dict[str, dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]]] = {
+    "reference": {"ours": ours_loss, "baseline": baseline_loss},
+    "fastssl": {"ours": ours_options_loss("dot"), "baseline": baseline_options_loss("dot")},
+    "cosine_options": {"ours": ours_options_loss("cosine"), "baseline": baseline_options_loss("cosine")},
 }
 
 
@@ -144,13 +217,20 @@ def make_inputs(
 
 
 def forward_backward(
-    method: str, embeddings: Tensor, labels: Tensor, pair_labels: Tensor, gate_logits: Tensor, temperature: float
+    method: str,
+    embeddings: Tensor,
+    labels: Tensor,
+    pair_labels: Tensor,
+    gate_logits: Tensor,
+    temperature: float,
+    form: str = "reference",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward + backward of ``method``; returns (loss, d loss / d embeddings, d loss / d gate logits)."""
+    """One forward + backward of ``method`` in loss ``form``; returns (loss, d loss / d embeddings, d loss / d gate
+    logits)."""
     z = embeddings.detach().requires_grad_(True)
     raw = gate_logits.detach().requires_grad_(True)
     gates = torch.sigmoid(raw)
-    loss = LOSSES[method](z, labels, pair_labels, gates, temperature)
+    loss = LOSSES[form][method](z, labels, pair_labels, gates, temperature)
     loss.backward()
     return loss.detach(), z.grad, raw.grad
 
@@ -229,7 +309,7 @@ def child_measure(args: argparse.Namespace) -> dict[str, Any]:
     method, batch = args.child_method, args.child_batch
     torch.set_num_threads(args.threads)
     # Warm up the same code path on a tiny batch so thread pools and kernels are initialised before the baseline.
-    forward_backward(method, *make_inputs(8, args.dim, args.num_classes, args.seed + 1), args.temperature)
+    forward_backward(method, *make_inputs(8, args.dim, args.num_classes, args.seed + 1), args.temperature, args.form)
     inputs = make_inputs(batch, args.dim, args.num_classes, args.seed)
     base_rss = current_rss_bytes()
     base_max_rss = max_rss_bytes()
@@ -238,7 +318,7 @@ def child_measure(args: argparse.Namespace) -> dict[str, Any]:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         with PeakRSSSampler() as sampler:
-            loss, _, _ = forward_backward(method, *inputs, args.temperature)
+            loss, _, _ = forward_backward(method, *inputs, args.temperature, args.form)
     except (RuntimeError, MemoryError) as error:
         return {"method": method, "batch": batch, "ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
     peak = sampler.peak
@@ -260,14 +340,15 @@ def cuda_measure(args: argparse.Namespace, method: str, batch: int, cap_gib: flo
     forward + backward minus the memory allocated before it (inputs included in the base). ``cap_gib`` is unused
     here (the estimate gate in ``main`` applies); an out-of-memory error is caught and reported."""
     device = torch.device(args.device)
-    forward_backward(method, *make_inputs(8, args.dim, args.num_classes, args.seed + 1, args.device), args.temperature)
+    warmup_inputs = make_inputs(8, args.dim, args.num_classes, args.seed + 1, args.device)
+    forward_backward(method, *warmup_inputs, args.temperature, args.form)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     inputs = make_inputs(batch, args.dim, args.num_classes, args.seed, args.device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     try:
-        loss, _, _ = forward_backward(method, *inputs, args.temperature)
+        loss, _, _ = forward_backward(method, *inputs, args.temperature, args.form)
         torch.cuda.synchronize(device)
     except torch.cuda.OutOfMemoryError as error:
         return {"method": method, "batch": batch, "ok": False, "error": f"OutOfMemoryError: {error}"[:300]}
@@ -311,6 +392,8 @@ def run_child(args: argparse.Namespace, method: str, batch: int, cap_gib: float)
         str(args.temperature),
         "--seed",
         str(args.seed),
+        "--child-form",
+        args.form,
     ]
     completed = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
@@ -329,12 +412,12 @@ def time_method(args: argparse.Namespace, method: str, batch: int, repeats: int,
     """Median (and min/max) wall time in ms of forward + backward over ``repeats`` runs after ``warmup`` runs."""
     inputs = make_inputs(batch, args.dim, args.num_classes, args.seed, args.device)
     for _ in range(warmup):
-        forward_backward(method, *inputs, args.temperature)
+        forward_backward(method, *inputs, args.temperature, args.form)
     times = []
     for _ in range(repeats):
         synchronize(args.device)
         start = time.perf_counter()
-        forward_backward(method, *inputs, args.temperature)
+        forward_backward(method, *inputs, args.temperature, args.form)
         synchronize(args.device)
         times.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
@@ -343,8 +426,8 @@ def time_method(args: argparse.Namespace, method: str, batch: int, repeats: int,
 def check_agreement(args: argparse.Namespace, batch: int) -> dict[str, float]:
     """Largest absolute differences between ours and the baseline: loss, gradient of z, gradient of the gates."""
     inputs = make_inputs(batch, args.dim, args.num_classes, args.seed, args.device)
-    loss_a, grad_z_a, grad_g_a = forward_backward("ours", *inputs, args.temperature)
-    loss_b, grad_z_b, grad_g_b = forward_backward("baseline", *inputs, args.temperature)
+    loss_a, grad_z_a, grad_g_a = forward_backward("ours", *inputs, args.temperature, args.form)
+    loss_b, grad_z_b, grad_g_b = forward_backward("baseline", *inputs, args.temperature, args.form)
     return {
         "loss_ours": float(loss_a),
         "loss_baseline": float(loss_b),
@@ -405,64 +488,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 768, 2048], help="B values (N = B)")
-    parser.add_argument("--dim", type=int, default=256, help="embedding size K")
-    parser.add_argument("--num-classes", type=int, default=10, help="number of classes C")
-    parser.add_argument("--temperature", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 30, --quick 10)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up repetitions (default 3, --quick 1)")
-    parser.add_argument("--max-baseline-repeats", type=int, default=None, help="cap on the baseline's repetitions")
-    parser.add_argument("--max-baseline-gib", type=float, default=16.0, help="memory cap of the baseline (GiB)")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
-    parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
-    # Hidden flags of the memory-measuring child process.
-    parser.add_argument("--child-method", choices=METHODS, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--child-cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 10 if args.quick else 30
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 3
-    if args.max_baseline_repeats is None:
-        args.max_baseline_repeats = 3 if args.quick else 7
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.child_method is not None:
-        print(json.dumps(child_measure(args)), flush=True)
-        return
-
-    on_gpu = args.device.startswith("cuda")
-    if on_gpu and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was given but CUDA is not available")
-    torch.set_num_threads(args.threads)
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
-    print(f"command: {command}")
-    hardware = torch.cuda.get_device_name(args.device) if on_gpu else platform.processor() or platform.machine()
-    print(
-        f"torch {torch.__version__}, {f'device {args.device} ({hardware})' if on_gpu else hardware}, "
-        f"threads {torch.get_num_threads()}, "
-        f"K={args.dim}, C={args.num_classes}, T={args.temperature}, pairs: arbitrary, N = B, forward + backward"
-    )
-    available = torch.cuda.mem_get_info(args.device)[0] if on_gpu else available_memory_bytes()
-    measure_memory = cuda_measure if on_gpu else run_child
-    cap_bytes = args.max_baseline_gib * GIB
-    if available is not None:
-        cap_bytes = min(cap_bytes, 0.85 * available)
-    print(f"baseline memory cap: {cap_bytes / GIB:.1f} GiB (--max-baseline-gib {args.max_baseline_gib:g})")
-    print(f"load average at start: {load_average()} ({os.cpu_count()} CPUs; other processes distort the times)\n")
-
+def measure_form(
+    args: argparse.Namespace, cap_bytes: float, on_gpu: bool, measure_memory: Callable[..., dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Agreement, times and peak memory of ours and the baseline at every B, for the loss form ``args.form``;
+    prints the form's table and targets. Returns (rows, targets)."""
     rows: list[dict[str, Any]] = []
     bytes_per_element: float | None = None  # measured baseline extra peak per (B, N, K) element
     for batch in sorted(args.batch_sizes):
@@ -552,6 +582,79 @@ def main(argv: list[str] | None = None) -> None:
             f"Targets at B={TARGET_BATCH}: speed-up {target_row['speedup']:.1f}x (target >= {TARGET_SPEEDUP:g}x: "
             f"{'met' if speed_ok else 'NOT met'}), memory ratio {memory_text}"
         )
+    return rows, targets
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 768, 2048], help="B values (N = B)")
+    parser.add_argument("--dim", type=int, default=256, help="embedding size K")
+    parser.add_argument("--num-classes", type=int, default=10, help="number of classes C")
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 30, --quick 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up repetitions (default 3, --quick 1)")
+    parser.add_argument("--max-baseline-repeats", type=int, default=None, help="cap on the baseline's repetitions")
+    parser.add_argument("--max-baseline-gib", type=float, default=16.0, help="memory cap of the baseline (GiB)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
+    parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    parser.add_argument(
+        "--forms", nargs="+", choices=FORMS, default=["reference"], help="loss forms to measure, one table each"
+    )
+    # Hidden flags of the memory-measuring child process.
+    parser.add_argument("--child-method", choices=METHODS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--child-cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--child-form", choices=FORMS, default="reference", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.form = args.child_form
+    if args.repeats is None:
+        args.repeats = 10 if args.quick else 30
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 3
+    if args.max_baseline_repeats is None:
+        args.max_baseline_repeats = 3 if args.quick else 7
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child_method is not None:
+        print(json.dumps(child_measure(args)), flush=True)
+        return
+
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but CUDA is not available")
+    torch.set_num_threads(args.threads)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    print(f"command: {command}")
+    hardware = torch.cuda.get_device_name(args.device) if on_gpu else platform.processor() or platform.machine()
+    print(
+        f"torch {torch.__version__}, {f'device {args.device} ({hardware})' if on_gpu else hardware}, "
+        f"threads {torch.get_num_threads()}, "
+        f"K={args.dim}, C={args.num_classes}, T={args.temperature}, pairs: arbitrary, N = B, forward + backward"
+    )
+    available = torch.cuda.mem_get_info(args.device)[0] if on_gpu else available_memory_bytes()
+    measure_memory = cuda_measure if on_gpu else run_child
+    cap_bytes = args.max_baseline_gib * GIB
+    if available is not None:
+        cap_bytes = min(cap_bytes, 0.85 * available)
+    print(f"baseline memory cap: {cap_bytes / GIB:.1f} GiB (--max-baseline-gib {args.max_baseline_gib:g})")
+    print(f"load average at start: {load_average()} ({os.cpu_count()} CPUs; other processes distort the times)\n")
+
+    results: dict[str, dict[str, Any]] = {}
+    for form in args.forms:
+        args.form = form
+        print(f"=== loss form: {form} ===")
+        rows, targets = measure_form(args, cap_bytes, on_gpu, measure_memory)
+        results[form] = {"rows": rows, "targets": targets}
+        print()
     if args.json is not None:
         payload = {
             "command": command,
@@ -564,8 +667,9 @@ def main(argv: list[str] | None = None) -> None:
             "temperature": args.temperature,
             "baseline_cap_bytes": cap_bytes,
             "load_average_end": load_average(),
-            "rows": rows,
-            "targets": targets,
+            "rows": results[args.forms[0]]["rows"],
+            "targets": results[args.forms[0]]["targets"],
+            "forms": results,
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"results written to {args.json}")

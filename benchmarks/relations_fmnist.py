@@ -28,10 +28,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets import DatasetDict  # noqa: E402
-
-from simlap_hf.data import DataArguments, create_eval_dataloader, load_image_dataset, with_image_transforms  # noqa: E402
-from simlap_hf.embed import data_args_for_model, load_model  # noqa: E402
 from simlap_hf.relations import (  # noqa: E402
     MEASURES,
     ClassRelations,
@@ -40,6 +36,7 @@ from simlap_hf.relations import (  # noqa: E402
     ranked_pairs,
 )
 
+# The garment groups of Fashion-MNIST's classes (also the reference of benchmarks/reproduce.py's relation columns).
 GROUPS = [
     ["T-shirt/top", "Pullover", "Coat", "Shirt", "Dress"],
     ["Sandal", "Sneaker", "Ankle boot"],
@@ -53,6 +50,11 @@ def test_features(
     model_dir: Path, model: torch.nn.Module, max_samples: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of the Fashion-MNIST test split (the first ``max_samples`` after a seeded shuffle)."""
+    from datasets import DatasetDict
+
+    from simlap_hf.data import DataArguments, create_eval_dataloader, load_image_dataset, with_image_transforms
+    from simlap_hf.embed import data_args_for_model
+
     data_args = data_args_for_model(
         DataArguments(dataset_name="fashion_mnist", max_eval_samples=max_samples), model_dir, model
     )
@@ -99,6 +101,8 @@ class Precisions:
 def measure_seed(runs: Path, seed: int, max_test_samples: int | None, precisions: Precisions) -> None:
     """Every gate measure of the SimLAP model of ``seed``, and the class-mean cosine of its backbone features and of
     the cross-entropy model's (when trained)."""
+    from simlap_hf.embed import load_model
+
     simlap_dir = runs / f"simlap_fused_arbitrary_seed{seed}"
     model = load_model(simlap_dir)
     for measure in (name for name in MEASURES if name != "class_mean_cosine"):  # the gate measures

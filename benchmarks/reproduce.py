@@ -16,6 +16,17 @@ child process with the budget's flags, as a user would. Several processes can sh
 
 Finished variants are skipped when the command is run again (a killed reproduction continues where it stopped).
 Writes ``results.json``, ``results.md`` and ``results.png`` into the output folder.
+
+``--variants`` takes variant names or group names: ``paper`` (the default: the rows of the paper's comparison) and
+``ablation`` (the authors' later formulation, erow/FastSSL, in full and one change at a time against the reference
+form, with cross-entropy for comparison):
+
+    python benchmarks/reproduce.py benchmarks/configs/reproduce_fmnist_cpu_8ep.yaml --variants ablation \
+        --output_dir outputs/ablation_8ep
+
+Models with a feature filter trained on Fashion-MNIST also get the precision of their gate relations against the
+garment groups (``benchmarks/relations_fmnist.py``). Nothing here needs the ``datasets`` library when the data sets
+are array sources (Fashion-MNIST's IDX files, scikit-learn's digits).
 """
 
 from __future__ import annotations
@@ -38,15 +49,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets import DatasetDict  # noqa: E402
+from relations_fmnist import GROUPS as GARMENT_GROUPS  # noqa: E402
 
 from simlap_hf import SimLAPForImageClassification, SimLAPModel  # noqa: E402
-from simlap_hf.data import (  # noqa: E402
-    DataArguments,
-    create_eval_dataloader,
-    load_image_dataset,
-    with_image_transforms,
-)
+from simlap_hf.data import DataArguments  # noqa: E402
+from simlap_hf.data.loaders import prepare_data  # noqa: E402
 from simlap_hf.evaluation import (  # noqa: E402
     effective_rank,
     extract_features,
@@ -61,7 +68,20 @@ from simlap_hf.training import (  # noqa: E402
     parse_args,
 )
 
-# name: (script, flags). The rows of the paper's comparison.
+# The authors' later formulation (erow/FastSSL model/simlap.py): gated dot product, learnable temperature, alpha 0.5
+# and the per-anchor mean, with the fused gate and the LayerNorm projector (this package's default too).
+FASTSSL_FORM = [
+    "--loss_form",
+    "dot",
+    "--learnable_temperature",
+    "true",
+    "--alpha",
+    "0.5",
+    "--positive_normalization",
+    "anchor",
+]
+
+# name: (script, flags). The rows of the paper's comparison, then the ablation of the authors' later formulation.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "simlap_fused_arbitrary": ("pretrain", ["--gate", "fused", "--pair_mode", "arbitrary"]),
     "simlap_fused_identical": ("pretrain", ["--gate", "fused", "--pair_mode", "identical"]),
@@ -71,6 +91,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cross_entropy": ("finetune", ["--from_scratch", "--mixup", "0", "--cutmix", "0", "--smoothing", "0"]),
     # Not trained: the floor every trained variant should rise above (features of a freshly initialised backbone).
     "untrained": ("none", []),
+    "fastssl_full_arbitrary": ("pretrain", [*FASTSSL_FORM, "--pair_mode", "arbitrary"]),
+    "fastssl_full_distinct": ("pretrain", [*FASTSSL_FORM, "--pair_mode", "distinct"]),
+    "ablate_gated_dot": ("pretrain", ["--loss_form", "dot"]),
+    "ablate_learnable_temperature": ("pretrain", ["--learnable_temperature", "true"]),
+    "ablate_alpha": ("pretrain", ["--alpha", "0.5"]),
+    "ablate_anchor_normalization": ("pretrain", ["--positive_normalization", "anchor"]),
+    "ablate_gumbel_gate": ("pretrain", ["--gate", "gumbel"]),
+    "ablate_stochastic_gate": ("pretrain", ["--gate", "stochastic"]),
+    "ablate_batchnorm_projector": ("pretrain", ["--projector_norm", "batchnorm"]),
 }
 LABELS = {
     "simlap_fused_arbitrary": "SimLAP, fused gate, arbitrary pairs",
@@ -80,8 +109,61 @@ LABELS = {
     "supcon_open_arbitrary": "open gate, arbitrary pairs",
     "cross_entropy": "supervised cross-entropy",
     "untrained": "untrained network (reference floor)",
+    "fastssl_full_arbitrary": "authors' later form, arbitrary pairs",
+    "fastssl_full_distinct": "authors' later form, distinct pairs",
+    "ablate_gated_dot": "reference + gated dot product",
+    "ablate_learnable_temperature": "reference + learnable temperature",
+    "ablate_alpha": "reference + alpha 0.5",
+    "ablate_anchor_normalization": "reference + per-anchor mean",
+    "ablate_gumbel_gate": "reference + Gumbel gate",
+    "ablate_stochastic_gate": "reference + stochastic gate",
+    "ablate_batchnorm_projector": "reference + BatchNorm projector",
 }
-METRICS = ("online_top1", "knn_top1", "probe_top1", "effective_rank", "transfer_knn_top1", "transfer_probe_top1")
+# Named sets of variants for --variants: the paper's comparison (the default) and the ablation of the later form.
+VARIANT_GROUPS: dict[str, list[str]] = {
+    "paper": [
+        "simlap_fused_arbitrary",
+        "simlap_fused_identical",
+        "simlap_fused_distinct",
+        "supcon_open_identical",
+        "supcon_open_arbitrary",
+        "cross_entropy",
+        "untrained",
+    ],
+    "ablation": [
+        "simlap_fused_arbitrary",
+        "fastssl_full_arbitrary",
+        "fastssl_full_distinct",
+        "ablate_gated_dot",
+        "ablate_learnable_temperature",
+        "ablate_alpha",
+        "ablate_anchor_normalization",
+        "ablate_gumbel_gate",
+        "ablate_stochastic_gate",
+        "ablate_batchnorm_projector",
+        "cross_entropy",
+    ],
+}
+METRICS = (
+    "online_top1",
+    "knn_top1",
+    "probe_top1",
+    "effective_rank",
+    "transfer_knn_top1",
+    "transfer_probe_top1",
+    "relations_p5",
+    "relations_p10",
+)
+COLUMNS = {
+    "online_top1": "online head",
+    "knn_top1": "kNN",
+    "probe_top1": "linear probe",
+    "effective_rank": "effective rank",
+    "transfer_knn_top1": "digits kNN",
+    "transfer_probe_top1": "digits probe",
+    "relations_p5": "relations P@5",
+    "relations_p10": "relations P@10",
+}
 # The training script of each kind of variant, and the dataclasses its command line is parsed into.
 SCRIPTS = {"pretrain": ROOT / "train_pretrain.py", "finetune": ROOT / "train_finetune.py"}
 ARGUMENTS = {"pretrain": PRETRAIN_ARGUMENTS, "finetune": FINETUNE_ARGUMENTS}
@@ -99,7 +181,10 @@ def budget_flags(budget: dict[str, Any], script: str) -> list[str]:
 
 
 def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: dict[str, Any], seed: int):
-    """Sequential loaders (eval transform) of a data set's train and validation splits, and its class names."""
+    """Sequential loaders (eval transform) of a data set's train and validation splits, and its class names.
+
+    Built as training builds them (:func:`simlap_hf.data.loaders.prepare_data`), so an array source (Fashion-MNIST's
+    IDX files, digits) needs no ``datasets`` library."""
     train_cfg = budget["train"]
     data_args = DataArguments(
         dataset_name=dataset_name,
@@ -108,23 +193,32 @@ def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: d
         std=train_cfg.get("std"),
         max_train_samples=split_limit.get("train"),
         max_eval_samples=split_limit.get("validation"),
+        dataloader_num_workers=train_cfg.get("dataloader_num_workers"),
     )
-    dataset = load_image_dataset(data_args, seed=seed)
-    views = with_image_transforms(
-        DatasetDict(validation=dataset["validation"], train_eval=dataset["train"]),
-        data_args,
-        num_channels=train_cfg["num_channels"],
-    )
-    return (
-        create_eval_dataloader(views["train_eval"], 256),
-        create_eval_dataloader(views["validation"], 256),
-        dataset["train"].features["label"].names,
-    )
+    # The training loader it also builds is not used: batches of one image (its ra copies) fit any split.
+    data = prepare_data(data_args, train_cfg["num_channels"], data_args.ra, 256, seed)
+    return data.train_eval, data.validation, list(data.label_names)
+
+
+def relation_precisions(model: torch.nn.Module) -> dict[str, float]:
+    """Precision@5 and @10 of the default gate relation measure against the Fashion-MNIST garment groups, for a
+    model with a feature filter whose classes are the Fashion-MNIST classes; empty otherwise."""
+    from simlap_hf.relations import ClassRelations, precision_at_k
+
+    if getattr(model, "feature_filter", None) is None:
+        return {}
+    relations = ClassRelations.from_model(model)
+    index = {name: i for i, name in enumerate(relations.names)}
+    if not all(name in index for group in GARMENT_GROUPS for name in group):
+        return {}
+    groups = [[index[name] for name in group] for group in GARMENT_GROUPS]
+    return {f"relations_p{k}": precision_at_k(relations.relatedness, groups, k) for k in (5, 10)}
 
 
 def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Online head, kNN, linear probe, effective rank on Fashion-MNIST; kNN and probe transfer to digits."""
-    model.eval()
+    """Online head, kNN, linear probe, effective rank on Fashion-MNIST; kNN and probe transfer to digits. Features
+    are extracted on the GPU when there is one."""
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     results: dict[str, Any] = {}
     source_train, source_test, label_names = loaders["source"]
     train_out = extract_features(model, source_train, output_key="pooler_output", show_progress=False)
@@ -144,6 +238,7 @@ def evaluate_model(model: torch.nn.Module, loaders: dict[str, Any], seed: int) -
     transfer_test_out = extract_features(model, transfer_test, show_progress=False)
     results["transfer_knn_top1"] = knn_accuracy(*transfer_train_out, *transfer_test_out, len(transfer_names))
     results["transfer_probe_top1"] = linear_probe(*transfer_train_out, *transfer_test_out, seed=seed)["top1"]
+    results.update(relation_precisions(model))
     return results
 
 
@@ -208,14 +303,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
-    header = (
-        "| variant | online head | kNN | linear probe | effective rank | digits kNN | digits probe |\n"
-        "|---|---|---|---|---|---|---|"
-    )
+    """The results table; the relation precision columns only when a variant has them."""
+    metrics = [m for m in METRICS if not m.startswith("relations_") or any(m in e for e in summary.values())]
+    header = "| variant | " + " | ".join(COLUMNS[m] for m in metrics) + " |\n|---|" + "---|" * len(metrics)
     lines = [header]
     for entry in summary.values():
         cells = []
-        for metric in METRICS:
+        for metric in metrics:
             value = entry.get(metric)
             if value is None:
                 cells.append("-")
@@ -286,13 +380,37 @@ def apply_overrides(budget: dict[str, Any], overrides: list[str]) -> None:
         values[name] = yaml.safe_load(value)
 
 
+def expand_variants(names: list[str]) -> list[str]:
+    """Variant names with every group name replaced by its variants, in order, each once."""
+    expanded: list[str] = []
+    for name in names:
+        for variant in VARIANT_GROUPS.get(name, [name]):
+            if variant not in expanded:
+                expanded.append(variant)
+    return expanded
+
+
 def parse_options(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """The command line and the budget it names, with its ``--override`` values applied."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("budget", help="budget YAML file (benchmarks/configs/reproduce_*.yaml)")
     parser.add_argument("--output_dir", default="outputs/reproduce")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[*VARIANT_GROUPS, *VARIANTS],
+        default=["paper"],
+        metavar="NAME",
+        help=f"variants or groups of variants to run (default: paper). Groups: {', '.join(VARIANT_GROUPS)}; "
+        f"variants: {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="data loader worker processes of every training run and of the evaluation (default: the scripts' own, "
+        "0 without a GPU); e.g. 1 when several reproduce.py processes share a GPU machine's cores",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -310,11 +428,14 @@ def parse_options(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str,
         "(values are read as YAML; repeated --override flags add up, the last value of a key wins)",
     )
     options = parser.parse_args(argv)
+    options.variants = expand_variants(options.variants)
     budget = yaml.safe_load(Path(options.budget).read_text())
     try:
         apply_overrides(budget, options.override)
     except ValueError as error:
         parser.error(str(error))
+    if options.workers is not None:
+        budget["train"]["dataloader_num_workers"] = options.workers
     return options, budget
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from .losses import PAIR_MODES
+from .losses import LOSS_FORMS, PAIR_MODES, POSITIVE_NORMALIZATIONS
 
-GATE_KINDS = ("fused", "product", "open")
+GATE_KINDS = ("fused", "product", "open", "gumbel", "stochastic")
+#: Gate kinds with a feature filter (a learned g(y1, y2)); ``open`` has none.
+FILTER_GATE_KINDS = tuple(kind for kind in GATE_KINDS if kind != "open")
+PROJECTOR_NORMS = ("layernorm", "batchnorm", "none")
 
 
 def _check_choice(field: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -49,8 +53,10 @@ class SimLAPConfig(PretrainedConfig):
         mlp_dim: hidden size of the projector.
         filter_embed_dim: size of the label embedding of the feature filter.
         filter_hidden_dim: hidden size of the feature filter.
-        gate: ``"fused"`` (gate of the mean label embedding), ``"product"`` (product of the two single-class gates) or
-            ``"open"`` (no filter: supervised contrastive learning).
+        gate: ``"fused"`` (gate of the mean label embedding), ``"product"`` (product of the two single-class gates),
+            ``"open"`` (no filter: supervised contrastive learning), ``"gumbel"`` (Gumbel-sigmoid sample of the fused
+            gate's logits in training) or ``"stochastic"`` (stochastic gates: hard sigmoid of the fused mean plus
+            Gaussian noise in training). In evaluation mode every gate is deterministic (no noise).
         pair_mode: how the partner class y2 is drawn for each anchor: ``"arbitrary"`` (labels of a random permutation
             of the batch), ``"identical"`` (y2 = y1) or ``"distinct"`` (a random different class).
         temperature: softmax temperature of the gated cosine logits.
@@ -59,6 +65,24 @@ class SimLAPConfig(PretrainedConfig):
         image_size: input resolution the model was trained at (used by image processors and model cards).
         num_channels: number of input channels (passed to timm as ``in_chans``).
         classifier_dropout: dropout before the linear classifier of :class:`SimLAPForImageClassification`.
+
+    Options of the authors' later formulation (erow/FastSSL ``model/simlap.py``); the defaults are the reference form:
+        loss_form: ``"cosine"`` (reference: cosine of the gated, renormalised embeddings) or ``"dot"``
+            (``<z_b * g_b * g_b, z_n>`` of the unit-normalised embeddings, no renormalisation after gating).
+        learnable_temperature: learn the logit scale ``s = exp(scale_logit)``, ``scale_logit`` a parameter
+            initialised to ``log(1 / temperature)``; False: ``s = 1 / temperature`` fixed.
+        alpha: initial value of a learnable ``alpha``: ``alpha * s * <z_b, z_n>`` (plain cosine of the ungated
+            embeddings) is subtracted from the logits; 0 turns the term (and the parameter) off.
+        positive_normalization: ``"batch"`` (reference: one mean over all positive pairs of the batch) or
+            ``"anchor"`` (each anchor's InfoNCE terms divided by its positive count + 1e-6, then the mean over
+            anchors).
+        gumbel_temperature: temperature tau of the ``gumbel`` gate ``sigmoid((logits + Gumbel noise) / tau)``.
+        gumbel_straight_through: the ``gumbel`` gate's forward value is rounded to 0/1 with the soft gate's gradient.
+        stochastic_gate_sigma: standard deviation of the ``stochastic`` gate's noise.
+        stochastic_gate_lambda: weight of its regulariser, the mean Gaussian CDF of ``(mean + 0.5) / sigma`` (the
+            expected share of open gates), added to the loss.
+        projector_norm: last layer of the projector: ``"layernorm"`` (reference), ``"batchnorm"`` (BatchNorm1d
+            without affine parameters) or ``"none"``.
     """
 
     model_type = "simlap"
@@ -82,6 +106,15 @@ class SimLAPConfig(PretrainedConfig):
     image_size: int = 32
     num_channels: int = 3
     classifier_dropout: float = 0.0
+    loss_form: str = "cosine"
+    learnable_temperature: bool = False
+    alpha: float = 0.0
+    positive_normalization: str = "batch"
+    gumbel_temperature: float = 1.0
+    gumbel_straight_through: bool = False
+    stochastic_gate_sigma: float = 0.5
+    stochastic_gate_lambda: float = 1e-6
+    projector_norm: str = "layernorm"
 
     def __init__(
         self,
@@ -100,6 +133,15 @@ class SimLAPConfig(PretrainedConfig):
         image_size: int = 32,
         num_channels: int = 3,
         classifier_dropout: float = 0.0,
+        loss_form: str = "cosine",
+        learnable_temperature: bool = False,
+        alpha: float = 0.0,
+        positive_normalization: str = "batch",
+        gumbel_temperature: float = 1.0,
+        gumbel_straight_through: bool = False,
+        stochastic_gate_sigma: float = 0.5,
+        stochastic_gate_lambda: float = 1e-6,
+        projector_norm: str = "layernorm",
         **kwargs: Any,
     ) -> None:
         if num_classes is not None and "id2label" not in kwargs and "num_labels" not in kwargs:
@@ -111,6 +153,10 @@ class SimLAPConfig(PretrainedConfig):
         self.gate, self.pair_mode, self.temperature = gate, pair_mode, temperature
         self.gate_penalty, self.detach_head = gate_penalty, detach_head
         self.image_size, self.num_channels, self.classifier_dropout = image_size, num_channels, classifier_dropout
+        self.loss_form, self.learnable_temperature, self.alpha = loss_form, learnable_temperature, alpha
+        self.positive_normalization, self.projector_norm = positive_normalization, projector_norm
+        self.gumbel_temperature, self.gumbel_straight_through = gumbel_temperature, gumbel_straight_through
+        self.stochastic_gate_sigma, self.stochastic_gate_lambda = stochastic_gate_sigma, stochastic_gate_lambda
         self.validate()
         if num_classes is not None and self.num_labels != num_classes:
             raise ValueError(
@@ -138,6 +184,20 @@ class SimLAPConfig(PretrainedConfig):
         _check_choice("pair_mode", self.pair_mode, PAIR_MODES)
         _check_positive("temperature", self.temperature)
         _check_positive("gate_penalty", self.gate_penalty, strict=False)
+        _check_choice("loss_form", self.loss_form, LOSS_FORMS)
+        _check_choice("positive_normalization", self.positive_normalization, POSITIVE_NORMALIZATIONS)
+        _check_choice("projector_norm", self.projector_norm, PROJECTOR_NORMS)
+        for field in ("learnable_temperature", "gumbel_straight_through"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(
+                    f"SimLAPConfig.{field}={getattr(self, field)!r} is not valid; it must be True or False."
+                )
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"SimLAPConfig.alpha={self.alpha!r} is not valid; it must be a number >= 0 (0: off).")
+        _check_positive("gumbel_temperature", self.gumbel_temperature)
+        _check_positive("stochastic_gate_sigma", self.stochastic_gate_sigma)
+        _check_positive("stochastic_gate_lambda", self.stochastic_gate_lambda, strict=False)
         for field in ("out_dim", "mlp_dim", "filter_embed_dim", "filter_hidden_dim", "image_size", "num_channels"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
@@ -154,6 +214,9 @@ class SimLAPFuseConfig(SimLAPConfig):
     the SimLAP term).
 
     Args (on top of :class:`SimLAPConfig`; projector and feature filter fields are unused):
+        The options of the authors' later form (``loss_form`` ... ``projector_norm``) are SimLAPModel options;
+        SimLAP-Fuse ignores them.
+
         head_dim: width of the margin head's output, compared by cosine to the class weights. The SimLAP term gates
             backbone features with the class-weight signs, so it needs ``head_dim`` equal to the backbone width D;
             ``None`` (default) takes D when the model is built.

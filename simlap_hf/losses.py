@@ -7,7 +7,13 @@ The gated cosine between anchor b and key n is computed in the B x N form
 
     cos(g_b * z_b, g_b * z_n) = ((z * g^2) @ z^T)[b, n] / (||g_b * z_b|| * sqrt(((g^2) @ (z^2)^T)[b, n]))
 
-so no B x N x K tensor is ever built, and always in float32 (also under autocast).
+so no B x N x K tensor is ever built, and always in float32 at least (also under autocast; float64 inputs stay
+float64).
+
+The authors' later form (``form="dot"``, SPEC section 3b) is the gated dot product of the unit-normalised
+embeddings, ``<z_b * g_b * g_b, z_n>`` = ``((z * g^2) @ z^T)[b, n]`` without renormalisation after gating: B x N too.
+Options of both forms: a logit scale tensor (a learnable temperature), the ``alpha`` term
+``logit -= alpha * s * <z_b, z_n>`` and the per-anchor mean of the InfoNCE terms (``positive_normalization``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ from .utils import bernoulli_entropy
 
 PAIR_MODES = ("arbitrary", "identical", "distinct")
 POSITIVE_RULES = ("partner", "pair")
+LOSS_FORMS = ("cosine", "dot")
+POSITIVE_NORMALIZATIONS = ("batch", "anchor")
 _NORM_EPS = 1e-8
+# Added to each anchor's positive count in the per-anchor mean (the authors' value): an anchor without positives
+# contributes 0 instead of 0 / 0.
+_ANCHOR_COUNT_EPS = 1e-6
+
+
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32, or float64 when it is float64 (half precision inputs are upcast)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 def sample_pair_labels(
@@ -66,10 +82,10 @@ def gated_cosine(queries: Tensor, keys: Tensor, gates: Tensor) -> Tensor:
         gates: (B, K) gate of each anchor, values in [0, 1].
 
     Returns:
-        (B, N) float32 ``cos(g_b * z_b, g_b * z_n)``; 0 where a gated vector is zero.
+        (B, N) float32 (float64 for float64 inputs) ``cos(g_b * z_b, g_b * z_n)``; 0 where a gated vector is zero.
     """
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        queries, keys, gates = queries.float(), keys.float(), gates.float()
+        queries, keys, gates = at_least_float32(queries), at_least_float32(keys), at_least_float32(gates)
         gates_sq = gates * gates
         dots = (queries * gates_sq) @ keys.T  # (B, N)
         query_norm_sq = (gates_sq * queries * queries).sum(dim=1, keepdim=True)  # (B, 1)
@@ -77,6 +93,30 @@ def gated_cosine(queries: Tensor, keys: Tensor, gates: Tensor) -> Tensor:
         # Clamping inside the square root keeps the gradient finite when a gated vector is all zeros.
         denominator = (query_norm_sq.clamp_min(_NORM_EPS**2) * key_norm_sq.clamp_min(_NORM_EPS**2)).sqrt()
         return dots / denominator
+
+
+def gated_dot(queries: Tensor, keys: Tensor, gates: Tensor) -> Tensor:
+    """The authors' later similarity: dot product of the unit-normalised anchor, gated twice, and the unit-normalised
+    key, ``<z_b / ||z_b|| * g_b * g_b, z_n / ||z_n||>``, without renormalisation after gating.
+
+    Args:
+        queries: (B, K) anchor embeddings. keys: (N, K) key embeddings. gates: (B, K) gate of each anchor.
+
+    Returns:
+        (B, N) float32 (float64 for float64 inputs), in [-1, 1] for gates in [0, 1].
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        queries = F.normalize(at_least_float32(queries), dim=1)
+        keys = F.normalize(at_least_float32(keys), dim=1)
+        gates = at_least_float32(gates)
+        return (queries * (gates * gates)) @ keys.T
+
+
+def plain_cosine(queries: Tensor, keys: Tensor) -> Tensor:
+    """(B, K), (N, K) -> (B, N) cosine of the ungated embeddings, float32 at least (the ``alpha`` term)."""
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        queries = F.normalize(at_least_float32(queries), dim=1)
+        return queries @ F.normalize(at_least_float32(keys), dim=1).T
 
 
 def contrastive_masks(
@@ -103,7 +143,9 @@ def contrastive_masks(
     raise ValueError(f"positives={positives!r} is not valid; choose one of {', '.join(POSITIVE_RULES)}.")
 
 
-def multi_positive_infonce(logits: Tensor, positive: Tensor, negative: Tensor) -> tuple[Tensor, Tensor]:
+def multi_positive_infonce(
+    logits: Tensor, positive: Tensor, negative: Tensor, normalization: str = "batch"
+) -> tuple[Tensor, Tensor]:
     """Sum and count of the multi-positive InfoNCE terms.
 
     For every positive (b, p): ``l_bp = log(exp(logit_bp) + sum_{n in neg(b)} exp(logit_bn)) - logit_bp``,
@@ -111,16 +153,26 @@ def multi_positive_infonce(logits: Tensor, positive: Tensor, negative: Tensor) -
 
     Args:
         logits: (B, N) float32 logits. positive, negative: (B, N) bool masks.
+        normalization: ``"batch"``: the terms of all positive pairs are summed and counted (the loss is their mean,
+            one global mean); ``"anchor"``: each anchor's terms are divided by its positive count + 1e-6, and the
+            anchors are counted (the loss is the mean over anchors, an anchor without positives counting as 0).
 
     Returns:
-        (sum of l_bp over all positive pairs, number of positive pairs), both float32 scalars.
+        (sum, count), both scalars of the logits' dtype; the loss is sum / count.
     """
     # A finite fill (not -inf) keeps the log-sum-exp and its gradient finite for rows without negatives.
     very_negative = torch.finfo(logits.dtype).min
     negative_lse = torch.logsumexp(logits.masked_fill(~negative, very_negative), dim=1, keepdim=True)  # (B, 1)
     pair_terms = torch.logaddexp(logits, negative_lse) - logits  # (B, N)
     positive = positive.to(logits.dtype)
-    return (pair_terms * positive).sum(), positive.sum()
+    if normalization == "batch":
+        return (pair_terms * positive).sum(), positive.sum()
+    if normalization == "anchor":
+        per_anchor = (pair_terms * positive).sum(dim=1) / (positive.sum(dim=1) + _ANCHOR_COUNT_EPS)  # (B,)
+        return per_anchor.sum(), logits.new_full((), float(logits.shape[0]))
+    raise ValueError(
+        f"normalization={normalization!r} is not valid; choose one of {', '.join(POSITIVE_NORMALIZATIONS)}."
+    )
 
 
 @dataclass
@@ -128,9 +180,12 @@ class ContrastiveTerms:
     """What :func:`simlap_contrastive_terms` returns.
 
     Attributes:
-        loss_sum: scalar, sum of the InfoNCE terms of all positive pairs of the local anchors.
-        num_positives: scalar float32, number of those pairs.
-        cosine: (B, N) float32 gated cosines (for statistics).
+        loss_sum: scalar, sum of the InfoNCE terms of all positive pairs of the local anchors (with the per-anchor
+            normalisation: sum over the local anchors of their mean terms).
+        num_positives: scalar float32, number of those pairs (per-anchor normalisation: number of local anchors);
+            the loss is ``loss_sum / num_positives``.
+        cosine: (B, N) float32 gated similarities before scaling (for statistics): the gated cosine, or the gated
+            dot product of the ``"dot"`` form.
         positive, negative: (B, N) bool masks.
     """
 
@@ -150,34 +205,58 @@ def simlap_contrastive_terms(
     keys: Tensor | None = None,
     key_labels: Tensor | None = None,
     positives: str = "partner",
+    form: str = "cosine",
+    logit_scale: Tensor | None = None,
+    alpha: Tensor | float | None = None,
+    positive_normalization: str = "batch",
 ) -> ContrastiveTerms:
     """Unreduced SimLAP contrastive loss: the pieces needed for a global mean across processes.
 
     Args:
         embeddings: (B, K) anchor embeddings. labels, pair_labels: (B,) int64. gates: (B, K) in [0, 1].
-        temperature: logits are ``cos / temperature``.
+        temperature: logits are ``similarity / temperature`` (when ``logit_scale`` is None).
         keys: (N, K) key embeddings; defaults to ``embeddings``. key_labels: (N,); defaults to ``labels``.
         positives: see :func:`contrastive_masks`.
+        form: ``"cosine"`` (reference: :func:`gated_cosine`) or ``"dot"`` (the authors' later form:
+            :func:`gated_dot`).
+        logit_scale: scalar tensor s (a learnable temperature, ``exp`` of a parameter); logits are
+            ``s * similarity``. None: ``1 / temperature``.
+        alpha: scalar (tensor or float) or None; when given, ``alpha * s * <z_b, z_n>`` (the plain cosine of the
+            ungated embeddings) is subtracted from the logits.
+        positive_normalization: ``"batch"`` (one mean over all positive pairs) or ``"anchor"`` (mean per anchor,
+            then over anchors): see :func:`multi_positive_infonce`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} is not valid; it must be > 0.")
+    if form not in LOSS_FORMS:
+        raise ValueError(f"form={form!r} is not valid; choose one of {', '.join(LOSS_FORMS)}.")
     if keys is None:
         keys, key_labels = embeddings, labels
     elif key_labels is None:
         raise ValueError("key_labels must be given together with keys.")
-    cosine = gated_cosine(embeddings, keys, gates)
+    similarity = gated_cosine(embeddings, keys, gates) if form == "cosine" else gated_dot(embeddings, keys, gates)
     positive, negative = contrastive_masks(labels, pair_labels, key_labels, positives)
-    loss_sum, num_positives = multi_positive_infonce(cosine / temperature, positive, negative)
-    return ContrastiveTerms(loss_sum, num_positives, cosine, positive, negative)
+    if logit_scale is None and alpha is None:
+        logits = similarity / temperature  # the reference form, unchanged
+    else:
+        with torch.autocast(device_type=similarity.device.type, enabled=False):
+            scale = 1.0 / temperature if logit_scale is None else logit_scale.to(similarity.dtype)
+            logits = similarity * scale
+            if alpha is not None:
+                logits = logits - (alpha * scale) * plain_cosine(embeddings, keys)
+    loss_sum, num_positives = multi_positive_infonce(logits, positive, negative, positive_normalization)
+    return ContrastiveTerms(loss_sum, num_positives, similarity, positive, negative)
 
 
 def simlap_loss(
     embeddings: Tensor, labels: Tensor, pair_labels: Tensor, gates: Tensor, temperature: float = 0.1, **options: Any
 ) -> Tensor:
-    """SimLAP multi-positive InfoNCE: the mean over all positive pairs of the batch (0 when there are none).
+    """SimLAP multi-positive InfoNCE: the mean over all positive pairs of the batch (0 when there are none), or the
+    mean over anchors of their per-anchor means (``positive_normalization="anchor"``).
 
-    Shapes and ``options`` (``keys``, ``key_labels``, ``positives``) as in :func:`simlap_contrastive_terms`. Returns
-    a float32 scalar.
+    Shapes and ``options`` (``keys``, ``key_labels``, ``positives``, ``form``, ``logit_scale``, ``alpha``,
+    ``positive_normalization``) as in :func:`simlap_contrastive_terms`. Returns a float32 scalar (float64 for
+    float64 inputs).
     """
     terms = simlap_contrastive_terms(embeddings, labels, pair_labels, gates, temperature, **options)
     return terms.loss_sum / terms.num_positives.clamp_min(1.0)

@@ -208,6 +208,30 @@ def _preprocessing_section(config: Any, processor: Mapping[str, Any]) -> str:
     )
 
 
+# The config fields that set the SimLAP loss, the gates and the projector (the authors' later options included).
+LOSS_OPTION_FIELDS = (
+    "gate",
+    "pair_mode",
+    "temperature",
+    "loss_form",
+    "learnable_temperature",
+    "alpha",
+    "positive_normalization",
+    "projector_norm",
+)
+GATE_OPTION_FIELDS = {
+    "gumbel": ("gumbel_temperature", "gumbel_straight_through"),
+    "stochastic": ("stochastic_gate_sigma", "stochastic_gate_lambda"),
+}
+
+
+def _loss_options_section(config: Any) -> str:
+    """The pretraining model's loss, gate and projector options (``SimLAPConfig`` fields) as a table."""
+    fields = LOSS_OPTION_FIELDS + GATE_OPTION_FIELDS.get(config.gate, ())
+    rows = {field: getattr(config, field) for field in fields if hasattr(config, field)}
+    return "## SimLAP options\n\n" + _table("| config field | value |", rows)
+
+
 def _class_relations_section(output_dir: Path) -> str | None:
     """The summary of ``class_relations.json`` (and its heatmap) when the folder has one."""
     relations_file = output_dir / "class_relations.json"
@@ -265,6 +289,8 @@ def build_model_card(
     ]
     if processor is not None:
         sections.append(_preprocessing_section(config, processor))
+    if task == "pretrain":
+        sections.append(_loss_options_section(config))
     relations = _class_relations_section(output_dir)
     if relations is not None:
         sections.append(relations)

@@ -7,6 +7,7 @@ Shapes: B images, D backbone features, K projected embedding dimensions, C class
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
 from .losses import (
     arcgrad_logits,
+    at_least_float32,
     classification_loss,
     distributed_mean,
     gate_entropy,
@@ -95,8 +97,10 @@ def reject_unknown_arguments(forward: Callable, kwargs: dict) -> None:
 
 
 # The gates g(y1, y2) of the feature filter, by config.gate ('open' has no filter: g = 1). A new kind registers a
-# function (filter, labels (B,), pair_labels (B,)) -> (B, K) here and adds its name to configuration_simlap.GATE_KINDS.
-GATE_FUNCTIONS: dict[str, Callable[[SimLAPFeatureFilter, Tensor, Tensor], Tensor]] = {}
+# function (filter, labels (B,), pair_labels (B,)) -> (B, K) gates, or -> ((B, K) gates, scalar regulariser), here
+# and adds its name to configuration_simlap.GATE_KINDS. A gate with noise draws it only in training mode
+# (``filter.training``): in evaluation mode every gate is deterministic.
+GATE_FUNCTIONS: dict[str, Callable[[SimLAPFeatureFilter, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]] = {}
 
 
 def register_gate(name: str) -> Callable:
@@ -125,15 +129,28 @@ def _classifier_output(
 
 
 class SimLAPProjector(nn.Sequential):
-    """Linear(D, mlp) -> BatchNorm1d -> ReLU -> Linear(mlp, K, no bias) -> LayerNorm(K): (B, D) -> (B, K)."""
+    """Linear(D, mlp) -> BatchNorm1d -> ReLU -> Linear(mlp, K, no bias) -> last norm: (B, D) -> (B, K).
 
-    def __init__(self, in_dim: int, mlp_dim: int, out_dim: int) -> None:
+    The last norm (``norm``): ``"layernorm"`` LayerNorm(K) (reference), ``"batchnorm"`` BatchNorm1d(K) without affine
+    parameters, or ``"none"``.
+    """
+
+    def __init__(self, in_dim: int, mlp_dim: int, out_dim: int, norm: str = "layernorm") -> None:
+        last: list[nn.Module]
+        if norm == "layernorm":
+            last = [nn.LayerNorm(out_dim)]
+        elif norm == "batchnorm":
+            last = [nn.BatchNorm1d(out_dim, affine=False)]
+        elif norm == "none":
+            last = []
+        else:
+            raise ValueError(f"projector norm {norm!r} is not valid; choose one of layernorm, batchnorm, none.")
         super().__init__(
             nn.Linear(in_dim, mlp_dim),
             nn.BatchNorm1d(mlp_dim),
             nn.ReLU(inplace=True),
             nn.Linear(mlp_dim, out_dim, bias=False),
-            nn.LayerNorm(out_dim),
+            *last,
         )
 
 
@@ -142,16 +159,31 @@ class SimLAPFeatureFilter(nn.Module):
 
     Label embedding ``Embedding(C, E)`` then ReLU -> BatchNorm1d(E) -> Linear(E, H) -> ReLU -> BatchNorm1d(H) ->
     Linear(H, K) -> sigmoid. ``fused``: gate of the mean embedding of y1 and y2; ``product``: product of the two
-    single-class gates.
+    single-class gates; ``gumbel`` and ``stochastic``: noisy gates of the mean embedding's logits (see their functions;
+    the noise is drawn only in training mode).
+
+    ``gumbel_temperature``, ``gumbel_straight_through`` and ``stochastic_gate_sigma`` are the options of those kinds.
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, hidden_dim: int, out_dim: int, kind: str) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        kind: str,
+        gumbel_temperature: float = 1.0,
+        gumbel_straight_through: bool = False,
+        stochastic_gate_sigma: float = 0.5,
+    ) -> None:
         super().__init__()
         if kind not in GATE_FUNCTIONS:
             raise ValueError(
                 f"Unknown gate kind {kind!r} for the feature filter; registered: {sorted(GATE_FUNCTIONS)}."
             )
         self.kind = kind
+        self.gumbel_temperature, self.gumbel_straight_through = gumbel_temperature, gumbel_straight_through
+        self.stochastic_gate_sigma = stochastic_gate_sigma
         self.label_embedding = nn.Embedding(num_classes, embed_dim)
         self.mlp = nn.Sequential(
             nn.ReLU(),
@@ -164,14 +196,62 @@ class SimLAPFeatureFilter(nn.Module):
 
     def forward(self, labels: Tensor, pair_labels: Tensor) -> Tensor:
         """(B,), (B,) int64 -> (B, K) gates."""
-        return GATE_FUNCTIONS[self.kind](self, labels, pair_labels)
+        return self.gates_and_regularizer(labels, pair_labels)[0]
+
+    def gates_and_regularizer(self, labels: Tensor, pair_labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B,), (B,) int64 -> ((B, K) gates, the gate kind's scalar regulariser or None when it has none)."""
+        result = GATE_FUNCTIONS[self.kind](self, labels, pair_labels)
+        return result if isinstance(result, tuple) else (result, None)
+
+
+def fused_logits(feature_filter: SimLAPFeatureFilter, labels: Tensor, pair_labels: Tensor) -> Tensor:
+    """mlp((E[y1] + E[y2]) / 2): the (B, K) pre-activation of the gates of the mean label embedding."""
+    embedding = feature_filter.label_embedding
+    return feature_filter.mlp((embedding(labels) + embedding(pair_labels)) / 2)
 
 
 @register_gate("fused")
 def fused_gate(feature_filter: SimLAPFeatureFilter, labels: Tensor, pair_labels: Tensor) -> Tensor:
     """The paper's gate: sigmoid(mlp((E[y1] + E[y2]) / 2)), (B, K)."""
-    embedding = feature_filter.label_embedding
-    return torch.sigmoid(feature_filter.mlp((embedding(labels) + embedding(pair_labels)) / 2))
+    return torch.sigmoid(fused_logits(feature_filter, labels, pair_labels))
+
+
+# Keeps log(-log(u)) finite for u = 0 or 1 (the authors' constant).
+_GUMBEL_EPS = 1e-20
+
+
+@register_gate("gumbel")
+def gumbel_gate(feature_filter: SimLAPFeatureFilter, labels: Tensor, pair_labels: Tensor) -> Tensor:
+    """Gumbel-sigmoid gate of the fused logits l (B, K), tau = ``gumbel_temperature``.
+
+    Training mode: ``sigmoid((l + G) / tau)`` with Gumbel noise ``G = -log(-log(u))``, u ~ U(0, 1) per value (the
+    authors' sampler); with ``gumbel_straight_through`` the forward value is rounded to 0/1 while the gradient is the
+    soft gate's. Evaluation mode: the same without noise, ``sigmoid(l / tau)`` (rounded when straight-through).
+    """
+    logits = at_least_float32(fused_logits(feature_filter, labels, pair_labels))
+    if feature_filter.training:
+        uniform = torch.rand_like(logits)
+        logits = logits - torch.log(-torch.log(uniform + _GUMBEL_EPS) + _GUMBEL_EPS)
+    soft = torch.sigmoid(logits / feature_filter.gumbel_temperature)
+    if not feature_filter.gumbel_straight_through:
+        return soft
+    return torch.round(soft) - soft.detach() + soft
+
+
+@register_gate("stochastic")
+def stochastic_gate(feature_filter: SimLAPFeatureFilter, labels: Tensor, pair_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Stochastic gate (Yamada et al., "Feature Selection using Stochastic Gates") of the fused mean mu (B, K).
+
+    Training mode: ``clamp(mu + 0.5 + sigma * N(0, 1), 0, 1)``; evaluation mode: ``clamp(mu + 0.5, 0, 1)``. The
+    regulariser is the mean over the batch and the K dimensions of ``Phi((mu + 0.5) / sigma)`` (Phi the standard
+    Gaussian CDF: the probability that a gate is open), a float32 scalar.
+    """
+    mean = at_least_float32(fused_logits(feature_filter, labels, pair_labels))
+    sigma = feature_filter.stochastic_gate_sigma
+    shifted = mean + 0.5
+    noisy = shifted + sigma * torch.randn_like(mean) if feature_filter.training else shifted
+    regularizer = 0.5 * (1.0 + torch.erf(shifted / (sigma * math.sqrt(2.0))))
+    return noisy.clamp(0.0, 1.0), regularizer.mean()
 
 
 @register_gate("product")
@@ -315,6 +395,10 @@ class SimLAPModelOutput(ModelOutput):
         embeddings: (B, K) projected embeddings.
         pair_labels: (B,) partner classes drawn for the batch.
         gate_activation: mean over anchors of the sum of the K gate values.
+        gate_regularizer_loss: ``stochastic_gate_lambda`` times the stochastic gate's regulariser (part of ``loss``);
+            None for the other gates.
+        logit_scale: the learned logit scale s (``learnable_temperature``), else None.
+        alpha: the learned alpha (``alpha`` > 0), else None.
         gate_entropy: mean Bernoulli entropy of the gates.
         cos_own, cos_partner, cos_negative: mean gated cosine of own-class, partner-class and negative pairs.
         embedding_std: mean per-dimension std of the L2-normalised embeddings (collapse monitor).
@@ -334,6 +418,9 @@ class SimLAPModelOutput(ModelOutput):
     cos_partner: Tensor | None = None
     cos_negative: Tensor | None = None
     embedding_std: Tensor | None = None
+    gate_regularizer_loss: Tensor | None = None
+    logit_scale: Tensor | None = None
+    alpha: Tensor | None = None
 
 
 class SimLAPModel(SimLAPPreTrainedModel):
@@ -368,16 +455,39 @@ class SimLAPModel(SimLAPPreTrainedModel):
         super().__init__(config)
         self.backbone = self._build_backbone(config)
         feature_dim = self.backbone.num_features
-        self.projector = SimLAPProjector(feature_dim, config.mlp_dim, config.out_dim)
+        self.projector = SimLAPProjector(feature_dim, config.mlp_dim, config.out_dim, config.projector_norm)
         # The open gate has no filter at all: unused parameters would break data-parallel training.
         self.feature_filter = (
             None
             if config.gate == "open"
             else SimLAPFeatureFilter(
-                config.num_classes, config.filter_embed_dim, config.filter_hidden_dim, config.out_dim, config.gate
+                config.num_classes,
+                config.filter_embed_dim,
+                config.filter_hidden_dim,
+                config.out_dim,
+                config.gate,
+                gumbel_temperature=config.gumbel_temperature,
+                gumbel_straight_through=config.gumbel_straight_through,
+                stochastic_gate_sigma=config.stochastic_gate_sigma,
             )
         )
         self.online_head = nn.Linear(feature_dim, config.num_classes)
+        # The authors' later form: a learnable logit scale s = exp(scale_logit) and a learnable alpha, each only when
+        # enabled (the reference model has neither parameter, so its weights files are unchanged).
+        logged = list(type(self).logged_outputs)
+        if config.learnable_temperature:
+            self.scale_logit = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature)))
+            logged.append("logit_scale")
+        else:
+            self.register_parameter("scale_logit", None)
+        if config.alpha:
+            self.alpha = nn.Parameter(torch.tensor(float(config.alpha)))
+            logged.append("alpha")
+        else:
+            self.register_parameter("alpha", None)
+        if config.gate == "stochastic":
+            logged.append("gate_regularizer_loss")
+        self.logged_outputs = tuple(logged)
         self.post_init()
 
     @property
@@ -433,7 +543,11 @@ class SimLAPModel(SimLAPPreTrainedModel):
             pair_labels = sample_pair_labels(labels, config.pair_mode, config.num_classes)
         else:
             check_labels(pair_labels, config.num_classes, "pair_labels", synchronize=not self.training)
-        gates = self._gates(labels, pair_labels)  # (B, K)
+        regularizer = None
+        if self.feature_filter is None:
+            gates = self._gates(labels, pair_labels)  # (B, K) ones
+        else:
+            gates, regularizer = self.feature_filter.gates_and_regularizer(labels, pair_labels)  # (B, K), scalar
         embeddings = output.embeddings
         if gather_keys is None:
             gather_keys = self.training and is_distributed()
@@ -441,12 +555,32 @@ class SimLAPModel(SimLAPPreTrainedModel):
         if gather_keys:
             keys, key_labels = gather_with_grad(embeddings), gather_labels(labels)
             offset = torch.distributed.get_rank() * embeddings.shape[0]
-        terms = simlap_contrastive_terms(embeddings, labels, pair_labels, gates, config.temperature, keys, key_labels)
+        logit_scale = self.scale_logit.exp() if self.scale_logit is not None else None
+        terms = simlap_contrastive_terms(
+            embeddings,
+            labels,
+            pair_labels,
+            gates,
+            config.temperature,
+            keys,
+            key_labels,
+            form=config.loss_form,
+            logit_scale=logit_scale,
+            alpha=self.alpha,
+            positive_normalization=config.positive_normalization,
+        )
         contrastive = distributed_mean(terms.loss_sum, terms.num_positives, gathered=gather_keys)
         head_loss = classification_loss(output.logits, labels)  # the online head: no label smoothing
         entropy = gate_entropy(gates)
         penalty = config.gate_penalty * entropy
         output.loss = contrastive + head_loss + penalty
+        if regularizer is not None:
+            output.gate_regularizer_loss = config.stochastic_gate_lambda * regularizer
+            output.loss = output.loss + output.gate_regularizer_loss
+        if logit_scale is not None:
+            output.logit_scale = logit_scale.detach()
+        if self.alpha is not None:
+            output.alpha = self.alpha.detach()
         output.contrastive_loss = contrastive
         output.head_loss = head_loss
         output.gate_penalty_loss = penalty
@@ -466,7 +600,13 @@ class SimLAPForImageClassification(SimLAPPreTrainedModel):
 
     _auto_class = "AutoModelForImageClassification"  # saved folders carry this code (remote code, see SimLAPConfig)
 
-    _keys_to_ignore_on_load_unexpected = [r"^projector\.", r"^feature_filter\.", r"^online_head\."]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^projector\.",
+        r"^feature_filter\.",
+        r"^online_head\.",
+        r"^scale_logit$",
+        r"^alpha$",
+    ]
 
     def __init__(self, config: SimLAPConfig) -> None:
         super().__init__(config)

@@ -274,12 +274,13 @@ def save_class_relations(model: nn.Module, output_dir: str | os.PathLike, measur
     """Write ``class_relations.json`` and its heatmap beside a saved model; False (nothing written) for a model
     without a feature filter (open gate) or without gates."""
     from .analysis.gates import gate_kind
+    from .configuration_simlap import FILTER_GATE_KINDS
 
     try:
         kind = gate_kind(model)
     except (TypeError, ValueError, AttributeError):
         return False
-    if kind not in ("fused", "product"):  # no filter (open), none at all, or Fuse's binary sign gates
+    if kind not in FILTER_GATE_KINDS:  # no filter (open), none at all, or Fuse's binary sign gates
         return False
     relations = ClassRelations.from_model(model, measure)
     relations.save(Path(output_dir) / RELATIONS_FILE)

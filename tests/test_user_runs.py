@@ -60,6 +60,8 @@ README_COMMAND_TESTS = {
     "accelerate launch train_finetune.py configs/finetune_cifar10_resnet18.yaml --model_name resnet18 "
     "--from_scratch --output_dir outputs/cross_entropy/cifar10_resnet18": "test_finetune_from_scratch_command",
     "accelerate launch train_fuse.py configs/fuse_cifar10_resnet18.yaml": "test_seed_fuse_command",
+    "accelerate launch train_pretrain.py "
+    "configs/pretrain_cifar10_resnet18_fastssl.yaml": "test_fastssl_pretrain_config",
     "python train_pretrain.py --dataset_name digits --output_dir outputs/digits "
     "--num_train_epochs 2": "test_flag_only_digits_command",
     "python train_pretrain.py configs/quickstart_digits.yaml --num_train_epochs 1": "test_quickstart_command",
@@ -319,6 +321,30 @@ def test_seed_fuse_command(workdir, cifar10, tmp_path):
     output_dir = workdir / "outputs" / "simlap" / "cifar10_resnet18_fuse"
     assert json.loads((output_dir / "config.json").read_text())["model_type"] == "simlap_fuse"
     assert results_of(output_dir)["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_fastssl_pretrain_config(workdir, tmp_path):
+    """configs/pretrain_cifar10_resnet18_fastssl.yaml as written (batch 1024 = 512 images x ra 2, fp16 -> bf16 on a
+    CPU), on a CIFAR-10 stand-in of 52 training images per class: one step of one epoch."""
+    cifar10 = write_standin(tmp_path / "cifar10", CIFAR10_NAMES, "img", "label", 32, "RGB", 52, 2)
+    (command,) = command_for("test_fastssl_pretrain_config")
+    run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", env=accelerate_env(tmp_path))
+    output_dir = workdir / "outputs" / "simlap_fastssl" / "cifar10_resnet18"
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (config["loss_form"], config["learnable_temperature"], config["alpha"]) == ("dot", True, 0.0)
+    assert (config["positive_normalization"], config["projector_norm"], config["gate"]) == (
+        "anchor",
+        "layernorm",
+        "fused",
+    )
+    assert config["backbone_kwargs"] == {"stem_type": "deep", "output_stride": 8}
+    results = results_of(output_dir)
+    assert results["global_step"] == 1 and results["epochs"] == 1  # 520 images: one batch of 512 images x 2
+    from safetensors import safe_open
+
+    with safe_open(str(output_dir / "model.safetensors"), "pt") as weights:
+        assert "scale_logit" in weights.keys() and "alpha" not in weights.keys()  # learnable temperature, alpha off
 
 
 # ----------------------------------------------------------------------------------------------------------------

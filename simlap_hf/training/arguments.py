@@ -173,12 +173,47 @@ class BackboneArguments:
 class PretrainModelArguments(BackboneArguments):
     """The SimLAP model: timm backbone, projector, feature filter and loss."""
 
-    gate: str = field(default="fused", metadata={"help": "Feature filter: fused, product or open (SupCon)."})
+    gate: str = field(
+        default="fused",
+        metadata={
+            "help": "Feature filter: fused, product, open (SupCon), gumbel (Gumbel-sigmoid) or stochastic "
+            "(stochastic gates); gumbel and stochastic draw noise in training only."
+        },
+    )
     pair_mode: str = field(default="arbitrary", metadata={"help": "Partner classes: arbitrary, identical, distinct."})
     temperature: float = field(default=0.1, metadata={"help": "Temperature of the gated cosine logits."})
     out_dim: int = field(default=256, metadata={"help": "Projection size K."})
     mlp_dim: int = field(default=2048, metadata={"help": "Hidden size of the projector."})
     gate_penalty: float = field(default=0.0, metadata={"help": "Weight of the gate entropy penalty."})
+    loss_form: str = field(
+        default="cosine",
+        metadata={
+            "help": "cosine (reference: cosine of the gated, renormalised embeddings) or dot (the authors' later "
+            "form: <z * g * g, z'> of the unit-normalised embeddings, no renormalisation)."
+        },
+    )
+    learnable_temperature: bool = field(
+        default=False, metadata={"help": "Learn the logit scale s = exp(scale_logit), starting at 1 / temperature."}
+    )
+    alpha: float = field(
+        default=0.0,
+        metadata={"help": "Initial value of a learnable alpha: logits -= alpha * s * cos(z, z'); 0 turns it off."},
+    )
+    positive_normalization: str = field(
+        default="batch",
+        metadata={"help": "batch (one mean over all positive pairs) or anchor (mean per anchor, then over anchors)."},
+    )
+    gumbel_temperature: float = field(default=1.0, metadata={"help": "Temperature of the gumbel gate."})
+    gumbel_straight_through: bool = field(
+        default=False, metadata={"help": "Round the gumbel gate to 0/1 in the forward pass (straight-through)."}
+    )
+    stochastic_gate_sigma: float = field(default=0.5, metadata={"help": "Noise std of the stochastic gate."})
+    stochastic_gate_lambda: float = field(
+        default=1e-6, metadata={"help": "Weight of the stochastic gate's regulariser (mean Gaussian CDF)."}
+    )
+    projector_norm: str = field(
+        default="layernorm", metadata={"help": "Last layer of the projector: layernorm, batchnorm or none."}
+    )
     sup_loss: bool = field(
         default=False, metadata={"help": "Let the online head's cross-entropy train the backbone (not detached)."}
     )

@@ -46,7 +46,26 @@ def build_pretrain_config(
     model_args: PretrainModelArguments, data_args: DataArguments, label_names: Sequence[str]
 ) -> SimLAPConfig:
     """The :class:`SimLAPModel` configuration of ``train_pretrain.py``."""
-    model = _copied(model_args, ("out_dim", "mlp_dim", "gate", "pair_mode", "temperature", "gate_penalty"))
+    model = _copied(
+        model_args,
+        (
+            "out_dim",
+            "mlp_dim",
+            "gate",
+            "pair_mode",
+            "temperature",
+            "gate_penalty",
+            "loss_form",
+            "learnable_temperature",
+            "alpha",
+            "positive_normalization",
+            "gumbel_temperature",
+            "gumbel_straight_through",
+            "stochastic_gate_sigma",
+            "stochastic_gate_lambda",
+            "projector_norm",
+        ),
+    )
     return SimLAPConfig(
         **_backbone_fields(model_args, data_args),
         **model,
