@@ -320,24 +320,30 @@ ONNX_FILE = "model.onnx"
 QUANTIZED_ONNX_FILE = "model.int8.onnx"
 
 
-def load_simlap_model(model_dir: str | os.PathLike) -> nn.Module:
-    """Load any saved SimLAP model (pretrained SimLAPModel, fine-tuned classifier or SimLAP-Fuse) in eval mode."""
+def saved_model_class(model_dir: str | os.PathLike) -> tuple[type, Any]:
+    """The SimLAP model class (SimLAPModel, SimLAPForImageClassification or SimLAPFuseForImageClassification) and
+    the configuration of a saved folder, read without loading weights."""
     from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
     from .modeling_simlap import SimLAPForImageClassification, SimLAPFuseForImageClassification, SimLAPModel
 
-    model_dir = local_model_folder(model_dir)
+    model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(model_dir)!r} holds no config.json: it is not a saved SimLAP model folder.")
     values = json.loads(config_file.read_text())
     if values.get("model_type") == "simlap_fuse":
-        return SimLAPFuseForImageClassification.from_pretrained(
-            model_dir, config=SimLAPFuseConfig.from_pretrained(model_dir)
-        ).eval()
+        return SimLAPFuseForImageClassification, SimLAPFuseConfig.from_pretrained(model_dir)
     if values.get("model_type") != "simlap":
         raise ValueError(f"{str(model_dir)!r} is not a SimLAP model folder (model_type={values.get('model_type')!r}).")
     model_class = SimLAPModel if "SimLAPModel" in (values.get("architectures") or []) else SimLAPForImageClassification
-    return model_class.from_pretrained(model_dir, config=SimLAPConfig.from_pretrained(model_dir)).eval()
+    return model_class, SimLAPConfig.from_pretrained(model_dir)
+
+
+def load_simlap_model(model_dir: str | os.PathLike) -> nn.Module:
+    """Load any saved SimLAP model (pretrained SimLAPModel, fine-tuned classifier or SimLAP-Fuse) in eval mode."""
+    model_dir = local_model_folder(model_dir)
+    model_class, config = saved_model_class(model_dir)
+    return model_class.from_pretrained(model_dir, config=config).eval()
 
 
 class OnnxGraph(nn.Module):
@@ -355,11 +361,11 @@ class OnnxGraph(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def _onnx_task(model: nn.Module, task: str) -> str:
+def _onnx_task(model_class: type, task: str) -> str:
     """``task`` resolved: 'auto' is feature extraction for a pretrained SimLAPModel, classification otherwise."""
     if task not in ONNX_TASKS:
         raise ValueError(f"--task {task!r} is not valid; choose one of {', '.join(ONNX_TASKS)}.")
-    pretrained = type(model).__name__ == "SimLAPModel"
+    pretrained = model_class.__name__ == "SimLAPModel"
     if task == "auto":
         return "feature-extraction" if pretrained else "image-classification"
     if task == "image-classification" and pretrained:
@@ -417,16 +423,18 @@ def export_onnx(
         ``output_dir`` as a Path.
     """
     _require_onnx()
+    # Every check before the weights are loaded.
     if isinstance(model, (str, os.PathLike)):
-        source_dir = local_model_folder(model) if source_dir is None else source_dir
-        model = load_simlap_model(source_dir)
+        model = local_model_folder(model)
+        source_dir = model if source_dir is None else source_dir
+        model_class, config = saved_model_class(model)
+    else:
+        model_class, config = type(model), model.config
     if source_dir is None or not (Path(source_dir) / PREPROCESSOR_FILE).is_file():
         raise FileNotFoundError(
             f"The ONNX export carries the model's image processor: pass a model folder holding {PREPROCESSOR_FILE} "
             "(the training scripts save one)."
         )
-    model = model.float().eval().cpu()
-    config = model.config
     processor = SimLAPImageProcessor.from_pretrained(source_dir)
     if processor.size != config.image_size or processor.num_channels != config.num_channels:
         raise ValueError(
@@ -434,7 +442,10 @@ def export_onnx(
             f"{processor.size} images but config.json says {config.num_channels} x {config.image_size} x "
             f"{config.image_size}: the folder was not written by one run."
         )
-    task = _onnx_task(model, task)
+    task = _onnx_task(model_class, task)
+    if not isinstance(model, nn.Module):
+        model = model_class.from_pretrained(model, config=config)
+    model = model.float().eval().cpu()
     graph = OnnxGraph(model, features=task == "feature-extraction").eval()
     output_name = "pooler_output" if task == "feature-extraction" else "logits"
     out = Path(output_dir)
@@ -459,7 +470,13 @@ def export_onnx(
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(onnx_file), str(out / QUANTIZED_ONNX_FILE), weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor it leaves alone at INFO
+        try:
+            quantize_dynamic(str(onnx_file), str(out / QUANTIZED_ONNX_FILE), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         files.append(out / QUANTIZED_ONNX_FILE)
     if check:
         probe = torch.randn(3, *example.shape[1:], generator=torch.Generator().manual_seed(0))
