@@ -138,6 +138,11 @@ class SimLAPImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         if isinstance(size, dict):  # tolerate the transformers convention {"shortest_edge": n} / {"height": n, ...}
             size = size.get("shortest_edge", size.get("height"))
+        if num_channels in (1, 3) and (len(image_mean) != num_channels or len(image_std) != num_channels):
+            raise ValueError(
+                f"image_mean and image_std need {num_channels} values (num_channels={num_channels}), "
+                f"got {list(image_mean)} and {list(image_std)}."
+            )
         self.transform = EvalTransform(int(size), crop_pct, interpolation, image_mean, image_std, num_channels)
         self.size = int(size)
         self.crop_pct = float(crop_pct)
