@@ -250,6 +250,7 @@ def export_timm(
         ``output_dir`` as a Path.
     """
     if isinstance(model, (str, os.PathLike)):
+        model = local_model_folder(model)
         source_dir = model if source_dir is None else source_dir
         model = load_simlap_classifier(model)
     model = model.eval()

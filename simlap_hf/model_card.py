@@ -199,14 +199,14 @@ def usage_section(task: str, config: Any, repo: str) -> str:
         "## How to use",
         f"### {USAGE_WITH_PACKAGE}\n\n`pip install simlap-hf`, then:\n\n"
         + _code("python", PACKAGE_SNIPPETS[kind].format(**values)),
-        f"### {USAGE_REMOTE_CODE}\n\nOnly torch, timm and transformers are needed: the folder carries the model, "
-        "configuration and image processor code, which `trust_remote_code=True` runs.\n\n"
+        f"### {USAGE_REMOTE_CODE}\n\nOnly torch, timm, transformers and Pillow are needed: the folder carries the "
+        "model, configuration and image processor code, which `trust_remote_code=True` runs.\n\n"
         + "\n\n".join(_code("python", snippet.format(**values)) for snippet in remote),
         f"### {USAGE_ONNX}\n\nExport once (`pip install 'simlap-hf[onnx]'`): `model.onnx` takes `pixel_values` "
         f"(batch, {channels}, {size}, {size}) and returns the {output}; the image processor is saved beside it.\n\n"
         + _code("bash", ONNX_EXPORT_COMMAND.format(**values))
-        + "\n\nThen only onnxruntime, numpy, Pillow and transformers (for the processor) are needed:\n\n"
-        + _code("python", ONNX_SNIPPETS[kind].format(**values)),
+        + "\n\nThen neither SimLAP-HF nor timm is needed (onnxruntime and Pillow; transformers and torch for the "
+        "image processor):\n\n" + _code("python", ONNX_SNIPPETS[kind].format(**values)),
     ]
     return "\n\n".join(parts)
 
