@@ -1,7 +1,7 @@
-"""Export a SimLAP classifier as a plain timm model folder.
+"""Export a SimLAP model as a plain timm model folder (``--format timm``) or as ONNX (``--format onnx``).
 
-The folder (``config.json`` in timm's format, ``model.safetensors`` with timm's own parameter names, ``README.md``)
-loads without SimLAP-HF and without remote code:
+timm: the folder (``config.json`` in timm's format, ``model.safetensors`` with timm's own parameter names,
+``README.md``) loads without SimLAP-HF and without remote code:
 
     timm.create_model("local-dir:OUT_DIR", pretrained=True)
     transformers.AutoModelForImageClassification.from_pretrained("OUT_DIR")  # TimmWrapperForImageClassification
@@ -16,10 +16,19 @@ the same rules (:func:`export_preprocessing`).
 Command line::
 
     python -m simlap_hf.export MODEL_DIR OUT_DIR [--mean M M M --std S S S --crop_pct 0.875 --interpolation bicubic]
+    python -m simlap_hf.export --format onnx MODEL_DIR OUT_DIR [--task feature-extraction] [--quantize]
 
 A :class:`~simlap_hf.SimLAPForImageClassification` exports its backbone and ``classifier``; a
 :class:`~simlap_hf.SimLAPModel` (pretraining) its backbone and online linear head. SimLAP-Fuse classifies with a
 cosine margin head that timm models do not have, so it cannot be exported this way.
+
+ONNX (:func:`export_onnx`, through ``torch.onnx.export``): ``model.onnx`` takes ``pixel_values`` (B, C, S, S) with a
+dynamic batch axis and returns ``logits`` (B, num_labels) for a classifier (fine-tuned or Fuse) or ``pooler_output``
+(B, D), the pooled backbone features, for a pretrained model (or any model with ``--task feature-extraction``). The
+folder also holds the model's ``config.json`` (labels, input size), its image processor (``preprocessor_config.json``
+and ``image_processing_simlap.py``, which ``AutoImageProcessor`` loads with ``trust_remote_code=True``) and, with
+``--quantize``, ``model.int8.onnx`` (onnxruntime's dynamic INT8 quantisation, for CPU serving). Each export is
+checked with onnxruntime against the PyTorch model.
 
 Note: timm 1.0.31's ``save_for_hf`` writes ``num_classes`` into ``model_args``, which makes transformers' TimmWrapper
 fail with "got multiple values for keyword argument 'num_classes'"; the configuration is therefore written here.
@@ -32,6 +41,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +53,7 @@ from torch import nn
 
 from .data.arguments import DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION
 from .data.preprocessing import PREPROCESSOR_FILE, Preprocessing, channel_stats, preprocessing_from_processor
+from .image_processing_simlap import SimLAPImageProcessor
 
 logger = logging.getLogger("simlap_hf")
 
@@ -239,6 +250,7 @@ def export_timm(
         ``output_dir`` as a Path.
     """
     if isinstance(model, (str, os.PathLike)):
+        model = local_model_folder(model)
         source_dir = model if source_dir is None else source_dir
         model = load_simlap_classifier(model)
     model = model.eval()
@@ -270,11 +282,23 @@ def export_timm(
     return out
 
 
+def local_model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local model folder: ``name_or_path`` itself when it exists, else the download of the Hub repository of
+    that id (``huggingface_hub.snapshot_download``)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or len(path.parts) != 2 or str(name_or_path).startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.py"]))
+
+
 def load_simlap_classifier(model_dir: str | os.PathLike) -> nn.Module:
     """Load a saved SimLAPForImageClassification (or SimLAPModel, for its online head) from ``model_dir``."""
     from .configuration_simlap import SimLAPConfig
     from .modeling_simlap import SimLAPForImageClassification, SimLAPModel
 
+    model_dir = local_model_folder(model_dir)
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(model_dir)!r} holds no config.json: it is not a saved SimLAP model folder.")
@@ -292,35 +316,227 @@ def load_simlap_classifier(model_dir: str | os.PathLike) -> nn.Module:
     return model_class.from_pretrained(model_dir, config=config).eval()
 
 
+ONNX_TASKS = ("auto", "image-classification", "feature-extraction")
+ONNX_FILE = "model.onnx"
+QUANTIZED_ONNX_FILE = "model.int8.onnx"
+
+
+def saved_model_class(model_dir: str | os.PathLike) -> tuple[type, Any]:
+    """The SimLAP model class (SimLAPModel, SimLAPForImageClassification or SimLAPFuseForImageClassification) and
+    the configuration of a saved folder, read without loading weights."""
+    from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
+    from .modeling_simlap import SimLAPForImageClassification, SimLAPFuseForImageClassification, SimLAPModel
+
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(model_dir)!r} holds no config.json: it is not a saved SimLAP model folder.")
+    values = json.loads(config_file.read_text())
+    if values.get("model_type") == "simlap_fuse":
+        return SimLAPFuseForImageClassification, SimLAPFuseConfig.from_pretrained(model_dir)
+    if values.get("model_type") != "simlap":
+        raise ValueError(f"{str(model_dir)!r} is not a SimLAP model folder (model_type={values.get('model_type')!r}).")
+    model_class = SimLAPModel if "SimLAPModel" in (values.get("architectures") or []) else SimLAPForImageClassification
+    return model_class, SimLAPConfig.from_pretrained(model_dir)
+
+
+def load_simlap_model(model_dir: str | os.PathLike) -> nn.Module:
+    """Load any saved SimLAP model (pretrained SimLAPModel, fine-tuned classifier or SimLAP-Fuse) in eval mode."""
+    model_dir = local_model_folder(model_dir)
+    model_class, config = saved_model_class(model_dir)
+    return model_class.from_pretrained(model_dir, config=config).eval()
+
+
+class OnnxGraph(nn.Module):
+    """The exported computation: (B, C, S, S) ``pixel_values`` -> (B, num_labels) logits or (B, D) pooled
+    features."""
+
+    def __init__(self, model: nn.Module, features: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.features = features
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.features:
+            return self.model.get_image_features(pixel_values)
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _onnx_task(model_class: type, task: str) -> str:
+    """``task`` resolved: 'auto' is feature extraction for a pretrained SimLAPModel, classification otherwise."""
+    if task not in ONNX_TASKS:
+        raise ValueError(f"--task {task!r} is not valid; choose one of {', '.join(ONNX_TASKS)}.")
+    pretrained = model_class.__name__ == "SimLAPModel"
+    if task == "auto":
+        return "feature-extraction" if pretrained else "image-classification"
+    if task == "image-classification" and pretrained:
+        raise ValueError(
+            "--task image-classification needs a classifier (a fine-tuned or SimLAP-Fuse folder); a pretrained "
+            "SimLAPModel exports its pooled features (--task feature-extraction)."
+        )
+    return task
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"ONNX export needs {', '.join(missing)}: pip install 'simlap-hf[onnx]' (onnx, onnxscript, onnxruntime)."
+        )
+
+
+def onnx_max_difference(onnx_file: str | os.PathLike, graph: nn.Module, pixel_values: torch.Tensor) -> float:
+    """Largest absolute difference between onnxruntime's outputs of ``onnx_file`` and ``graph``'s on
+    ``pixel_values`` (B, C, S, S)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"pixel_values": pixel_values.numpy()})[0]
+    with torch.no_grad():
+        expected = graph(pixel_values).float().numpy()
+    return float(abs(got - expected).max())
+
+
+def export_onnx(
+    model: nn.Module | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    task: str = "auto",
+    quantize: bool = False,
+    opset: int | None = None,
+    check: bool = True,
+) -> Path:
+    """Write ``model`` as ``OUT/model.onnx`` with its config and image processor (see the module docstring).
+
+    Args:
+        model: a saved SimLAP model folder (or Hub id), or a loaded SimLAP model (then ``source_dir`` names the folder
+            holding its ``preprocessor_config.json``).
+        output_dir: the folder to write (created; files of the same names are replaced).
+        task: 'image-classification' (logits), 'feature-extraction' (pooled backbone features) or 'auto'.
+        quantize: also write ``model.int8.onnx`` (dynamic INT8 weights, for CPU inference).
+        opset: ONNX opset (default: the exporter's).
+        check: compare onnxruntime's outputs with PyTorch's on a random batch of 3 (tolerance 1e-4).
+
+    Returns:
+        ``output_dir`` as a Path.
+    """
+    _require_onnx()
+    # Every check before the weights are loaded.
+    if isinstance(model, (str, os.PathLike)):
+        model = local_model_folder(model)
+        source_dir = model if source_dir is None else source_dir
+        model_class, config = saved_model_class(model)
+    else:
+        model_class, config = type(model), model.config
+    if source_dir is None or not (Path(source_dir) / PREPROCESSOR_FILE).is_file():
+        raise FileNotFoundError(
+            f"The ONNX export carries the model's image processor: pass a model folder holding {PREPROCESSOR_FILE} "
+            "(the training scripts save one)."
+        )
+    processor = SimLAPImageProcessor.from_pretrained(source_dir)
+    if processor.size != config.image_size or processor.num_channels != config.num_channels:
+        raise ValueError(
+            f"{PREPROCESSOR_FILE} of {str(source_dir)!r} prepares {processor.num_channels} x {processor.size} x "
+            f"{processor.size} images but config.json says {config.num_channels} x {config.image_size} x "
+            f"{config.image_size}: the folder was not written by one run."
+        )
+    task = _onnx_task(model_class, task)
+    if not isinstance(model, nn.Module):
+        model = model_class.from_pretrained(model, config=config)
+    model = model.float().eval().cpu()
+    graph = OnnxGraph(model, features=task == "feature-extraction").eval()
+    output_name = "pooler_output" if task == "feature-extraction" else "logits"
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_file = out / ONNX_FILE
+    example = torch.randn(2, config.num_channels, config.image_size, config.image_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            input_names=["pixel_values"],
+            output_names=[output_name],
+            dynamic_shapes={"pixel_values": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(onnx_file))
+    files = [onnx_file]
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor it leaves alone at INFO
+        try:
+            quantize_dynamic(str(onnx_file), str(out / QUANTIZED_ONNX_FILE), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
+        files.append(out / QUANTIZED_ONNX_FILE)
+    if check:
+        probe = torch.randn(3, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+        error = onnx_max_difference(onnx_file, graph, probe)
+        if not error <= 1e-4:
+            raise RuntimeError(f"The ONNX model's outputs differ from the PyTorch model's by {error:.3g} (> 1e-4).")
+        logger.info("onnxruntime vs PyTorch: max |difference| %.3g on a random batch", error)
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    logger.info("Exported %s (%s, output %r) to %s", config.backbone, task, output_name, out)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simlap_hf.export",
-        description="Export a saved SimLAP classifier (or the online head of a pretrained SimLAP model) as a timm "
-        "model folder that timm ('local-dir:OUT_DIR') and transformers load without SimLAP-HF.",
+        description="Export a saved SimLAP model: as a timm model folder (--format timm, a classifier or the online "
+        "head of a pretrained model) that timm ('local-dir:OUT_DIR') and transformers load without SimLAP-HF, or as "
+        "ONNX (--format onnx: logits of a classifier, pooled features of a pretrained model) for onnxruntime.",
     )
-    parser.add_argument("model_dir", help="Saved SimLAPForImageClassification / SimLAPModel folder.")
-    parser.add_argument("out_dir", help="Folder to write the timm model to.")
-    parser.add_argument("--mean", type=float, nargs="+", help="Normalisation mean (default: preprocessor_config.json).")
-    parser.add_argument("--std", type=float, nargs="+", help="Normalisation std (default: preprocessor_config.json).")
-    parser.add_argument("--crop_pct", type=float, help="Resize to input_size / crop_pct before the centre crop.")
-    parser.add_argument("--interpolation", help="Resize interpolation (bicubic, bilinear, ...).")
-    parser.add_argument("--hub_model_id", help="Hub id the export will be pushed to (for the card's snippet).")
+    parser.add_argument("model_dir", help="Saved SimLAP model folder (or Hub id).")
+    parser.add_argument("out_dir", help="Folder to write the export to.")
+    parser.add_argument("--format", choices=("timm", "onnx"), default="timm", help="Export format (default: timm).")
+    parser.add_argument("--mean", type=float, nargs="+", help="timm: normalisation mean (default: the processor's).")
+    parser.add_argument("--std", type=float, nargs="+", help="timm: normalisation std (default: the processor's).")
+    parser.add_argument("--crop_pct", type=float, help="timm: resize to input_size / crop_pct before the centre crop.")
+    parser.add_argument("--interpolation", help="timm: resize interpolation (bicubic, bilinear, ...).")
+    parser.add_argument("--hub_model_id", help="timm: Hub id the export will be pushed to (for the card's snippet).")
+    parser.add_argument(
+        "--task",
+        choices=ONNX_TASKS,
+        default="auto",
+        help="onnx: image-classification (logits) or feature-extraction (pooled features); auto: features for a "
+        "pretrained model, logits for a classifier.",
+    )
+    parser.add_argument("--quantize", action="store_true", help="onnx: also write model.int8.onnx (dynamic INT8).")
+    parser.add_argument("--opset", type=int, help="onnx: opset version (default: the exporter's).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export_timm(
-            args.model_dir,
-            args.out_dir,
-            mean=args.mean,
-            std=args.std,
-            crop_pct=args.crop_pct,
-            interpolation=args.interpolation,
-            repo_id=args.hub_model_id,
-        )
+        if args.format == "onnx":
+            out = export_onnx(args.model_dir, args.out_dir, task=args.task, quantize=args.quantize, opset=args.opset)
+        else:
+            out = export_timm(
+                args.model_dir,
+                args.out_dir,
+                mean=args.mean,
+                std=args.std,
+                crop_pct=args.crop_pct,
+                interpolation=args.interpolation,
+                repo_id=args.hub_model_id,
+            )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"exported: {out}  (timm.create_model('local-dir:{out}', pretrained=True))")
+    if args.format == "onnx":
+        print(f"exported: {out / ONNX_FILE}  (onnxruntime.InferenceSession('{out / ONNX_FILE}'))")
+    else:
+        print(f"exported: {out}  (timm.create_model('local-dir:{out}', pretrained=True))")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The model card written into every saved model folder by the three training scripts: metadata (tags, data set,
-``model-index`` results, pipeline tag, base model), description, results, a usage snippet that runs through the code
-saved with the model, preprocessing, class relations, training hyperparameters and the citation.
+``model-index`` results, pipeline tag, base model), description, results, usage (with SimLAP-HF, without it through the
+code saved with the model, and through ONNX; every code block runs as written), preprocessing, class relations,
+training hyperparameters and the citation.
 """
 
 from __future__ import annotations
@@ -45,39 +46,91 @@ TASK_DESCRIPTIONS = {
     ),
 }
 
-# Usage snippets of the card. They load the model through the code saved with it (``trust_remote_code=True``), so
-# they run where SimLAP-HF is not installed. ``{repo}`` is the Hub id, or the local folder when nothing is pushed.
-LOAD_SNIPPETS = {
-    "pretrain": """import torch
-from transformers import AutoModel
+# The card's usage section: three ways to run the model, each a heading with code blocks that run as written. ``{repo}``
+# is the Hub id, or the local folder when nothing is pushed; ``{onnx_dir}`` the folder the ONNX export is written to.
+USAGE_WITH_PACKAGE = "With SimLAP-HF installed"
+USAGE_REMOTE_CODE = "Without SimLAP-HF (the code saved with the model)"
+USAGE_ONNX = "ONNX (onnxruntime)"
 
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
-pixel_values = torch.randn(2, {channels}, {size}, {size})  # a batch of normalised images
+_IMAGE_LINE = 'image = Image.new("{mode}", ({size}, {size}), {colour})  # or Image.open("your_image.png")'
+
+PACKAGE_SNIPPETS = {
+    "pretrain": """import simlap_hf  # noqa: F401  (registers the SimLAP classes with the transformers auto classes)
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+processor = AutoImageProcessor.from_pretrained("{repo}")
+model = AutoModel.from_pretrained("{repo}").eval()
+{image_line}
 with torch.no_grad():
-    out = model(pixel_values)
-print(out.pooler_output.shape, out.embeddings.shape, out.logits.shape)  # features, embeddings, online head
+    out = model(**processor(image))
+features = out.pooler_output  # (1, D) pooled backbone features; out.embeddings, out.logits: projection, online head
 gates = model.gate(torch.tensor([0]), torch.tensor([1]))  # feature filter of the class pair (0, 1)
-print(gates.shape)""",
-    "pipeline": """from PIL import Image
+print(features.shape, out.embeddings.shape, out.logits.shape, gates.shape)""",
+    "classifier": """import simlap_hf  # noqa: F401  (registers the SimLAP classes with the transformers auto classes)
+from PIL import Image
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{repo}")
+{image_line}
+predictions = classifier(image)
+print(predictions)""",
+}
+
+REMOTE_CODE_SNIPPETS = {
+    "pretrain": """from PIL import Image
+from transformers import pipeline
+
+extractor = pipeline("image-feature-extraction", model="{repo}", trust_remote_code=True)
+{image_line}
+features = extractor(image, return_tensors=True)  # (1, D) pooled backbone features
+print(features.shape)""",
+    "classifier": """from PIL import Image
 from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{repo}", trust_remote_code=True)
-image = Image.new("{mode}", ({size}, {size}), {colour})  # or Image.open("your_image.png")
-print(classifier(image))""",
-    "classifier": """import torch
-from transformers import AutoModelForImageClassification
+{image_line}
+predictions = classifier(image)
+print(predictions)""",
+    "classifier_model": """import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+processor = AutoImageProcessor.from_pretrained("{repo}", trust_remote_code=True)
 model = AutoModelForImageClassification.from_pretrained("{repo}", trust_remote_code=True).eval()
-pixel_values = torch.randn(2, {channels}, {size}, {size})  # a batch of normalised images
+{image_line}
 with torch.no_grad():
-    logits = model(pixel_values).logits
-print([model.config.id2label[int(i)] for i in logits.argmax(-1)])""",
+    logits = model(**processor(image)).logits  # (1, {num_labels})
+print(model.config.id2label[int(logits.argmax(-1))])""",
 }
 
-NO_REMOTE_CODE_NOTE = (
-    "With SimLAP-HF installed, `import simlap_hf` registers the SimLAP classes with the transformers auto classes "
-    "and `trust_remote_code=True` is not needed."
-)
+ONNX_EXPORT_COMMAND = "python -m simlap_hf.export --format onnx {repo} {onnx_dir}"
+
+ONNX_SNIPPETS = {
+    "pretrain": """import onnxruntime
+from PIL import Image
+from transformers import AutoImageProcessor
+
+processor = AutoImageProcessor.from_pretrained("{onnx_dir}", trust_remote_code=True)
+session = onnxruntime.InferenceSession("{onnx_dir}/model.onnx")
+{image_line}
+(features,) = session.run(None, {{"pixel_values": processor(image, return_tensors="np")["pixel_values"]}})
+print(features.shape)  # (1, D) pooled backbone features""",
+    "classifier": """import json
+
+import onnxruntime
+from PIL import Image
+from transformers import AutoImageProcessor
+
+processor = AutoImageProcessor.from_pretrained("{onnx_dir}", trust_remote_code=True)
+session = onnxruntime.InferenceSession("{onnx_dir}/model.onnx")
+id2label = json.loads(open("{onnx_dir}/config.json").read())["id2label"]
+{image_line}
+(logits,) = session.run(None, {{"pixel_values": processor(image, return_tensors="np")["pixel_values"]}})
+print([id2label[str(i)] for i in logits.argmax(-1)])""",
+}
+
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MAX_LISTED_LABELS = 30
@@ -123,14 +176,39 @@ def _format_value(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _usage_snippet(task: str, config: Any, repo: str, has_processor: bool) -> str:
+def _code(language: str, code: str) -> str:
+    return f"```{language}\n{code}\n```"
+
+
+def usage_section(task: str, config: Any, repo: str) -> str:
+    """The card's "How to use": with SimLAP-HF, without it (``trust_remote_code=True``: the code saved with the
+    model), and through ONNX. Every code block runs as written on the saved folder (``repo``)."""
     channels, size = config.num_channels, config.image_size
-    if task == "pretrain":
-        return LOAD_SNIPPETS["pretrain"].format(repo=repo, channels=channels, size=size)
-    if has_processor:
-        mode, colour = ("L", "128") if channels == 1 else ("RGB", "(200, 40, 40)")
-        return LOAD_SNIPPETS["pipeline"].format(repo=repo, size=size, mode=mode, colour=colour)
-    return LOAD_SNIPPETS["classifier"].format(repo=repo, channels=channels, size=size)
+    mode, colour = ("L", "128") if channels == 1 else ("RGB", "(200, 40, 40)")
+    onnx_dir = Path(repo).name + "-onnx"
+    values = {
+        "repo": repo,
+        "onnx_dir": onnx_dir,
+        "num_labels": config.num_labels,
+        "image_line": _IMAGE_LINE.format(mode=mode, size=size, colour=colour),
+    }
+    kind = "pretrain" if task == "pretrain" else "classifier"
+    remote = [REMOTE_CODE_SNIPPETS[kind]] + ([REMOTE_CODE_SNIPPETS["classifier_model"]] if kind == "classifier" else [])
+    output = "pooled features" if kind == "pretrain" else "logits"
+    parts = [
+        "## How to use",
+        f"### {USAGE_WITH_PACKAGE}\n\n`pip install simlap-hf`, then:\n\n"
+        + _code("python", PACKAGE_SNIPPETS[kind].format(**values)),
+        f"### {USAGE_REMOTE_CODE}\n\nOnly torch, timm, transformers and Pillow are needed: the folder carries the "
+        "model, configuration and image processor code, which `trust_remote_code=True` runs.\n\n"
+        + "\n\n".join(_code("python", snippet.format(**values)) for snippet in remote),
+        f"### {USAGE_ONNX}\n\nExport once (`pip install 'simlap-hf[onnx]'`): `model.onnx` takes `pixel_values` "
+        f"(batch, {channels}, {size}, {size}) and returns the {output}; the image processor is saved beside it.\n\n"
+        + _code("bash", ONNX_EXPORT_COMMAND.format(**values))
+        + "\n\nThen neither SimLAP-HF nor timm is needed (onnxruntime and Pillow; transformers and torch for the "
+        "image processor):\n\n" + _code("python", ONNX_SNIPPETS[kind].format(**values)),
+    ]
+    return "\n\n".join(parts)
 
 
 def _eval_results(results: Mapping[str, Any], dataset_label: str, dataset_id: str | None) -> list[EvalResult]:
@@ -259,7 +337,7 @@ def build_model_card(
     Metadata: ``library_name``, license, tags (``simlap``, ``contrastive-learning``, ``image-classification``, the
     backbone, ``timm``), the data set (Hub id when known), ``model-index`` results from ``results`` (the content of
     ``all_results.json``), ``pipeline_tag`` and ``base_model`` (when it is a Hub id). Body: description, classes,
-    results, a usage snippet that runs (through the code saved with the model), preprocessing, training
+    results, usage (:func:`usage_section`), preprocessing, training
     hyperparameters, ``extra_sections`` and the citation.
 
     Args:
@@ -280,12 +358,11 @@ def build_model_card(
     name = Path(repo).name
     card_data = _card_data(task, config, results, dataset_name, base_model, name)
     processor = _read_preprocessing(output_dir)
-    snippet = _usage_snippet(task, config, repo, processor is not None)
     sections = [
         f"# {name}",
         *_intro_sections(task, config, dataset_name, base_model),
         "## Results\n\nOn the validation split (accuracies in %).\n\n" + _table("| metric | value |", results),
-        "## How to use\n\n```python\n" + snippet + "\n```\n\n" + NO_REMOTE_CODE_NOTE,
+        usage_section(task, config, repo),
     ]
     if processor is not None:
         sections.append(_preprocessing_section(config, processor))

@@ -13,10 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from card_snippets import card_code_blocks
 from huggingface_hub import ModelCard, constants
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_training import tiny_flags
 
@@ -28,11 +31,13 @@ from simlap_hf import (
     SimLAPForImageClassification,
     SimLAPFuseConfig,
     SimLAPFuseForImageClassification,
+    SimLAPImageProcessor,
     SimLAPModel,
 )
 from simlap_hf.export import export_timm
 from simlap_hf.export import main as export_main
 from simlap_hf.hub import HubPushError, build_model_card, push_checkpoint, push_output_dir
+from simlap_hf.model_card import USAGE_REMOTE_CODE
 from simlap_hf.push import main as push_main
 
 GOOD_TOKEN = "hf_test_good_token"
@@ -224,6 +229,8 @@ def test_pretrain_push_uploads_model_code_card_results_and_checkpoints(tiny_imag
         "modeling_simlap.py",
         "configuration_simlap.py",
         "losses.py",
+        "preprocessor_config.json",
+        "image_processing_simlap.py",
     ):
         assert uploaded[name] == (output_dir / name).read_bytes(), name
     # The final push leaves checkpoints out; --push_checkpoints uploaded the epoch's checkpoint into checkpoints/.
@@ -233,6 +240,9 @@ def test_pretrain_push_uploads_model_code_card_results_and_checkpoints(tiny_imag
     assert [message for _, message, _ in fake_hub.commits] == ["Checkpoint checkpoint-00000009", "End of training"]
     assert json.loads(uploaded["all_results.json"]) == results
     assert json.loads(uploaded["config.json"])["auto_map"]["AutoModel"] == "modeling_simlap.SimLAPModel"
+    assert json.loads(uploaded["preprocessor_config.json"])["auto_map"] == {
+        "AutoImageProcessor": "image_processing_simlap.SimLAPImageProcessor"
+    }
 
     readme = tmp_path / "uploaded_README.md"
     readme.write_bytes(uploaded["README.md"])
@@ -247,7 +257,8 @@ def test_pretrain_push_uploads_model_code_card_results_and_checkpoints(tiny_imag
     assert metrics["knn_accuracy"] == pytest.approx(results["eval_knn_top1"])
     index = card.data.to_dict()["model-index"][0]
     assert index["name"] == "simlap-tiny"
-    assert 'AutoModel.from_pretrained("tester/simlap-tiny", trust_remote_code=True)' in card.text
+    assert 'pipeline("image-feature-extraction", model="tester/simlap-tiny", trust_remote_code=True)' in card.text
+    assert "python -m simlap_hf.export --format onnx tester/simlap-tiny simlap-tiny-onnx" in card.text
     assert "learning_rate" in card.text and "arXiv:2410.18200" in card.text
     assert GOOD_TOKEN not in uploaded["README.md"].decode()
 
@@ -332,11 +343,8 @@ def _randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
 
 
 def _save_processor(folder: Path) -> None:
-    from transformers import ConvNextImageProcessor
-
-    ConvNextImageProcessor(
-        size={"shortest_edge": 16}, crop_pct=0.875, resample=3, image_mean=MEAN, image_std=STD
-    ).save_pretrained(folder)
+    """The processor the training scripts save: SimLAP's own, with its code and auto_map."""
+    SimLAPImageProcessor(16, 0.875, "bicubic", MEAN, STD, 3).save_pretrained(folder)
 
 
 def _saved_output_dir(tmp_path: Path) -> Path:
@@ -445,9 +453,11 @@ else:
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForImageClassification
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 root = Path(sys.argv[1])
+image = Image.open(root / "image.png")
 expected = load_file(root / "expected.safetensors")
 x = expected["pixel_values"]
 with torch.no_grad():
@@ -462,10 +472,12 @@ with torch.no_grad():
         classifier = AutoModelForImageClassification.from_pretrained(root / folder, trust_remote_code=True).eval()
         assert type(classifier).__name__ == cls, type(classifier)
         torch.testing.assert_close(classifier(x).logits, expected[folder], rtol=1e-5, atol=1e-5)
-# The cards' usage snippets run as written.
-for folder in ("pretrained", "classifier", "fuse"):
-    snippet = re.search(r"```python\\n(.*?)```", (root / folder / "README.md").read_text(), re.S).group(1)
-    exec(compile(snippet, f"{folder}/README.md", "exec"), {})
+    processor = AutoImageProcessor.from_pretrained(root / "classifier", trust_remote_code=True)
+    assert type(processor).__name__ == "SimLAPImageProcessor" and "simlap_hf" not in type(processor).__module__
+    torch.testing.assert_close(processor(image)["pixel_values"], expected["processed"], rtol=0, atol=1e-6)
+# The cards' remote-code snippets run as written.
+for snippet in sorted(root.glob("snippets/*.py")):
+    exec(compile(snippet.read_text(), str(snippet), "exec"), {})
 print("REMOTE CODE OK")
 """
 
@@ -489,21 +501,26 @@ def test_saved_folders_load_with_remote_code_without_simlap_hf(tmp_path):
             "classifier": classifier(x).logits,
             "fuse": fuse(x).logits,
         }
-    save_file({k: v.contiguous() for k, v in expected.items()}, str(tmp_path / "expected.safetensors"))
     for folder, model, task in (
         ("pretrained", pretrained, "pretrain"),
         ("classifier", classifier, "finetune"),
         ("fuse", fuse, "fuse"),
     ):
         model.save_pretrained(tmp_path / folder)
-        if folder == "classifier":
-            _save_processor(tmp_path / folder)
+        _save_processor(tmp_path / folder)
         card = build_model_card(tmp_path / folder, task, model.config, {"eval_top1": 1.0}, {}, "digits")
         card.save(tmp_path / folder / "README.md")
+        for index, snippet in enumerate(card_code_blocks(card.text, USAGE_REMOTE_CODE, "python")):
+            (tmp_path / "snippets").mkdir(exist_ok=True)
+            (tmp_path / "snippets" / f"{folder}_{index}.py").write_text(snippet)
         saved = json.loads((tmp_path / folder / "config.json").read_text())
         assert saved["auto_map"]["AutoConfig"].startswith("configuration_simlap.")
-        for code in ("modeling_simlap.py", "configuration_simlap.py", "losses.py"):
+        for code in ("modeling_simlap.py", "configuration_simlap.py", "losses.py", "image_processing_simlap.py"):
             assert (tmp_path / folder / code).is_file()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 27, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    expected["processed"] = SimLAPImageProcessor.from_pretrained(tmp_path / "classifier")(image)["pixel_values"]
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(tmp_path / "expected.safetensors"))
     fuse_map = json.loads((tmp_path / "fuse" / "config.json").read_text())["auto_map"]
     assert fuse_map["AutoConfig"] == "configuration_simlap.SimLAPFuseConfig"
     assert fuse_map["AutoModelForImageClassification"] == "modeling_simlap.SimLAPFuseForImageClassification"

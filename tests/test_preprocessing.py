@@ -17,6 +17,7 @@ from simlap_hf.data import (
     Preprocessing,
     create_eval_transform,
     create_train_normalizer,
+    processor_preprocessing,
     resolve_preprocessing,
     save_image_processor,
 )
@@ -27,32 +28,61 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _random_images(seed: int = 0) -> list[PIL.Image.Image]:
-    """Odd sizes (neither square nor a multiple of the input size) in the modes a data set may hold."""
+    """Odd sizes (neither square nor a multiple of the input size), one whose short edge already has the resize
+    size, in the modes a data set may hold."""
     rng = np.random.default_rng(seed)
-    rgb = [PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((37, 53), (64, 40))]
+    rgb = [
+        PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((37, 53), (64, 40), (36, 41))
+    ]
     gray = PIL.Image.fromarray(rng.integers(0, 256, (53, 37), dtype=np.uint8))
     palette = rgb[0].convert("P")
-    return [*rgb, gray, palette]
+    rgba = PIL.Image.fromarray(rng.integers(0, 256, (29, 45, 4), dtype=np.uint8))
+    return [*rgb, gray, palette, rgba]
+
+
+def _timm_eval_transform(preprocessing: Preprocessing):
+    """The reference: timm's own evaluation transform after the mode conversion (what training used before the
+    image processor computed it)."""
+    from timm.data import create_transform
+
+    timm_transform = create_transform(
+        input_size=preprocessing.input_size,
+        is_training=False,
+        crop_pct=preprocessing.crop_pct,
+        interpolation=preprocessing.interpolation,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+    )
+    convert = ConvertImageMode(preprocessing.num_channels)
+    return lambda image: timm_transform(convert(image))
 
 
 @pytest.mark.parametrize("num_channels", [1, 3])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-@pytest.mark.parametrize("crop_pct", [0.875, 1.0, 0.95])
-def test_saved_processor_equals_eval_transform(tmp_path: Path, num_channels: int, interpolation: str, crop_pct: float):
-    args = DataArguments(dataset_name="cifar10", input_size=32, interpolation=interpolation, crop_pct=crop_pct)
+@pytest.mark.parametrize(("input_size", "crop_pct"), [(32, 0.875), (32, 1.0), (32, 0.95), (24, 0.9), (16, 0.5)])
+def test_saved_processor_equals_eval_transform(
+    tmp_path: Path, num_channels: int, interpolation: str, input_size: int, crop_pct: float
+):
+    args = DataArguments(dataset_name="cifar10", input_size=input_size, interpolation=interpolation, crop_pct=crop_pct)
     save_image_processor(tmp_path, args, num_channels)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_simlap.SimLAPImageProcessor"}
+    assert (tmp_path / "image_processing_simlap.py").is_file()
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(processor).__name__ == "SimLAPImageProcessor"
-    assert processor.preprocessing == resolve_preprocessing(args, num_channels)
+    assert processor_preprocessing(processor) == resolve_preprocessing(args, num_channels)
 
     images = _random_images()
-    transform = create_eval_transform(args, num_channels)
-    expected = torch.stack([transform(image) for image in images])
+    reference = _timm_eval_transform(resolve_preprocessing(args, num_channels))
+    expected = torch.stack([reference(image) for image in images])
     got = processor(images)["pixel_values"]
-    assert got.shape == expected.shape == (len(images), num_channels, 32, 32)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert got.shape == expected.shape == (len(images), num_channels, input_size, input_size)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # Training evaluates with the processor's transform.
+    transform = create_eval_transform(args, num_channels)
+    torch.testing.assert_close(torch.stack([transform(image) for image in images]), expected, rtol=0, atol=1e-6)
     as_arrays = processor([np.asarray(image) for image in images[:2]])["pixel_values"]
-    torch.testing.assert_close(as_arrays, expected[:2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(as_arrays, expected[:2], rtol=0, atol=1e-6)
 
 
 def test_one_channel_cifar_with_bilinear_resize_is_saved_as_evaluated(tmp_path: Path):

@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "Preprocessing": "preprocessing",
     "channel_stats": "preprocessing",
     "create_image_processor": "preprocessing",
+    "processor_preprocessing": "preprocessing",
     "resolve_mean_std": "preprocessing",
     "resolve_preprocessing": "preprocessing",
     "save_image_processor": "preprocessing",

@@ -13,13 +13,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..image_processing_simlap import PIL_RESAMPLE, SimLAPImageProcessor
 from .arguments import DataArguments
 from .registry import named_spec
-
-if TYPE_CHECKING:
-    from ..image_processing_simlap import SimLAPImageProcessor
 
 __all__ = [
     "PREPROCESSOR_FILE",
@@ -27,6 +25,7 @@ __all__ = [
     "channel_stats",
     "create_image_processor",
     "preprocessing_from_processor",
+    "processor_preprocessing",
     "resolve_mean_std",
     "resolve_preprocessing",
     "save_image_processor",
@@ -34,7 +33,7 @@ __all__ = [
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # PIL resampling codes used by transformers image processors -> interpolation names.
-PIL_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+PIL_INTERPOLATION = {code: name for name, code in PIL_RESAMPLE.items()}
 
 
 @dataclass(frozen=True)
@@ -121,10 +120,20 @@ def resolve_preprocessing(data_args: DataArguments, num_channels: int) -> Prepro
 
 def create_image_processor(preprocessing: Preprocessing) -> SimLAPImageProcessor:
     """The transformers image processor that applies ``preprocessing`` exactly as the evaluation transform does."""
-    from ..image_processing_simlap import SimLAPImageProcessor
-
     p = preprocessing
     return SimLAPImageProcessor(p.input_size, p.crop_pct, p.interpolation, p.mean, p.std, p.num_channels)
+
+
+def processor_preprocessing(processor: SimLAPImageProcessor) -> Preprocessing:
+    """The :class:`Preprocessing` a saved SimLAP image processor applies."""
+    return Preprocessing(
+        input_size=processor.size,
+        crop_pct=processor.crop_pct,
+        interpolation=processor.interpolation,
+        mean=tuple(processor.image_mean),
+        std=tuple(processor.image_std),
+        num_channels=processor.num_channels,
+    )
 
 
 def save_image_processor(output_dir: str | os.PathLike, data_args: DataArguments, num_channels: int) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..image_processing_simlap import EvalTransform
 from .arguments import DataArguments
 from .preprocessing import Preprocessing, resolve_preprocessing
 
@@ -267,22 +268,16 @@ def create_train_transform(args: DataArguments, num_channels: int = 3) -> Callab
 
 def eval_transform(preprocessing: Preprocessing) -> Callable[[PIL.Image.Image], torch.Tensor]:
     """The deterministic evaluation transform of ``preprocessing``: mode conversion, Resize(input_size / crop_pct)
-    + CenterCrop(input_size) -> ToTensor -> Normalize (timm's ``create_transform(is_training=False)``).
+    + CenterCrop(input_size) -> ToTensor -> Normalize, the values of timm's ``create_transform(is_training=False)``.
+
+    It is the saved image processor's own transform (:class:`~simlap_hf.image_processing_simlap.EvalTransform`), so
+    a model folder preprocesses exactly like evaluation, with or without SimLAP-HF installed.
 
     Returns:
         A callable mapping any PIL image to a float tensor of shape (num_channels, input_size, input_size).
     """
-    from timm.data import create_transform
-
-    timm_transform = create_transform(
-        input_size=preprocessing.input_size,
-        is_training=False,
-        crop_pct=preprocessing.crop_pct,
-        interpolation=preprocessing.interpolation,
-        mean=preprocessing.mean,
-        std=preprocessing.std,
-    )
-    return _Compose([ConvertImageMode(preprocessing.num_channels), timm_transform])
+    p = preprocessing
+    return EvalTransform(p.input_size, p.crop_pct, p.interpolation, p.mean, p.std, p.num_channels)
 
 
 def create_eval_transform(args: DataArguments, num_channels: int = 3) -> Callable[[PIL.Image.Image], torch.Tensor]:

@@ -27,11 +27,38 @@ def label_mappings(label_names: Sequence[str]) -> dict[str, dict]:
     }
 
 
+def fixed_input_size(model_name: str, backbone_kwargs: dict[str, Any]) -> bool:
+    """Whether timm's ``model_name`` is built for one input size (ViT, Swin, ...: position embeddings of a fixed
+    grid), unless ``dynamic_img_size`` is asked for."""
+    import timm.models
+
+    if not timm.is_model(model_name) or backbone_kwargs.get("dynamic_img_size"):
+        return False
+    return bool(getattr(timm.models.get_pretrained_cfg(model_name), "fixed_input_size", False))
+
+
+def sized_backbone_kwargs(model_name: str, backbone_kwargs: dict[str, Any], input_size: int) -> dict[str, Any]:
+    """``backbone_kwargs`` for an input of ``input_size`` pixels: an architecture of fixed input size gets
+    ``img_size`` = ``input_size`` (the one input size of the model, its processor, card and exports); an ``img_size``
+    given in ``--model_kwargs`` that differs is a ValueError."""
+    if not fixed_input_size(model_name, backbone_kwargs):
+        return backbone_kwargs
+    given = backbone_kwargs.get("img_size")
+    if given is not None and given != input_size and given != [input_size, input_size]:
+        raise ValueError(
+            f"--model_kwargs sets img_size {given} but --input_size is {input_size}: {model_name} takes one input "
+            f"size; drop img_size from --model_kwargs (it follows --input_size) or pass --input_size {given}."
+        )
+    return {**backbone_kwargs, "img_size": input_size}
+
+
 def _backbone_fields(model_args: BackboneArguments, data_args: DataArguments) -> dict[str, Any]:
     """The config fields that come from the backbone flags and the input size, the same for every job."""
     return {
         "backbone": model_args.model_name,
-        "backbone_kwargs": backbone_kwargs_of(model_args),
+        "backbone_kwargs": sized_backbone_kwargs(
+            model_args.model_name, backbone_kwargs_of(model_args), data_args.input_size
+        ),
         "image_size": data_args.input_size,
         "num_channels": model_args.num_channels,
     }
@@ -110,6 +137,15 @@ def check_finetune_arguments(model_args: FinetuneModelArguments, data_args: Data
         raise ValueError("Pass --model_name_or_path (a pretrained SimLAP model) or --model_name NAME --from_scratch.")
     else:
         check_model_source(model_args.model_name_or_path)
+        pretrained = SimLAPConfig.from_pretrained(model_args.model_name_or_path)
+        if pretrained.image_size != data_args.input_size and fixed_input_size(
+            pretrained.backbone, pretrained.backbone_kwargs
+        ):
+            raise ValueError(
+                f"--input_size {data_args.input_size} differs from the {pretrained.image_size} pixels "
+                f"{model_args.model_name_or_path!r} was trained at, and its {pretrained.backbone} takes one input "
+                f"size: pass --input_size {pretrained.image_size}."
+            )
 
 
 def finetune_num_channels(model_args: FinetuneModelArguments) -> int:
@@ -133,8 +169,10 @@ def build_finetune_model(
             f"--model_name {model_args.model_name!r} differs from the backbone of {model_args.model_name_or_path!r} "
             f"({pretrained.backbone!r}). Drop --model_name to fine-tune the checkpoint's backbone."
         )
+    # The classifier's input size is this run's (the processor, card and exports take it from the config).
     return SimLAPForImageClassification.from_pretrained(
         model_args.model_name_or_path,
+        image_size=data_args.input_size,
         classifier_dropout=model_args.classifier_dropout,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         **labels,

@@ -91,14 +91,28 @@ def truncate_log(output_dir: str | os.PathLike, last_step: int) -> None:
 def model_folder_files(
     data_args: Any, num_channels: int, class_relations: bool = False, timm_export_dir: str | None = None
 ) -> Callable[[Path, torch.nn.Module], None]:
-    """The ``extra_files`` of a job: the image processor of the run's evaluation preprocessing, then with
+    """The ``extra_files`` of a job: the image processor of the run's evaluation preprocessing (with its code,
+    ``image_processing_simlap.py``, and the ``auto_map`` that loads it without SimLAP-HF), then with
     ``class_relations`` the model's ``class_relations.json`` and heatmap (models with a feature filter), and with
-    ``timm_export_dir`` the classifier exported as a timm model folder there."""
+    ``timm_export_dir`` the classifier exported as a timm model folder there.
+
+    The processor's input size, the model config's ``image_size`` (which the card and the exports read) and
+    ``--input_size`` are one value; a model whose config says otherwise is a bug, raised before the processor is
+    written.
+    """
 
     def write(output_dir: Path, trained: torch.nn.Module) -> None:
-        from ..data import save_image_processor
+        from ..data import create_image_processor, resolve_preprocessing
 
-        save_image_processor(output_dir, data_args, num_channels)
+        preprocessing = resolve_preprocessing(data_args, num_channels)
+        config = trained.config
+        if (config.image_size, config.num_channels) != (preprocessing.input_size, preprocessing.num_channels):
+            raise RuntimeError(
+                f"The model config says {config.num_channels} x {config.image_size} x {config.image_size} inputs but "
+                f"the run prepared {preprocessing.num_channels} x {preprocessing.input_size} x "
+                f"{preprocessing.input_size} images."
+            )
+        create_image_processor(preprocessing).save_pretrained(output_dir)
         if class_relations:
             from ..relations import save_class_relations
 
