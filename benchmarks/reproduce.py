@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "budget": budget,
         "date": date.today().isoformat(),
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        + (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"),
         "total_wall_seconds": round(time.perf_counter() - start, 1),
         # Finished runs are reused, so the training time of every run is summed separately.
         "training_wall_seconds_of_all_runs": round(sum(r["wall_seconds"] for r in runs), 1),

@@ -106,10 +106,17 @@ def gated_dot(queries: Tensor, keys: Tensor, gates: Tensor) -> Tensor:
         (B, N) float32 (float64 for float64 inputs), in [-1, 1] for gates in [0, 1].
     """
     with torch.autocast(device_type=queries.device.type, enabled=False):
+        gates = at_least_float32(gates)
+        return weighted_unit_dot(queries, keys, gates * gates)
+
+
+def weighted_unit_dot(queries: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
+    """``<z_b / ||z_b|| * w_b, z_n / ||z_n||>``: (B, K), (N, K), (B, K) -> (B, N), one matrix product, float32 at
+    least (also under autocast)."""
+    with torch.autocast(device_type=queries.device.type, enabled=False):
         queries = F.normalize(at_least_float32(queries), dim=1)
         keys = F.normalize(at_least_float32(keys), dim=1)
-        gates = at_least_float32(gates)
-        return (queries * (gates * gates)) @ keys.T
+        return (queries * at_least_float32(weights)) @ keys.T
 
 
 def plain_cosine(queries: Tensor, keys: Tensor) -> Tensor:
@@ -234,16 +241,26 @@ def simlap_contrastive_terms(
         keys, key_labels = embeddings, labels
     elif key_labels is None:
         raise ValueError("key_labels must be given together with keys.")
-    similarity = gated_cosine(embeddings, keys, gates) if form == "cosine" else gated_dot(embeddings, keys, gates)
     positive, negative = contrastive_masks(labels, pair_labels, key_labels, positives)
-    if logit_scale is None and alpha is None:
-        logits = similarity / temperature  # the reference form, unchanged
+    if form == "dot" and alpha is not None:
+        # s * <z g^2, z'> - alpha * s * <z, z'> = s * <z (g^2 - alpha), z'> (unit z, z'): one B x N product; the gated
+        # similarity itself is only a statistic here, computed without gradient.
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            weights = at_least_float32(gates) ** 2 - alpha
+            combined = weighted_unit_dot(embeddings, keys, weights)
+            logits = combined / temperature if logit_scale is None else combined * logit_scale.to(combined.dtype)
+        with torch.no_grad():
+            similarity = gated_dot(embeddings, keys, gates)
     else:
-        with torch.autocast(device_type=similarity.device.type, enabled=False):
-            scale = 1.0 / temperature if logit_scale is None else logit_scale.to(similarity.dtype)
-            logits = similarity * scale
-            if alpha is not None:
-                logits = logits - (alpha * scale) * plain_cosine(embeddings, keys)
+        similarity = gated_cosine(embeddings, keys, gates) if form == "cosine" else gated_dot(embeddings, keys, gates)
+        if logit_scale is None and alpha is None:
+            logits = similarity / temperature  # the reference form, unchanged
+        else:
+            with torch.autocast(device_type=similarity.device.type, enabled=False):
+                scale = 1.0 / temperature if logit_scale is None else logit_scale.to(similarity.dtype)
+                logits = similarity * scale
+                if alpha is not None:
+                    logits = logits - (alpha * scale) * plain_cosine(embeddings, keys)
     loss_sum, num_positives = multi_positive_infonce(logits, positive, negative, positive_normalization)
     return ContrastiveTerms(loss_sum, num_positives, similarity, positive, negative)
 
