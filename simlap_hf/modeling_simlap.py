@@ -22,15 +22,12 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 
 from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
+from .distributed import distributed_mean, gather_labels, gather_with_grad, is_distributed
 from .losses import (
     arcgrad_logits,
     at_least_float32,
     classification_loss,
-    distributed_mean,
     gate_entropy,
-    gather_labels,
-    gather_with_grad,
-    is_distributed,
     pair_statistics,
     sample_pair_labels,
     simlap_contrastive_terms,

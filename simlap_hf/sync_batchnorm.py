@@ -6,7 +6,7 @@
 
 * each process computes, per channel, its sample count n_p, mean m_p and sum of squared deviations
   M2_p = sum (x - m_p)^2 over its samples (in float32, or float64 for float64 inputs);
-* one all-gather (with gradient: the backward reduce-scatters, see :func:`simlap_hf.losses.gather_with_grad`)
+* one all-gather (with gradient: the backward reduce-scatters, see :func:`simlap_hf.distributed.gather_with_grad`)
   brings every process's (m_p, M2_p, n_p) to every process;
 * they are combined exactly as one pass over the whole batch would give them: n = sum n_p,
   mean = sum n_p m_p / n, M2 = sum (M2_p + n_p (m_p - mean)^2), biased variance M2 / n (for normalising) and
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .losses import gather_with_grad
+from .distributed import gather_with_grad
 
 __all__ = ["DistributedBatchNorm", "DistributedBatchNormAct", "convert_distributed_batchnorm"]
 
@@ -141,4 +141,3 @@ def convert_distributed_batchnorm(module: nn.Module) -> nn.Module:
         if new_child is not child:
             converted.add_module(name, new_child)
     return converted
-

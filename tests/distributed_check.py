@@ -25,10 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import tiny_flags  # noqa: E402
 
 import train_pretrain  # noqa: E402
+from simlap_hf.distributed import distributed_mean, gather_labels, gather_with_grad  # noqa: E402
 from simlap_hf.losses import (  # noqa: E402
-    distributed_mean,
-    gather_labels,
-    gather_with_grad,
     sample_pair_labels,
     simlap_contrastive_terms,
     simlap_loss,

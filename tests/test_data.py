@@ -629,7 +629,7 @@ def test_eval_transform_is_deterministic_resize_then_center_crop(rgb_dataset: da
     args = DataArguments()
     transform = create_eval_transform(args)
     text = repr(transform)
-    assert "Resize(size=36" in text and "CenterCrop(size=(32, 32))" in text and "bicubic" in text
+    assert "resize=36 (bicubic)" in text and "center_crop=32" in text
     image = rgb_dataset["validation"][0]["image"]
     first, second = transform(image), transform(image)
     assert first.shape == (3, 32, 32)

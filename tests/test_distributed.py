@@ -166,7 +166,7 @@ def worker_gather(output_dir: Path) -> dict:
     gather; the equal-size path must use exactly one all-gather forward and one reduce-scatter backward."""
     import torch.distributed as dist
 
-    from simlap_hf import losses
+    from simlap_hf import distributed, losses
 
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(0)
@@ -208,23 +208,23 @@ def worker_gather(output_dir: Path) -> dict:
     backend = str(dist.get_backend())
     try:
         for mode in ("equal", "fallback", "variable"):
-            losses._NO_GATHER_INTO_TENSOR.discard(backend)
-            losses._NO_REDUCE_SCATTER_TENSOR.discard(backend)
+            distributed._NO_GATHER_INTO_TENSOR.discard(backend)
+            distributed._NO_REDUCE_SCATTER_TENSOR.discard(backend)
             if mode == "fallback":  # as on a backend without the single-tensor collectives
-                losses._NO_GATHER_INTO_TENSOR.add(backend)
-                losses._NO_REDUCE_SCATTER_TENSOR.add(backend)
+                distributed._NO_GATHER_INTO_TENSOR.add(backend)
+                distributed._NO_REDUCE_SCATTER_TENSOR.add(backend)
             local_weight = weight.clone().requires_grad_(True)
             embeddings = inputs[part] @ local_weight.T
             embeddings.retain_grad()
             equal = mode != "variable"
             calls.clear()
-            keys = losses.gather_with_grad(embeddings, equal_sizes=equal)
-            key_labels = losses.gather_labels(labels[part], equal_sizes=equal)
+            keys = distributed.gather_with_grad(embeddings, equal_sizes=equal)
+            key_labels = distributed.gather_labels(labels[part], equal_sizes=equal)
             forward_calls = dict(calls)
             terms = losses.simlap_contrastive_terms(
                 embeddings, labels[part], pair_labels[part], gates[part], 0.1, keys, key_labels
             )
-            loss = losses.distributed_mean(terms.loss_sum, terms.num_positives)
+            loss = distributed.distributed_mean(terms.loss_sum, terms.num_positives)
             calls.clear()
             loss.backward()
             backward_calls = {name: count for name, count in calls.items() if name != "all_reduce"}
@@ -258,8 +258,8 @@ def worker_gather(output_dir: Path) -> dict:
     finally:
         for name, function in originals.items():
             setattr(dist, name, function)
-        losses._NO_GATHER_INTO_TENSOR.discard(backend)
-        losses._NO_REDUCE_SCATTER_TENSOR.discard(backend)
+        distributed._NO_GATHER_INTO_TENSOR.discard(backend)
+        distributed._NO_REDUCE_SCATTER_TENSOR.discard(backend)
     # With two processes every cross-process sum has two terms (commutative in floating point): the three gathers
     # must give bit-identical gradients.
     report["modes_bit_identical"] = all(
@@ -595,21 +595,21 @@ def worker_compile(output_dir: Path) -> dict:
     import torch.distributed as dist
     from conftest import tiny_config
 
-    from simlap_hf import SimLAPModel, losses
+    from simlap_hf import SimLAPModel, distributed, losses
 
     gen = torch.Generator().manual_seed(dist.get_rank())
     embeddings = torch.randn(6, 8, generator=gen, requires_grad=True)
     labels = torch.randint(0, 3, (6,), generator=gen)
 
     def loss_of(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        keys, key_labels = losses.gather_with_grad(embeddings), losses.gather_labels(labels)
+        keys, key_labels = distributed.gather_with_grad(embeddings), distributed.gather_labels(labels)
         gates = torch.ones_like(embeddings)
         terms = losses.simlap_contrastive_terms(embeddings, labels, labels.flip(0), gates, 0.1, keys, key_labels)
-        return losses.distributed_mean(terms.loss_sum, terms.num_positives)
+        return distributed.distributed_mean(terms.loss_sum, terms.num_positives)
 
     report: dict = {}
     backend = str(dist.get_backend())
-    unsupported_sets = (losses._NO_GATHER_INTO_TENSOR, losses._NO_REDUCE_SCATTER_TENSOR)
+    unsupported_sets = (distributed._NO_GATHER_INTO_TENSOR, distributed._NO_REDUCE_SCATTER_TENSOR)
     saved = [set(unsupported) for unsupported in unsupported_sets]
     try:
         for path in ("single", "fallback"):

@@ -610,6 +610,7 @@ def distributed_worker(output_dir: Path) -> None:
     import torch.distributed as dist
 
     from simlap_hf import losses
+    from simlap_hf.distributed import distributed_mean, gather_labels, gather_with_grad
 
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
@@ -623,16 +624,16 @@ def distributed_worker(output_dir: Path) -> None:
     report = {}
     for name, option in DISTRIBUTED_FORMS.items():
         gradients, values = [], []
-        for distributed in (False, True):
+        for gathered in (False, True):
             parameters = [
                 weight.clone().requires_grad_(True),
                 torch.tensor(math.log(1 / 0.2), dtype=torch.float64, requires_grad=True),
                 torch.tensor(option["alpha"] or 0.0, dtype=torch.float64, requires_grad=True),
             ]
-            rows = part if distributed else slice(None)
+            rows = part if gathered else slice(None)
             embeddings = inputs[rows] @ parameters[0].T
-            keys = losses.gather_with_grad(embeddings) if distributed else embeddings
-            key_labels = losses.gather_labels(labels[rows]) if distributed else labels
+            keys = gather_with_grad(embeddings) if gathered else embeddings
+            key_labels = gather_labels(labels[rows]) if gathered else labels
             terms = losses.simlap_contrastive_terms(
                 embeddings,
                 labels[rows],
@@ -646,11 +647,11 @@ def distributed_worker(output_dir: Path) -> None:
                 alpha=parameters[2] if option["alpha"] is not None else None,
                 positive_normalization=option["normalization"],
             )
-            loss = losses.distributed_mean(terms.loss_sum, terms.num_positives, gathered=distributed)
+            loss = distributed_mean(terms.loss_sum, terms.num_positives, gathered=gathered)
             used = [p for p, on in zip(parameters, (True, option["learnable"], option["alpha"] is not None)) if on]
             grads = torch.autograd.grad(loss, used)
             loss = loss.detach().clone()
-            if distributed:  # data-parallel training averages losses and gradients over processes
+            if gathered:  # data-parallel training averages losses and gradients over processes
                 for tensor in (loss, *grads):
                     dist.all_reduce(tensor)
                     tensor /= world

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import all_gather_equal
+from ..distributed import all_gather_equal
 from ._arrays import ArrayLike, to_tensor
 
 # Smallest kNN temperature for which exp(sim / T) (sim <= 1) stays finite in float32 (exp(88.7) ~ 3.4e38).
