@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+# Two entry points for a fresh machine: `make demo` and `make test` (see README.md); `make test-fast` runs the unit tests.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # torch and torchvision are installed first, as a matched pair, before the package pulls anything else.
@@ -9,7 +9,10 @@ DEMO_ARGS ?=
 # accelerate launch gives a CPU process one thread unless told otherwise; the demo uses every core.
 DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: install demo test bench clean
+# Test processes (pytest-xdist); each runs torch with one thread, so the workers share the cores without contention.
+TEST_WORKERS ?= auto
+
+.PHONY: install demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -32,7 +35,11 @@ demo: install
 	$(PYTHON) -c "from simlap_hf import SimLAPModel; model = SimLAPModel.from_pretrained('$(OUTPUT_DIR)'); print(type(model).__name__, model.config.backbone, model.config.id2label)"
 
 test: install
-	$(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS)
+
+# The unit tests only (marker `unit`, see tests/conftest.py): a check of one change in under a minute.
+test-fast: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -m unit -n $(TEST_WORKERS)
 
 bench: install
 	bash benchmarks/run_all.sh

@@ -122,3 +122,31 @@ def two_process_command(script, *arguments) -> list[str]:
         str(script),
         *map(str, arguments),
     ]
+
+
+# The unit tests (`make test-fast`, `pytest -m unit`): these modules, less their tests marked e2e or slow. Every other
+# test is end-to-end (`-m e2e`: it trains through a script, starts processes or reads a real data set).
+UNIT_MODULES = frozenset(
+    {
+        "test_data",
+        "test_evaluation",
+        "test_fast_augment",
+        "test_fastssl_form",
+        "test_flags",
+        "test_losses",
+        "test_modeling",
+        "test_preprocessing",
+        "test_relations",
+        "test_upstream_apis",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        end_to_end = item.get_closest_marker("e2e") is not None or item.get_closest_marker("slow") is not None
+        if module in UNIT_MODULES and not end_to_end:
+            item.add_marker(pytest.mark.unit)
+        elif item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.e2e)

@@ -367,6 +367,7 @@ def test_max_samples_are_seeded_prefixes() -> None:
     not (REAL_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
     reason="real Fashion-MNIST not installed at /usr/share/datasets/fashion-mnist",
 )
+@pytest.mark.e2e
 def test_real_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SIMLAP_FASHION_MNIST_DIR", raising=False)
     ds = load_image_dataset(DataArguments(dataset_name="fashion_mnist"))

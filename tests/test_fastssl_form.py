@@ -436,6 +436,7 @@ def test_bad_option_values_fail_in_one_line(overrides, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.e2e
 def test_flags_build_the_config_and_a_bad_value_is_one_error_line(tmp_path):
     from simlap_hf.training import PLACEHOLDER_LABELS, PRETRAIN_ARGUMENTS, build_pretrain_config, parse_args
 
@@ -470,6 +471,7 @@ def test_flags_build_the_config_and_a_bad_value_is_one_error_line(tmp_path):
     assert lines[-1].startswith("error: ") and "loss_form='dott'" in lines[-1] and "cosine, dot" in lines[-1]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("gate", ["stochastic", "gumbel"])
 def test_training_with_every_option_keeps_one_host_sync_per_step(tmp_path, monkeypatch, gate):
     """A tiny pretraining run with the full later form: no option reads a tensor value on the host in the step."""
@@ -523,6 +525,7 @@ def write_fashion_standin(folder: Path, train_per_class: int = 12, test_per_clas
     return folder
 
 
+@pytest.mark.e2e
 def test_reproduce_runs_the_ablation_without_datasets(tmp_path):
     """The shipped budget file with a short override, Fashion-MNIST from IDX files and digits, and the libraries
     ``datasets`` and ``evaluate`` unimportable in every process (as on a GPU machine without them)."""
@@ -663,6 +666,7 @@ def distributed_worker(output_dir: Path) -> None:
     (output_dir / f"forms_{rank}.json").write_text(json.dumps(report))
 
 
+@pytest.mark.e2e
 def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     command = two_process_command(Path(__file__).resolve(), tmp_path)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -267,6 +267,7 @@ print("IMPORTED", ",".join(names))
 """
 
 
+@pytest.mark.e2e
 def test_saved_model_code_imports_with_torch_timm_transformers_only(tmp_path):
     import subprocess
     import sys
