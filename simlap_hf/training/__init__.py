@@ -48,7 +48,9 @@ from .checkpoints import (
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    move_previous_run_away,
+    PreviousRun,
+    previous_run_folder,
+    recover_previous_run,
     save_checkpoint,
 )
 from .configs import (
@@ -145,7 +147,9 @@ __all__ = [
     "load_checkpoint",
     "make_classification_evaluator",
     "model_folder_files",
-    "move_previous_run_away",
+    "PreviousRun",
+    "previous_run_folder",
+    "recover_previous_run",
     "parse_args",
     "prepare_model",
     "representation_evaluator",

@@ -10,6 +10,7 @@ dataclasses extend.
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from transformers import HfArgumentParser
 
 from ..data import DataArguments
 from .backbones import RESNET_OUTPUT_STRIDE_HELP, RESNET_STEM_HELP
-from .checkpoints import find_checkpoint, list_checkpoints
+from .checkpoints import find_checkpoint, list_checkpoints, recover_previous_run
+
+logger = logging.getLogger("simlap_hf")
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "lars", "lamb")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -40,7 +43,12 @@ class TrainingArguments:
 
     output_dir: str = field(default="outputs/simlap", metadata={"help": "Where the model, results and checkpoints go."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an output_dir that already holds another run."}
+        default=False,
+        metadata={
+            "help": "Replace the run in output_dir: it is moved aside once the data is loaded, deleted when the new "
+            "run has a complete checkpoint, put back if the new run ends before that. Ignored with "
+            "--resume_from_checkpoint."
+        },
     )
     num_train_epochs: int = field(default=50, metadata={"help": "Number of training epochs."})
     per_device_train_batch_size: int = field(
@@ -310,6 +318,8 @@ def validate_training_args(args: TrainingArguments, check_output_dir: bool = Tru
     """Checks that need no data and no model; each error names the flag and the valid values.
 
     With ``check_output_dir`` also :func:`check_output_folder`, which resolves ``--resume_from_checkpoint auto``."""
+    if check_output_dir:  # first: whatever this command turns out to be, a run left aside by a kill is put back
+        recover_previous_run(args.output_dir)
     _check_values(args)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -327,15 +337,20 @@ def check_output_folder(args: TrainingArguments) -> None:
     Resolves ``--resume_from_checkpoint auto`` in place: 'latest' when the output folder holds a complete checkpoint,
     else None (a fresh start)."""
     output_dir = Path(args.output_dir)
+    recover_previous_run(output_dir)  # left aside by an --overwrite_output_dir run that was killed
     fresh_auto_start = False
     if args.resume_from_checkpoint == "auto":
         args.resume_from_checkpoint = "latest" if list_checkpoints(output_dir) else None
         fresh_auto_start = args.resume_from_checkpoint is None
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
-        raise ValueError(
-            "--overwrite_output_dir and --resume_from_checkpoint contradict each other: drop --overwrite_output_dir "
-            "to continue the run, or --resume_from_checkpoint to replace it."
+        # A resume is what was asked for last (the printed resume advice adds it to a command or YAML file that may
+        # set overwrite_output_dir): continue the run, replace nothing.
+        logger.warning(
+            "--resume_from_checkpoint %s: continuing the run in %s; --overwrite_output_dir is ignored.",
+            args.resume_from_checkpoint,
+            output_dir,
         )
+        args.overwrite_output_dir = False
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and output_dir.is_dir():
         # A run killed before its first complete checkpoint leaves only incomplete ones: 'auto' starts it again.
         previous = [
