@@ -5,9 +5,7 @@ an exit code (input errors as one line, bugs with their traceback).
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
