@@ -103,3 +103,26 @@ def run_command(
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
+    """Raise :class:`UsageError` unless the folder ``path`` (given with ``flag``) exists or can be created and can be
+    written to: checked by writing a temporary file into the nearest existing folder, before any work is done."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(path).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {os.fspath(path)!r} cannot be created: {str(existing)!r} is a file. Choose a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(
+            f"{flag} {os.fspath(path)!r} cannot be written ({reason}: {str(existing)!r}); choose a folder you can "
+            "write to."
+        ) from None

@@ -9,6 +9,7 @@ dataclasses extend.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import sys
@@ -21,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data import DataArguments
+from ..errors import UsageError, check_writable_folder
 from .backbones import RESNET_OUTPUT_STRIDE_HELP, RESNET_STEM_HELP
 from .checkpoints import find_checkpoint, list_checkpoints, recover_previous_run
 
@@ -273,6 +275,34 @@ def _read_config_file(config_path: Path, known: Sequence[str]) -> dict[str, Any]
     return values
 
 
+def _check_config_values(parser: HfArgumentParser, values: dict[str, Any], config_path: Path) -> None:
+    """Each YAML value converted as its flag would be: a value of the wrong type or outside the choices names the
+    file and the key instead of argparse's usage text."""
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in values.items():
+        action = actions[key]
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item is None:
+                continue
+            try:
+                converted = action.type(item) if callable(action.type) else item
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                kind = getattr(action.type, "__name__", "value")
+                raise UsageError(
+                    f"Config file {str(config_path)!r}: {key}: {item!r} is not a valid {kind}; write it as the flag "
+                    f"--{key} expects (see --help)."
+                ) from None
+            if action.choices is not None and converted not in action.choices:
+                choices = ", ".join(str(choice) for choice in action.choices)
+                raise UsageError(f"Config file {str(config_path)!r}: {key}: {item!r} is not one of {choices}.")
+
+
+def _raise_usage_error(message: str) -> None:
+    """``parser.error`` of the scripts: a flag argparse cannot read is a one-line user error, not a usage dump."""
+    raise UsageError(f"{message[:1].upper()}{message[1:]}. Run with --help for the list of options.")
+
+
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
 
@@ -281,9 +311,13 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(list(dataclass_types), allow_abbrev=False)
+    parser.error = _raise_usage_error  # type: ignore[method-assign]
     known = _parser_destinations(parser)
     if argv and argv[0].endswith((".yaml", ".yml")):
-        parser.set_defaults(**_read_config_file(Path(argv.pop(0)), known))
+        config_path = Path(argv.pop(0))
+        values = _read_config_file(config_path, known)
+        _check_config_values(parser, values, config_path)
+        parser.set_defaults(**values)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         flags = [item.split("=")[0].lstrip("-") for item in remaining if item.startswith("-")] or remaining
@@ -326,6 +360,7 @@ def validate_training_args(args: TrainingArguments, check_output_dir: bool = Tru
         raise ValueError(
             f"--output_dir {str(output_dir)!r} is a file, not a folder; choose a folder path (it is created if needed)."
         )
+    check_writable_folder(output_dir, "--output_dir")  # before the data is loaded
     if check_output_dir:
         check_output_folder(args)
 
