@@ -105,6 +105,12 @@ def run_command(
     return 0
 
 
+def raise_usage_error(message: str) -> None:
+    """An ``argparse`` parser's ``error``: a flag the parser cannot read is a one-line :class:`UsageError`, not a usage
+    text and exit code 2. Set as ``parser.error = raise_usage_error``."""
+    raise UsageError(f"{message[:1].upper()}{message[1:]}. Run with --help for the list of options.")
+
+
 def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
     """Raise :class:`UsageError` unless the folder ``path`` (given with ``flag``) exists or can be created and can be
     written to: checked by writing a temporary file into the nearest existing folder, before any work is done."""

@@ -293,6 +293,10 @@ def load_simlap_classifier(model_dir: str | os.PathLike) -> nn.Module:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: 0 when exported; 1 with ``error: ...`` for an input error (see
+    :func:`~simlap_hf.errors.run_command`)."""
+    from .errors import raise_usage_error, run_command
+
     parser = argparse.ArgumentParser(
         prog="python -m simlap_hf.export",
         description="Export a saved SimLAP classifier (or the online head of a pretrained SimLAP model) as a timm "
@@ -305,9 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--crop_pct", type=float, help="Resize to input_size / crop_pct before the centre crop.")
     parser.add_argument("--interpolation", help="Resize interpolation (bicubic, bilinear, ...).")
     parser.add_argument("--hub_model_id", help="Hub id the export will be pushed to (for the card's snippet).")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of input errors (SIMLAP_DEBUG=1).")
+    parser.error = raise_usage_error  # type: ignore[method-assign]
+
+    def export(arguments: list[str]) -> None:
+        args = parser.parse_args(arguments)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         out = export_timm(
             args.model_dir,
             args.out_dir,
@@ -317,11 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             interpolation=args.interpolation,
             repo_id=args.hub_model_id,
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"exported: {out}  (timm.create_model('local-dir:{out}', pretrained=True))")
-    return 0
+        print(f"exported: {out}  (timm.create_model('local-dir:{out}', pretrained=True))")
+
+    # An error raised by timm or transformers keeps its traceback (a bug); the package's checks print one line.
+    return run_command(export, argv, keep_debug_flag=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from simlap_hf.analysis import (
     plot_gate_heatmap,
     summary_markdown,
 )
-from simlap_hf.analyze import main
+from simlap_hf.analyze import run
 from simlap_hf.data import (
     DataArguments,
     create_eval_dataloader,
@@ -200,7 +200,7 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
     load_image_dataset(DataArguments(train_dir=transfer, train_val_split=0.25)).save_to_disk(transfer_dir)
     output = tmp_path / "report"
 
-    report = main(
+    report = run(
         [
             "--model_name_or_path",
             str(simlap_dir),
@@ -270,6 +270,6 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
 
 def test_analyze_command_rejects_a_wrong_number_of_labels(tmp_path):
     with pytest.raises(ValueError, match="one name per model"):
-        main(["--timm_model", "resnet10t", "--labels", "a", "b", "--output_dir", str(tmp_path / "out")])
+        run(["--timm_model", "resnet10t", "--labels", "a", "b", "--output_dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="Nothing to analyse"):
-        main(["--output_dir", str(tmp_path / "out")])
+        run(["--output_dir", str(tmp_path / "out")])

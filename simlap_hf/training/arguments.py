@@ -22,7 +22,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data import DataArguments
-from ..errors import UsageError, check_writable_folder
+from ..errors import UsageError, check_writable_folder, raise_usage_error
 from .backbones import RESNET_OUTPUT_STRIDE_HELP, RESNET_STEM_HELP
 from .checkpoints import find_checkpoint, list_checkpoints, recover_previous_run
 
@@ -298,11 +298,6 @@ def _check_config_values(parser: HfArgumentParser, values: dict[str, Any], confi
                 raise UsageError(f"Config file {str(config_path)!r}: {key}: {item!r} is not one of {choices}.")
 
 
-def _raise_usage_error(message: str) -> None:
-    """``parser.error`` of the scripts: a flag argparse cannot read is a one-line user error, not a usage dump."""
-    raise UsageError(f"{message[:1].upper()}{message[1:]}. Run with --help for the list of options.")
-
-
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
 
@@ -311,7 +306,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(list(dataclass_types), allow_abbrev=False)
-    parser.error = _raise_usage_error  # type: ignore[method-assign]
+    parser.error = raise_usage_error  # type: ignore[method-assign]
     known = _parser_destinations(parser)
     if argv and argv[0].endswith((".yaml", ".yml")):
         config_path = Path(argv.pop(0))
