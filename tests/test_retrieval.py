@@ -246,3 +246,29 @@ def test_search_refuses_another_models_index_and_names_missing_shards_and_folder
     assert search.main(["--index", str(damaged), "--image", str(image_file)]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(shard) in line and "Build it again" in line
+
+
+def test_embed_overwrite_replaces_an_index_only_once_the_new_one_is_complete(trained, tmp_path, monkeypatch):
+    model_dir, index_dir, _, _ = trained
+    target = tmp_path / "index"
+    shutil.copytree(index_dir, target)
+    before = {path.name: path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    command = [*DATA, "--model_name_or_path", str(model_dir), "--output_dir", str(target), "--overwrite_output_dir"]
+    command += ["--split", "validation"]
+    original = embed.write_index
+
+    def fails_halfway(*args, **kwargs):
+        folder = Path(args[4])
+        (folder / "shards").mkdir(parents=True, exist_ok=True)
+        (folder / "shards" / "partial.parquet").write_bytes(b"cut short")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(embed, "write_index", fails_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        embed.run(command)
+    assert {path.name: path.read_bytes() for path in target.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]  # no half-written index left beside it
+    monkeypatch.setattr(embed, "write_index", original)
+    info = embed.run(command)
+    assert info["num_rows"] == 40 and json.loads((target / "index.json").read_text())["num_rows"] == 40
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]
