@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def probe(tmp_path_factory):
     (folder / "ten.yaml").write_text('num_train_epochs: "ten"\n')
     (folder / "garbage").mkdir()
     (folder / "garbage" / "config.json").write_text("{not json")
+    tarfile.open(folder / "empty.tar", "w").close()
     return folder
 
 
@@ -105,6 +107,21 @@ CASES = {
             "{probe}/out",
         ],
         ["--sampler pk", "single class", "--pk_images_per_class"],
+    ),
+    "empty_tar_shard": (
+        [
+            PRETRAIN,
+            "--streaming",
+            "--train_files",
+            "{probe}/empty.tar",
+            "--validation_files",
+            "{probe}/empty.tar",
+            "--streaming_num_examples",
+            "10",
+            "--output_dir",
+            "{probe}/out",
+        ],
+        ["--train_files", "empty.tar", "Must pass at least one table"],
     ),
     "analyze_missing_model_folder": (
         ["-m", "simlap_hf.analyze", "--model_name_or_path", "{probe}/missing", "--output_dir", "{probe}/analysis"],

@@ -20,6 +20,7 @@ from accelerate.data_loader import prepare_data_loader
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
+from ..errors import UsageError
 from .arguments import DataArguments
 from .images import decode_image
 from .labels import get_label_names
@@ -194,13 +195,32 @@ def _check_enough(dataset: StreamingRepeatedAugmentation, num_examples: int) -> 
         )
 
 
+def _opened(
+    open_stream: Callable[[DataArguments], StandardStream], args: DataArguments, flag: str, files: Any
+) -> StandardStream:
+    """``open_stream(args)``; tar shards that Arrow cannot read (an empty or damaged tar) are a user error naming the
+    flag and the files."""
+    import pyarrow
+
+    try:
+        return open_stream(args)
+    except pyarrow.ArrowInvalid as error:
+        if not files:
+            raise
+        raise UsageError(
+            f"{flag} {files!r}: the tar shards could not be read ({' '.join(str(error).split())}). Each shard must "
+            "hold image files with their label files (WebDataset layout); an empty or damaged tar gives this error."
+        ) from error
+
+
 def prepare_streaming_data(
     data_args: DataArguments, num_channels: int, train_batch_size: int, eval_batch_size: int, seed: int
 ) -> DataBundle:
     """The three loaders of a ``--streaming`` run (see :class:`~simlap_hf.data.DataBundle`): the training stream of
     this process, the validation split and the first ``--streaming_train_eval_examples`` training images in
     memory (sequential, evaluation transform)."""
-    train, validation_stream = open_train_stream(data_args), open_validation_stream(data_args)
+    train = _opened(open_train_stream, data_args, "--train_files", data_args.train_files)
+    validation_stream = _opened(open_validation_stream, data_args, "--validation_files", data_args.validation_files)
     validation = collect_split(validation_stream, data_args.max_eval_samples, train.label_names)
     label_names = get_label_names(validation)
     train_eval = collect_split(train, data_args.streaming_train_eval_examples, label_names)
