@@ -29,6 +29,7 @@ scripts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import sys
@@ -56,8 +57,12 @@ from .analysis import (
 )
 from .analysis.loading import EvalData, LoadedModel, describe_data, load_pretrained_model, load_timm_model
 from .analysis.report import save_gate_arrays, unique_slug
+from .errors import UsageError, check_writable_folder, run_command
 
 logger = logging.getLogger("simlap_hf.analyze")
+
+# Fewest points a t-SNE/UMAP map is drawn for (embedding_map refuses fewer).
+MIN_MAP_POINTS = 5
 
 #: Above this many classes the C x C matrices go only to the .npz files, not into report.json.
 MAX_CLASSES_IN_JSON = 100
@@ -165,14 +170,24 @@ def _embedding_map_figure(
     method: str,
     seed: int,
     source: str,
-) -> tuple[str, str]:
-    """The 2-D map (t-SNE / UMAP) of at most ``samples`` validation embeddings, coloured by class."""
+) -> tuple[str, str] | None:
+    """The 2-D map (t-SNE / UMAP) of at most ``samples`` validation embeddings, coloured by class; None (with a
+    warning) when the split is too small for one."""
     features, embeddings, labels = extract_representations(model, loader, show_progress=False)
     use_embeddings = source == "embeddings" and embeddings is not None
     vectors = embeddings if use_embeddings else features
     if len(vectors) > samples:
         keep = torch.from_numpy(np.random.default_rng(seed).permutation(len(vectors))[:samples])
         vectors, labels = vectors[keep], labels[keep]
+    if len(vectors) < MIN_MAP_POINTS:
+        logger.warning(
+            "%s: no embedding map (t-SNE/UMAP need at least %d validation images, the split has %d); the rest of the "
+            "report is written.",
+            model_name,
+            MIN_MAP_POINTS,
+            len(vectors),
+        )
+        return None
     points, used = embedding_map(vectors, method, seed)
     what = "projected embeddings" if use_embeddings else "backbone features"
     title = f"{model_name}: {'t-SNE' if used == 'tsne' else 'UMAP'} of {len(vectors)} validation {what}"
@@ -290,8 +305,9 @@ def _analyse_model(
     result["figures"] = {}
     if transfer is not None:
         result["transfer"] = _transfer_result(model, transfer, entry.num_channels, args)
+    embedding_map_figure = None
     if args.map_samples:
-        result["figures"]["embedding_map"], result["embedding_map_method"] = _embedding_map_figure(
+        embedding_map_figure = _embedding_map_figure(
             model,
             validation_loader,
             data.label_names,
@@ -302,6 +318,8 @@ def _analyse_model(
             args.seed,
             result.get("embedding_source", "embeddings"),
         )
+    if embedding_map_figure is not None:
+        result["figures"]["embedding_map"], result["embedding_map_method"] = embedding_map_figure
     gates = result.get("gates")
     if gates and gates["has_filter"]:
         result["figures"].update(_gate_figures(model, entry.name, gates, output_dir, slug))
@@ -359,6 +377,9 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
     timm_kwargs = _timm_kwargs(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir = Path(args.output_dir)
+    check_writable_folder(output_dir, "--output_dir")
+    if args.map_samples and getattr(args, "map_method", "auto") == "umap" and importlib.util.find_spec("umap") is None:
+        raise UsageError("--map_method umap needs umap-learn: pip install umap-learn, or pass --map_method tsne.")
     output_dir.mkdir(parents=True, exist_ok=True)
     loaded, data_args = _load_models(args, data_args, timm_kwargs, input_size_given)
 
@@ -378,7 +399,7 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
     return _write_report(models, data, transfer, args, device, output_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default: the command line), run the analysis, and return the report."""
     from .data import DataArguments
     from .training import parse_args
@@ -390,5 +411,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run_analysis(args, data_args, input_size_given=_input_size_given(argv))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: 0 when the report is written; 1 with ``error: ...`` for an input error (see
+    :func:`~simlap_hf.errors.run_command`)."""
+    return run_command(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .errors import UsageError, run_command
 
 PREDICTED = "(predicted by the model)"
 
@@ -166,6 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs network)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors (SIMLAP_DEBUG=1)")
     args = parser.parse_args(argv)
     if not 1 <= args.k <= 20:
         parser.error(f"--k must be between 1 and 20, got {args.k}.")
@@ -173,23 +175,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: serves the demo until stopped; 1 with ``error: ...`` for an input error (see
+    :func:`~simlap_hf.errors.run_command`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    args = parse_args(argv)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the demo needs Gradio: pip install 'simlap-hf[demo]' (or gradio).", file=sys.stderr)
-        return 1
-    from .retrieval import Retriever
 
-    try:
+    def serve(arguments: list[str]) -> None:
+        args = parse_args(arguments)
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise UsageError("the demo needs Gradio: pip install 'simlap-hf[demo]' (or gradio).") from None
+        from .retrieval import Retriever
+
         retriever = Retriever(args.model_name_or_path, args.index, device=args.device)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    demo = build_demo(retriever, k=args.k, examples=example_images(retriever))
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
-    return 0
+        demo = build_demo(retriever, k=args.k, examples=example_images(retriever))
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+    return run_command(serve, argv, keep_debug_flag=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
+
+from .errors import UsageError, check_writable_folder, raise_usage_error, run_command
 
 logger = logging.getLogger("simlap_hf.embed")
 
@@ -285,20 +286,35 @@ def _data_source(data_args: Any, seed: int) -> dict[str, Any]:
     return {"data_args": values, "seed": seed}
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"--output_dir {str(output_dir)!r} exists and is not empty; pass --overwrite_output_dir to replace "
-                f"it, or choose another folder."
-            )
-        if not (output_dir / INDEX_FILE).is_file() and not (output_dir / SHARD_FOLDER).is_dir():
-            raise ValueError(
-                f"--output_dir {str(output_dir)!r} holds files that are not an embedding index; refusing to delete "
-                f"them even with --overwrite_output_dir. Choose another folder."
-            )
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+def _check_output(output_dir: Path, overwrite: bool) -> bool:
+    """Check ``--output_dir`` before anything is loaded; returns whether an existing index will be replaced (it is
+    replaced only once the new one is complete, see :func:`_put_in_place`)."""
+    check_writable_folder(output_dir, "--output_dir")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {str(output_dir)!r} is a file; choose a folder.")
+    if not (output_dir.exists() and any(output_dir.iterdir())):
+        return False
+    if not overwrite:
+        raise UsageError(
+            f"--output_dir {str(output_dir)!r} exists and is not empty; pass --overwrite_output_dir to replace "
+            f"it, or choose another folder."
+        )
+    if not (output_dir / INDEX_FILE).is_file() and not (output_dir / SHARD_FOLDER).is_dir():
+        raise UsageError(
+            f"--output_dir {str(output_dir)!r} holds files that are not an embedding index; refusing to delete "
+            f"them even with --overwrite_output_dir. Choose another folder."
+        )
+    return True
+
+
+def _put_in_place(new_index: Path, output_dir: Path) -> None:
+    """Replace the index in ``output_dir`` by the complete ``new_index``: the old one is renamed away, the new one
+    renamed in, then the old one deleted (a failure before that leaves the old index as it was)."""
+    old_index = output_dir.with_name(f".{output_dir.name}.replaced-index")
+    shutil.rmtree(old_index, ignore_errors=True)
+    os.replace(output_dir, old_index)
+    os.replace(new_index, output_dir)
+    shutil.rmtree(old_index, ignore_errors=True)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -308,42 +324,55 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from .data import DataArguments, get_label_names, load_image_dataset
 
     parser = HfArgumentParser((EmbedArguments, DataArguments))
+    parser.error = raise_usage_error  # type: ignore[method-assign]
     embed_args, data_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     device = resolve_device(embed_args.device)
     output_dir = Path(embed_args.output_dir)
+    replace = _check_output(output_dir, embed_args.overwrite_output_dir)
     model = load_model(embed_args.model_name_or_path, device)
     data_args = data_args_for_model(data_args, embed_args.model_name_or_path, model)
-    _prepare_output(output_dir, embed_args.overwrite_output_dir)
     data = load_image_dataset(data_args, seed=embed_args.seed)
     names = ("train", "validation") if embed_args.split == "all" else (embed_args.split,)
     description = data_args.train_dir or data_args.dataset_name or ""
-    info = write_index(
-        model,
-        {name: data[name] for name in names},
-        get_label_names(data),
-        data_args,
-        output_dir,
-        model_name_or_path=embed_args.model_name_or_path,
-        batch_size=embed_args.batch_size,
-        shard_size=embed_args.shard_size,
-        device=device,
-        num_workers=data_args.loader_workers(),
-        description=description,
-        data_source=_data_source(data_args, embed_args.seed),
-    )
+    # An existing index is replaced only once the new one is complete: written next to it, then swapped in.
+    target = output_dir.with_name(f".{output_dir.name}.new-index") if replace else output_dir
+    try:
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)  # left by an earlier attempt that did not finish
+        target.mkdir(parents=True, exist_ok=True)
+        info = write_index(
+            model,
+            {name: data[name] for name in names},
+            get_label_names(data),
+            data_args,
+            target,
+            model_name_or_path=embed_args.model_name_or_path,
+            batch_size=embed_args.batch_size,
+            shard_size=embed_args.shard_size,
+            device=device,
+            num_workers=data_args.loader_workers(),
+            description=description,
+            data_source=_data_source(data_args, embed_args.seed),
+        )
+        if replace:
+            _put_in_place(target, output_dir)
+    finally:
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
     logger.info("Embedded %d images into %s (%s images/s).", info["num_rows"], output_dir, info["images_per_second"])
     return info
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: prints the index's size as JSON; 1 with ``error: ...`` for an input error (see
+    :func:`~simlap_hf.errors.run_command`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        info = run(argv)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps({key: info[key] for key in ("num_rows", "feature_dim", "embedding_dim", "images_per_second")}))
-    return 0
+
+    def embed_and_print(arguments: list[str]) -> None:
+        info = run(arguments)
+        print(json.dumps({key: info[key] for key in ("num_rows", "feature_dim", "embedding_dim", "images_per_second")}))
+
+    return run_command(embed_and_print, argv)
 
 
 if __name__ == "__main__":

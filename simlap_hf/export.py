@@ -492,6 +492,10 @@ def export_onnx(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: 0 when exported; 1 with ``error: ...`` for an input error (see
+    :func:`~simlap_hf.errors.run_command`)."""
+    from .errors import raise_usage_error, run_command
+
     parser = argparse.ArgumentParser(
         prog="python -m simlap_hf.export",
         description="Export a saved SimLAP model: as a timm model folder (--format timm, a classifier or the online "
@@ -515,29 +519,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quantize", action="store_true", help="onnx: also write model.int8.onnx (dynamic INT8).")
     parser.add_argument("--opset", type=int, help="onnx: opset version (default: the exporter's).")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of input errors (SIMLAP_DEBUG=1).")
+    parser.error = raise_usage_error  # type: ignore[method-assign]
+
+    def export(arguments: list[str]) -> None:
+        args = parser.parse_args(arguments)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         if args.format == "onnx":
             out = export_onnx(args.model_dir, args.out_dir, task=args.task, quantize=args.quantize, opset=args.opset)
-        else:
-            out = export_timm(
-                args.model_dir,
-                args.out_dir,
-                mean=args.mean,
-                std=args.std,
-                crop_pct=args.crop_pct,
-                interpolation=args.interpolation,
-                repo_id=args.hub_model_id,
-            )
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if args.format == "onnx":
-        print(f"exported: {out / ONNX_FILE}  (onnxruntime.InferenceSession('{out / ONNX_FILE}'))")
-    else:
+            print(f"exported: {out / ONNX_FILE}  (onnxruntime.InferenceSession('{out / ONNX_FILE}'))")
+            return
+        out = export_timm(
+            args.model_dir,
+            args.out_dir,
+            mean=args.mean,
+            std=args.std,
+            crop_pct=args.crop_pct,
+            interpolation=args.interpolation,
+            repo_id=args.hub_model_id,
+        )
         print(f"exported: {out}  (timm.create_model('local-dir:{out}', pretrained=True))")
-    return 0
+
+    # An error raised by timm, transformers or onnxruntime keeps its traceback (a bug); the package's checks print
+    # one line.
+    return run_command(export, argv, keep_debug_flag=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import UsageError, raise_usage_error, run_command
 from .hub import HubPushError, create_hub_repo, push_output_dir
 
 logger = logging.getLogger("simlap_hf")
@@ -62,14 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--include_checkpoints", action="store_true", help="Also upload checkpoints/.")
     parser.add_argument("--commit_message", default="Upload SimLAP model", help="Commit message.")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        print(f"pushed: {push(**vars(args))}")  # the flags are named as push()'s parameters
-    except (FileNotFoundError, ValueError, HubPushError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of input errors (SIMLAP_DEBUG=1).")
+    parser.error = raise_usage_error  # type: ignore[method-assign]
+
+    def push_folder(arguments: list[str]) -> None:
+        args = vars(parser.parse_args(arguments))
+        args.pop("debug")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            print(f"pushed: {push(**args)}")  # the flags are named as push()'s parameters
+        except HubPushError as error:  # the Hub refused (token, permissions, network): what to do is in the message
+            raise UsageError(str(error)) from error
+
+    return run_command(push_folder, argv, keep_debug_flag=True)
 
 
 if __name__ == "__main__":

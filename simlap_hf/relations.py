@@ -170,12 +170,23 @@ class ClassRelations:
         return cls(data["label_names"], data["matrices"], measure or data["measure"], threshold=data["threshold"])
 
     # -- queries -----------------------------------------------------------------------------------------------
-    def index(self, name: str) -> int:
-        if name in self.names:
+    def index(self, name: str | int) -> int:
+        """Index of a class given by its name or by its integer id (``0 <= id < number of classes``)."""
+        if isinstance(name, str) and name in self.names:
             return self.names.index(name)
-        raise ValueError(f"{name!r} is not a class of the model; its classes are: {', '.join(self.names)}.")
+        if isinstance(name, int) and not isinstance(name, bool):
+            if 0 <= name < len(self.names):
+                return name
+            raise ValueError(
+                f"Class id {name} is out of range: the model has {len(self.names)} classes (ids 0 to "
+                f"{len(self.names) - 1}); pass an id in that range or a class name ({', '.join(self.names)})."
+            )
+        raise ValueError(
+            f"Class {name!r} is not a class of the model; pass one of its class names ({', '.join(self.names)}) or "
+            f"an integer id from 0 to {len(self.names) - 1}."
+        )
 
-    def related_classes(self, name: str, k: int = 5) -> list[tuple[str, float]]:
+    def related_classes(self, name: str | int, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` classes most related to ``name`` with their relatedness, most related first."""
         i = self.index(name)
         others = [j for j in range(len(self.names)) if j != i]

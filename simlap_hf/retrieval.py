@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UsageError
 from .losses import gated_cosine
 
 INDEX_FILE = "index.json"
@@ -110,7 +111,13 @@ class EmbeddingIndex:
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _shard_file(self, shard: int) -> Path:
-        return self.path / self.info["shards"][shard]["file"]
+        path = self.path / self.info["shards"][shard]["file"]
+        if not path.is_file():
+            raise UsageError(
+                f"Shard {str(path)!r} of the index {str(self.path)!r} is missing (listed in its {INDEX_FILE}); the "
+                "index is incomplete. Build it again with python -m simlap_hf.embed ... --overwrite_output_dir."
+            )
+        return path
 
     def vectors(self, shard: int, column: str = "features") -> Tensor:
         """(rows, dim) float32 vectors of one shard."""
@@ -295,6 +302,13 @@ class EmbeddingIndex:
         return torch.from_numpy(scores), torch.from_numpy(ids.astype(np.int64))
 
 
+def _same_model_folder(given: str | os.PathLike, recorded: str) -> bool:
+    """Whether the model ``given`` is the folder (or Hub id) an index recorded."""
+    if os.path.exists(given) and os.path.exists(recorded):
+        return os.path.samefile(given, recorded)
+    return os.path.abspath(given) == os.path.abspath(recorded) or str(given) == recorded
+
+
 class Retriever:
     """A SimLAP model, its image processor and an embedding index: search with images and class names.
 
@@ -309,11 +323,22 @@ class Retriever:
         index: EmbeddingIndex | str | os.PathLike,
         device: str | torch.device = "cpu",
         backend: str = "torch",
+        allow_other_model: bool = False,
     ) -> None:
         from .embed import load_model, load_processor
 
         self.index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex(index, device=device)
-        model_path = model_name_or_path or self.index.info.get("model_name_or_path")
+        recorded = self.index.info.get("model_name_or_path")
+        if model_name_or_path is not None and recorded and not allow_other_model:
+            if not _same_model_folder(model_name_or_path, recorded):
+                raise UsageError(
+                    f"--model_name_or_path {str(model_name_or_path)!r} is not the model the index "
+                    f"{str(self.index.path)!r} was built with ({recorded!r}): its scores against that index would "
+                    "mean nothing. Leave --model_name_or_path out to use the index's model, build an index with this "
+                    "model (python -m simlap_hf.embed), or pass --allow_other_model if it is the same model saved "
+                    "elsewhere."
+                )
+        model_path = model_name_or_path or recorded
         self.model_dir = str(model_path)
         self.model = load_model(model_path, device)
         self.processor = load_processor(model_path)
@@ -325,6 +350,16 @@ class Retriever:
         self.device = torch.device(device)
         self.backend = backend
         self.model_label_names = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
+
+    def _check_dimension(self, query: Tensor, column: str) -> None:
+        """The model's ``column`` vectors must have the index's size (another model's index differs)."""
+        expected = self.index.info.get({"features": "feature_dim", "embeddings": "embedding_dim"}.get(column, ""))
+        if expected is not None and query.shape[-1] != int(expected):
+            raise UsageError(
+                f"The model {self.model_dir!r} gives {column} of size {query.shape[-1]}, the index "
+                f"{str(self.index.path)!r} holds {column} of size {expected}: it was built with another model. Use "
+                "the index's model (leave --model_name_or_path out) or build an index with this model."
+            )
 
     @property
     def can_pair_search(self) -> bool:
@@ -355,6 +390,7 @@ class Retriever:
     def search(self, image: Any, k: int = 5, column: str = "features") -> list[dict[str, Any]]:
         """Nearest neighbours by cosine of the features: ``[{"source", "label", "score", ...}]``, best first."""
         query = self.encode(image)[column]
+        self._check_dimension(query, column)
         scores, ids = self.index.search(query, k, column=column, backend=self.backend)
         return self._hits(scores[0], ids[0])
 
@@ -379,6 +415,7 @@ class Retriever:
         if not self.index.has_embeddings:
             raise ValueError("The index has no projected embeddings: re-embed it with the pretrained SimLAP model.")
         encoded = self.encode(image)
+        self._check_dimension(encoded["embeddings"], "embeddings")
         if query_class is None:
             query_class = self.model_label_names[int(encoded["probabilities"].argmax())]
         a = self._model_class(query_class, "--query_class")

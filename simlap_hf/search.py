@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .errors import UsageError, run_command
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="nearest-neighbour search: exact torch in chunks (default) or a faiss flat index",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1")
+    parser.add_argument(
+        "--allow_other_model",
+        action="store_true",
+        help="search with --model_name_or_path although the index was built with another model folder",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors (SIMLAP_DEBUG=1)")
     args = parser.parse_args(argv)
     if args.k <= 0:
         parser.error(f"--k must be a positive integer, got {args.k}.")
@@ -52,14 +59,22 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     path = Path(args.image)
+    if path.is_dir():
+        raise UsageError(f"--image {args.image!r} is a folder; pass one image file (search takes one query image).")
     if not path.is_file():
-        raise FileNotFoundError(f"--image {args.image!r} does not exist.")
+        raise UsageError(f"--image {args.image!r} does not exist; pass an image file.")
     try:
         image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"--image {args.image!r} is not an image PIL can read: {error}") from error
-    retriever = Retriever(args.model_name_or_path, args.index, device=args.device, backend=args.backend)
+        raise UsageError(f"--image {args.image!r} is not an image PIL can read: {error}") from error
+    retriever = Retriever(
+        args.model_name_or_path,
+        args.index,
+        device=args.device,
+        backend=args.backend,
+        allow_other_model=args.allow_other_model,
+    )
     result: dict[str, Any] = {"image": str(path)}
     if getattr(retriever.model, "online_head", None) is not None:
         result["predicted"] = retriever.predict(image, k=min(3, len(retriever.model_label_names)))
@@ -71,13 +86,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        result = run(argv)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
+    """Command line: prints the result as JSON; 1 with ``error: ...`` for an input error (see
+    :func:`~simlap_hf.errors.run_command`)."""
+
+    def search_and_print(arguments: list[str]) -> None:
+        print(json.dumps(run(arguments), indent=2))
+
+    return run_command(search_and_print, argv, keep_debug_flag=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from simlap_hf.analysis import (
     plot_gate_heatmap,
     summary_markdown,
 )
-from simlap_hf.analyze import main
+from simlap_hf.analyze import run
 from simlap_hf.data import (
     DataArguments,
     create_eval_dataloader,
@@ -200,7 +200,7 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
     load_image_dataset(DataArguments(train_dir=transfer, train_val_split=0.25)).save_to_disk(transfer_dir)
     output = tmp_path / "report"
 
-    report = main(
+    report = run(
         [
             "--model_name_or_path",
             str(simlap_dir),
@@ -270,6 +270,28 @@ def test_analyze_command_writes_report_and_figures(tiny_image_folder, tmp_path):
 
 def test_analyze_command_rejects_a_wrong_number_of_labels(tmp_path):
     with pytest.raises(ValueError, match="one name per model"):
-        main(["--timm_model", "resnet10t", "--labels", "a", "b", "--output_dir", str(tmp_path / "out")])
+        run(["--timm_model", "resnet10t", "--labels", "a", "b", "--output_dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="Nothing to analyse"):
-        main(["--output_dir", str(tmp_path / "out")])
+        run(["--output_dir", str(tmp_path / "out")])
+
+
+def test_embedding_map_of_a_split_too_small_for_tsne_is_skipped_with_a_warning(tmp_path, caplog):
+    """A 4-image validation split: no t-SNE map (it needs 5 points), a warning that says so, and no error, so the rest
+    of the report is still written."""
+    from conftest import tiny_config
+
+    from simlap_hf.analyze import MIN_MAP_POINTS, _embedding_map_figure
+
+    model = SimLAPModel(tiny_config()).eval()
+    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3])}
+    with caplog.at_level("WARNING", logger="simlap_hf.analyze"):
+        figure = _embedding_map_figure(
+            model, [batch], ["a", "b", "c", "d"], "tiny", tmp_path / "map.png", 100, "tsne", 0, "features"
+        )
+    assert figure is None and not (tmp_path / "map.png").exists()
+    assert f"at least {MIN_MAP_POINTS} validation images, the split has 4" in caplog.text
+    five = {"pixel_values": torch.randn(5, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3, 0])}
+    figure = _embedding_map_figure(
+        model, [five], ["a", "b", "c", "d"], "tiny", tmp_path / "map.png", 100, "tsne", 0, "features"
+    )
+    assert figure == ("map.png", "tsne") and (tmp_path / "map.png").is_file()

@@ -79,8 +79,14 @@ def test_shared_dimensions_are_the_open_dimensions_of_the_pair_gate():
     assert dims == (gate >= 0.5).nonzero().flatten().tolist()
     assert relations.shared_dimensions("truck", "dog") == dims  # the fused gate is symmetric
     assert 0 < len(dims) < 12
-    with pytest.raises(ValueError, match="'horse' is not a class of the model; its classes are: cat, dog"):
+    with pytest.raises(
+        ValueError, match=r"Class 'horse' is not a class of the model; pass one of its class names \(cat, dog"
+    ):
         relations.related_classes("horse")
+    # An integer is a class id, also when the class names are digits ("0".."9" data sets).
+    assert relations.related_classes(1) == relations.related_classes("dog")
+    with pytest.raises(ValueError, match=r"Class id 12 is out of range: the model has 5 classes \(ids 0 to 4\)"):
+        relations.related_classes(12)
 
 
 def test_save_load_card_and_heatmap(tmp_path):

@@ -47,6 +47,7 @@ import simlap_hf.training.checkpoints as training_checkpoints
 import train_pretrain
 from simlap_hf import SimLAPConfig, SimLAPForImageClassification, SimLAPModel
 from simlap_hf.data import DataArguments, create_train_dataloader
+from simlap_hf.errors import UsageError
 from simlap_hf.losses import simlap_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -490,7 +491,10 @@ def test_run_main_exit_codes():
         raise KeyboardInterrupt
 
     def broken(argv):
-        raise ValueError("bad flag")  # raised by the project's own code: an input error
+        raise UsageError("bad flag")  # the user's mistake, by type: one line
+
+    def foreign(argv):
+        raise ValueError("raised outside the package")  # neither a UsageError nor the package's own check
 
     def bug(argv):
         return {}["missing"]  # a KeyError: a bug keeps its traceback
@@ -504,6 +508,8 @@ def test_run_main_exit_codes():
         training.run_main(broken, ["--debug"])
     with pytest.raises(KeyError):
         training.run_main(bug, [])
+    with pytest.raises(ValueError, match="outside the package"):
+        training.run_main(foreign, [])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Embed -> search on a tiny digits model trained here: nearest neighbours, pair-conditioned search, faiss, CLI."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -222,3 +223,52 @@ def test_pretraining_saves_processor_and_class_relations_beside_the_model(traine
     assert relations["measure"] == "gate_entropy" and relations["label_names"] == [str(i) for i in range(10)]
     card = (model_dir / "README.md").read_text()
     assert "## Class relations" in card and "class_relations.png" in card
+
+
+def test_search_refuses_another_models_index_and_names_missing_shards_and_folders(trained, tmp_path, capsys):
+    model_dir, index_dir, _, queries = trained
+    image_file = tmp_path / "query.png"
+    queries[0]["image"].save(image_file)
+    other_model = tmp_path / "other-model"
+    shutil.copytree(model_dir, other_model)  # another folder: the index cannot know it holds the same weights
+    command = ["--index", str(index_dir), "--image", str(image_file), "--model_name_or_path", str(other_model)]
+    assert search.main(command) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: --model_name_or_path") and "--allow_other_model" in line
+    assert search.main([*command, "--allow_other_model"]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"]
+    assert search.main(["--index", str(index_dir), "--image", str(tmp_path)]) == 1
+    assert "is a folder; pass one image file" in capsys.readouterr().err
+    damaged = tmp_path / "damaged-index"
+    shutil.copytree(index_dir, damaged)
+    shard = next(damaged.rglob("*.parquet"))
+    shard.unlink()
+    assert search.main(["--index", str(damaged), "--image", str(image_file)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(shard) in line and "Build it again" in line
+
+
+def test_embed_overwrite_replaces_an_index_only_once_the_new_one_is_complete(trained, tmp_path, monkeypatch):
+    model_dir, index_dir, _, _ = trained
+    target = tmp_path / "index"
+    shutil.copytree(index_dir, target)
+    before = {path.name: path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    command = [*DATA, "--model_name_or_path", str(model_dir), "--output_dir", str(target), "--overwrite_output_dir"]
+    command += ["--split", "validation"]
+    original = embed.write_index
+
+    def fails_halfway(*args, **kwargs):
+        folder = Path(args[4])
+        (folder / "shards").mkdir(parents=True, exist_ok=True)
+        (folder / "shards" / "partial.parquet").write_bytes(b"cut short")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(embed, "write_index", fails_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        embed.run(command)
+    assert {path.name: path.read_bytes() for path in target.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]  # no half-written index left beside it
+    monkeypatch.setattr(embed, "write_index", original)
+    info = embed.run(command)
+    assert info["num_rows"] == 40 and json.loads((target / "index.json").read_text())["num_rows"] == 40
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]

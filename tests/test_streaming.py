@@ -199,3 +199,17 @@ def test_two_processes_with_two_workers_each_get_equal_batch_counts(shards, tmp_
     assert [(r["batches"], r["len"]) for r in results] == [(12, 12), (12, 12)]  # 48 images / (2 processes x 2)
     paths = [set(r["paths"]) for r in results]
     assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 48  # disjoint parts covering the stream
+
+
+def test_a_stream_shorter_than_the_epoch_is_read_again_with_a_warning(shards, caplog):
+    """An epoch of 96 images (--streaming_num_examples) on a 48-image stream: every image twice, and a warning that
+    says the stream ran out and is read again; an epoch that fits gives no warning."""
+    args = DataArguments(streaming=True, train_files=[shards[0]], ra=3, shuffle_buffer_size=16)
+    to_tensor = lambda image: torch.as_tensor(np.array(image)).permute(2, 0, 1)  # noqa: E731 (identity augmentation)
+    with caplog.at_level("WARNING", logger="simlap_hf"):
+        fitting = streaming.StreamingRepeatedAugmentation(open_train_stream(args).rows, to_tensor, args, 48, 9, 3)
+        assert len(list(fitting)) == 16
+        assert "ran out" not in caplog.text
+        longer = streaming.StreamingRepeatedAugmentation(open_train_stream(args).rows, to_tensor, args, 96, 9, 3)
+        assert len(list(longer)) == 32
+    assert caplog.text.count("The training stream ran out after 48 images") == 1

@@ -8,6 +8,7 @@ somewhere deep inside a training run.
 from __future__ import annotations
 
 import importlib.metadata
+import platform
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 
 def _require(condition: bool, api: str, library: str, used_by: str) -> None:
     if not condition:
-        version = importlib.metadata.version(library)
+        version = platform.python_version() if library == "Python" else importlib.metadata.version(library)
         pytest.fail(f"{library} {version} no longer provides {api}, which {used_by} relies on; adapt that code.")
 
 
@@ -111,3 +112,18 @@ def test_torch_compile_orig_mod():
         "torch",
         "simlap_hf.utils.unwrap_model (saving a compiled model)",
     )
+
+
+def test_argparse_actions():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flag", type=int)
+    actions = getattr(parser, "_actions", None)
+    _require(
+        isinstance(actions, list),
+        "argparse.ArgumentParser._actions",
+        "Python",
+        "simlap_hf.training.arguments._check_config_values (YAML values converted as their flags)",
+    )
+    assert {action.dest: action.type for action in actions}["flag"] is int

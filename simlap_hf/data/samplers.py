@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ..errors import UsageError
+
 __all__ = [
     "ClassBalancedBatchSampler",
     "RepeatedAugmentationBatchSampler",
@@ -151,6 +153,15 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         if images_per_class < 1:
             raise ValueError(f"images_per_class must be >= 1, got {images_per_class}.")
         self.layout = RepeatedAugmentationBatchSampler(len(labels), batch_size, repeats=repeats, seed=seed)
+        per_batch = self.layout.images_per_batch
+        if per_batch <= images_per_class and len(torch.unique(torch.as_tensor(labels))) > 1:
+            raise UsageError(
+                f"--sampler pk: a batch holds {per_batch} distinct images (--per_device_train_batch_size "
+                f"{batch_size} / --ra {repeats}), no more than --pk_images_per_class {images_per_class}: every batch "
+                "would hold a single class, with no negatives. Raise --per_device_train_batch_size to "
+                f"{(images_per_class + 1) * repeats} or more, or lower --pk_images_per_class to "
+                f"{max(1, per_batch // 2)}."
+            )
         self.sampler = self.layout.sampler  # where accelerate's set_epoch lands
         self.batch_size = self.layout.batch_size
         self.drop_last = True

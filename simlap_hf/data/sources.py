@@ -17,6 +17,7 @@ from typing import Any
 
 import datasets
 
+from ..errors import UsageError
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
 from .arrays import ArraySource, digits_arrays, idx_arrays
 from .idx import is_idx_folder
@@ -78,6 +79,14 @@ def load_hub(request: SourceRequest) -> RawSource:
     hub_id, config_name = request.location, request.config
     try:
         loaded = datasets.load_dataset(hub_id, config_name)
+    except (ConnectionError, OSError, ValueError) as err:  # offline, not cached, no such id or config
+        reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__
+        raise UsageError(
+            f"--dataset_name: could not load the Hub data set {hub_id!r} (config {config_name!r}): {reason}. Check "
+            "the id ('org/name') and your network; offline, only data sets already in the cache load: pass a local "
+            "path (save_to_disk folder, parquet file or folder, IDX folder) as --dataset_name or an imagefolder tree "
+            "as --train_dir."
+        ) from err
     except Exception as err:
         err.add_note(
             f"simlap_hf.data: could not load Hub data set {hub_id!r} (config {config_name!r}). Check the id "

@@ -20,6 +20,7 @@ from accelerate.data_loader import prepare_data_loader
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
+from ..errors import UsageError
 from .arguments import DataArguments
 from .images import decode_image
 from .labels import get_label_names
@@ -76,6 +77,7 @@ class StreamingRepeatedAugmentation(ResumableAugmentations, torch.utils.data.Ite
         self.batch_size, self.images_per_batch = batch_size, layout.images_per_batch
         self.transform, self.skip_corrupt_images = transform, args.skip_corrupt_images
         self.num_batches = num_examples // (world_size * self.images_per_batch)
+        self._warned_wrap = False  # the warning that the stream ran out within an epoch, given once
         shuffled = stream.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size)
         self.part = split_dataset_by_node(shuffled, rank, world_size)
         self.epoch = 0
@@ -101,11 +103,20 @@ class StreamingRepeatedAugmentation(ResumableAugmentations, torch.utils.data.Ite
     def _rows(self) -> Iterator[dict[str, Any]]:
         """This process's (and worker's) part of the epoch's stream, started over whenever it runs out."""
         while True:
-            empty = True
+            count = 0
             for row in self._rows_once():
-                empty = False
+                count += 1
                 yield row
-            if empty:
+            if count and not self._warned_wrap:  # the epoch needs more images than this part of the stream holds
+                self._warned_wrap = True
+                logger.warning(
+                    "The training stream ran out after %d images (this process's and loader worker's part) before the "
+                    "end of the epoch: it is read again from the start, so images repeat within an epoch. "
+                    "--streaming_num_examples (or the source's size) is larger than the stream; pass the stream's "
+                    "number of images for one pass per epoch.",
+                    count,
+                )
+            if not count:
                 raise RuntimeError(
                     f"A process or loader worker got no part of the stream ({self.part.n_shards} shard(s)): use "
                     "fewer --dataloader_num_workers, or more shards than processes x workers."
@@ -156,6 +167,16 @@ def _num_examples(args: DataArguments, train: StandardStream) -> int:
     """Training images in the stream: ``--streaming_num_examples``, else what the source says; a ValueError that
     names the flag when neither is known."""
     if args.streaming_num_examples is not None:
+        if train.num_examples is not None and args.streaming_num_examples > train.num_examples:
+            logger.warning(
+                "--streaming_num_examples %d is larger than the %d training images of the stream: each epoch reads "
+                "the stream about %.1f times (images repeat within an epoch). Pass --streaming_num_examples %d for "
+                "one pass per epoch.",
+                args.streaming_num_examples,
+                train.num_examples,
+                args.streaming_num_examples / train.num_examples,
+                train.num_examples,
+            )
         return args.streaming_num_examples
     if train.num_examples is None:
         raise ValueError(
@@ -174,13 +195,32 @@ def _check_enough(dataset: StreamingRepeatedAugmentation, num_examples: int) -> 
         )
 
 
+def _opened(
+    open_stream: Callable[[DataArguments], StandardStream], args: DataArguments, flag: str, files: Any
+) -> StandardStream:
+    """``open_stream(args)``; tar shards that Arrow cannot read (an empty or damaged tar) are a user error naming the
+    flag and the files."""
+    import pyarrow
+
+    try:
+        return open_stream(args)
+    except pyarrow.ArrowInvalid as error:
+        if not files:
+            raise
+        raise UsageError(
+            f"{flag} {files!r}: the tar shards could not be read ({' '.join(str(error).split())}). Each shard must "
+            "hold image files with their label files (WebDataset layout); an empty or damaged tar gives this error."
+        ) from error
+
+
 def prepare_streaming_data(
     data_args: DataArguments, num_channels: int, train_batch_size: int, eval_batch_size: int, seed: int
 ) -> DataBundle:
     """The three loaders of a ``--streaming`` run (see :class:`~simlap_hf.data.DataBundle`): the training stream of
     this process, the validation split and the first ``--streaming_train_eval_examples`` training images in
     memory (sequential, evaluation transform)."""
-    train, validation_stream = open_train_stream(data_args), open_validation_stream(data_args)
+    train = _opened(open_train_stream, data_args, "--train_files", data_args.train_files)
+    validation_stream = _opened(open_validation_stream, data_args, "--validation_files", data_args.validation_files)
     validation = collect_split(validation_stream, data_args.max_eval_samples, train.label_names)
     label_names = get_label_names(validation)
     train_eval = collect_split(train, data_args.streaming_train_eval_examples, label_names)

@@ -9,7 +9,9 @@ dataclasses extend.
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,9 +21,12 @@ from typing import Any
 import yaml
 
 from ..data import DataArguments
+from ..errors import UsageError, check_writable_folder, raise_usage_error
 from .backbones import RESNET_OUTPUT_STRIDE_HELP, RESNET_STEM_HELP
-from .checkpoints import find_checkpoint, list_checkpoints
+from .checkpoints import find_checkpoint, list_checkpoints, recover_previous_run
 from .flag_groups import GroupedArgumentParser, field_names, resolve_aliases
+
+logger = logging.getLogger("simlap_hf")
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "lars", "lamb")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -40,7 +45,12 @@ class TrainingArguments:
 
     output_dir: str = field(default="outputs/simlap", metadata={"help": "Where the model, results and checkpoints go."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an output_dir that already holds another run."}
+        default=False,
+        metadata={
+            "help": "Replace the run in output_dir: it is moved aside once the data is loaded, deleted when the new "
+            "run has a complete checkpoint, put back if the new run ends before that. Ignored with "
+            "--resume_from_checkpoint."
+        },
     )
     num_train_epochs: int = field(default=50, metadata={"help": "Number of training epochs."})
     per_device_train_batch_size: int = field(
@@ -297,6 +307,29 @@ def _read_config_file(config_path: Path, known: Sequence[str]) -> dict[str, Any]
     return values
 
 
+def _check_config_values(parser: GroupedArgumentParser, values: dict[str, Any], config_path: Path) -> None:
+    """Each YAML value converted as its flag would be: a value of the wrong type or outside the choices names the
+    file and the key instead of argparse's usage text."""
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in values.items():
+        action = actions[key]
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item is None:
+                continue
+            try:
+                converted = action.type(item) if callable(action.type) else item
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                kind = getattr(action.type, "__name__", "value")
+                raise UsageError(
+                    f"Config file {str(config_path)!r}: {key}: {item!r} is not a valid {kind}; write it as the flag "
+                    f"--{key} expects (see --help)."
+                ) from None
+            if action.choices is not None and converted not in action.choices:
+                choices = ", ".join(str(choice) for choice in action.choices)
+                raise UsageError(f"Config file {str(config_path)!r}: {key}: {item!r} is not one of {choices}.")
+
+
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
 
@@ -305,9 +338,13 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = GroupedArgumentParser(dataclass_types, allow_abbrev=False)
+    parser.error = raise_usage_error  # type: ignore[method-assign]
     known = field_names(dataclass_types)
     if argv and argv[0].endswith((".yaml", ".yml")):
-        parser.set_defaults(**_read_config_file(Path(argv.pop(0)), known))
+        config_path = Path(argv.pop(0))
+        values = _read_config_file(config_path, known)
+        _check_config_values(parser, values, config_path)
+        parser.set_defaults(**values)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         flags = [item.split("=")[0].lstrip("-") for item in remaining if item.startswith("-")] or remaining
@@ -342,12 +379,15 @@ def validate_training_args(args: TrainingArguments, check_output_dir: bool = Tru
     """Checks that need no data and no model; each error names the flag and the valid values.
 
     With ``check_output_dir`` also :func:`check_output_folder`, which resolves ``--resume_from_checkpoint auto``."""
+    if check_output_dir:  # first: whatever this command turns out to be, a run left aside by a kill is put back
+        recover_previous_run(args.output_dir)
     _check_values(args)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(
             f"--output_dir {str(output_dir)!r} is a file, not a folder; choose a folder path (it is created if needed)."
         )
+    check_writable_folder(output_dir, "--output_dir")  # before the data is loaded
     if check_output_dir:
         check_output_folder(args)
 
@@ -359,15 +399,20 @@ def check_output_folder(args: TrainingArguments) -> None:
     Resolves ``--resume_from_checkpoint auto`` in place: 'latest' when the output folder holds a complete checkpoint,
     else None (a fresh start)."""
     output_dir = Path(args.output_dir)
+    recover_previous_run(output_dir)  # left aside by an --overwrite_output_dir run that was killed
     fresh_auto_start = False
     if args.resume_from_checkpoint == "auto":
         args.resume_from_checkpoint = "latest" if list_checkpoints(output_dir) else None
         fresh_auto_start = args.resume_from_checkpoint is None
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
-        raise ValueError(
-            "--overwrite_output_dir and --resume_from_checkpoint contradict each other: drop --overwrite_output_dir "
-            "to continue the run, or --resume_from_checkpoint to replace it."
+        # A resume is what was asked for last (the printed resume advice adds it to a command or YAML file that may
+        # set overwrite_output_dir): continue the run, replace nothing.
+        logger.warning(
+            "--resume_from_checkpoint %s: continuing the run in %s; --overwrite_output_dir is ignored.",
+            args.resume_from_checkpoint,
+            output_dir,
         )
+        args.overwrite_output_dir = False
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and output_dir.is_dir():
         # A run killed before its first complete checkpoint leaves only incomplete ones: 'auto' starts it again.
         previous = [

@@ -63,13 +63,37 @@ def backbone_kwargs_of(model_args: Any) -> dict[str, Any]:
     )
 
 
+# The stems timm's ResNet builds (timm.models.resnet.ResNet's stem_type); it takes any string and builds the plain stem
+# for one it does not know, so a typo would pass silently.
+TIMM_RESNET_STEMS = ("", "deep", "deep_tiered")
+
+
 def check_backbone(config: Any) -> None:
-    """Build the config's backbone on the meta device (no memory, no weights), so that an architecture that rejects
-    its options (``--stem_type`` on a ViT, say) fails before any data is loaded."""
+    """Build the config's backbone on the meta device (no memory, no weights) and pass it one batch of the configured
+    input size, so that an architecture that rejects its options (``--stem_type`` on a ViT, an unknown stem, a ViT
+    built for another input size) fails before any data is loaded."""
+    from ..errors import UsageError
     from ..modeling_simlap import create_backbone
 
+    stem = config.timm_kwargs().get("stem_type")
+    if stem is not None and is_timm_resnet(config.backbone) and stem not in TIMM_RESNET_STEMS:
+        raise UsageError(
+            f"--stem_type={stem!r} is not a stem timm's ResNet builds; choose one of "
+            f"{', '.join(repr(name) for name in TIMM_RESNET_STEMS)}."
+        )
+    size = int(config.image_size)
     with torch.device("meta"):
-        create_backbone(config)
+        backbone = create_backbone(config)
+        try:
+            backbone(torch.empty(1, config.num_channels, size, size))
+        except AssertionError as error:  # timm's input-size checks (the patch embedding of a ViT, ...)
+            raise UsageError(
+                f"--model_name {config.backbone!r} does not take {size}x{size} inputs (--input_size {size}): {error} "
+                f"Build it for this size with --model_kwargs '{{\"img_size\": {size}}}', or pass the --input_size "
+                "it was made for."
+            ) from None
+        except Exception:  # noqa: BLE001 - an operation without a meta kernel says nothing about the input size
+            pass
 
 
 def check_model_source(name_or_path: str, flag: str = "--model_name_or_path") -> None:

@@ -1,5 +1,5 @@
 """Checkpoints of a run: the trainer state, atomic saving and loading, finding the newest complete one, rotation, and
-clearing a previous run's files from the output folder.
+keeping a replaced run until the new one has a complete checkpoint.
 
 A checkpoint is ``<output_dir>/checkpoints/checkpoint-<global step>[-<batch in epoch>]/``: accelerate's states
 (model, optimizer, scheduler, scaler, RNGs), ``trainer_state.json`` and, mid-epoch, each process's augmentation RNG
@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import RNG_STATE_NAME
+
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     from .arguments import TrainingArguments
@@ -47,8 +48,8 @@ class TrainerState:
     num_train_epochs: int | None = None  # the schedule's length (None in checkpoints of older versions)
 
 
-# What a finished or interrupted run leaves in its output folder; --overwrite_output_dir removes these (checkpoints
-# first) and nothing else, so unrelated files and sub-folders of other runs stay.
+# What a finished or interrupted run leaves in its output folder; --overwrite_output_dir moves these aside and nothing
+# else, so unrelated files and sub-folders of other runs stay.
 RUN_ARTIFACTS = (
     "checkpoints",
     "model.safetensors",
@@ -62,24 +63,107 @@ RUN_ARTIFACTS = (
 )
 
 
-def move_previous_run_away(output_dir: str | os.PathLike) -> None:
-    """Remove the previous run's files from ``output_dir`` before a new run writes anything.
+def previous_run_folder(output_dir: str | os.PathLike) -> Path:
+    """Where ``--overwrite_output_dir`` keeps the previous run of ``output_dir`` until the new run has a complete
+    checkpoint: the hidden sibling folder ``.<name>.previous-run`` (outside the output folder, so it is never pushed
+    or listed as a checkpoint)."""
+    output_dir = Path(output_dir).resolve()
+    return output_dir.parent / f".{output_dir.name}.previous-run"
 
-    Its ``checkpoints/`` folder is first renamed (atomically) to a hidden name and then deleted, so that from that
-    moment on ``--resume_from_checkpoint latest`` can only find the new run's checkpoints, even if this process is
-    killed halfway through the deletion."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
+
+class PreviousRun:
+    """The previous run of an output folder replaced with ``--overwrite_output_dir``, kept until the new run has a
+    complete checkpoint.
+
+    :meth:`move_aside` renames its files (:data:`RUN_ARTIFACTS`) into :func:`previous_run_folder`; :meth:`settle`
+    then deletes them once the new run has a complete checkpoint, or moves them back (the new run's partial files
+    removed) when it has none: a new run that stops, fails or is interrupted before its first checkpoint leaves the
+    folder as it was. A process killed in between (SIGKILL) leaves the folder aside; the next start puts it back
+    (:func:`recover_previous_run`)."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+        self.folder = previous_run_folder(output_dir)
+        self.moved: list[str] = []
+
+    def move_aside(self) -> None:
+        """Rename the previous run's files out of the output folder (each rename is atomic)."""
+        present = [name for name in RUN_ARTIFACTS if (self.output_dir / name).exists()]
+        if not present:
+            return
+        if self.folder.exists():  # left by a killed run that recover_previous_run did not see (another process)
+            raise UsageError(
+                f"--overwrite_output_dir: {str(self.folder)!r} still holds an earlier previous run of "
+                f"{str(self.output_dir)!r}. Move it back into the output folder or delete it, then run again."
+            )
+        self.folder.mkdir()
+        for name in present:
+            os.replace(self.output_dir / name, self.folder / name)
+            self.moved.append(name)
+        logger.info(
+            "--overwrite_output_dir: moved the previous run's %s from %s to %s; it is deleted once this run has a "
+            "complete checkpoint and put back if the run ends before that.",
+            ", ".join(present),
+            self.output_dir,
+            self.folder,
+        )
+
+    def settle(self) -> None:
+        """Delete the previous run when the new one has a complete checkpoint, else put it back."""
+        if not self.moved:
+            return
+        if list_checkpoints(self.output_dir):
+            self.discard()
+        else:
+            self.restore()
+
+    def discard(self) -> None:
+        """Delete the previous run (the new one has a complete checkpoint)."""
+        if not self.moved:
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.moved = []
+        logger.info("--overwrite_output_dir: deleted the previous run of %s.", self.output_dir)
+
+    def restore(self) -> None:
+        """Put the previous run back, removing what the new run wrote in its place."""
+        _put_back(self.output_dir, self.folder)
+        self.moved = []
+        logger.warning(
+            "The new run stopped before its first complete checkpoint: the previous run of %s was put back as it was.",
+            self.output_dir,
+        )
+
+
+def _put_back(output_dir: Path, folder: Path) -> None:
+    for path in sorted(folder.iterdir()):
+        target = output_dir / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(path, target)
+    folder.rmdir()
+
+
+def recover_previous_run(output_dir: str | os.PathLike) -> None:
+    """A previous run left aside by an overwrite that was killed (SIGKILL): put it back when the new run never made a
+    complete checkpoint, else delete it (the new run had replaced it)."""
+    output_dir, folder = Path(output_dir), previous_run_folder(output_dir)
+    if not folder.is_dir():
         return
-    present = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
-    if not present:
+    if list_checkpoints(output_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("Deleted %s: the run that replaced it in %s has a complete checkpoint.", folder, output_dir)
         return
-    trash = output_dir / f".replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    trash.mkdir()
-    for name in present:
-        os.replace(output_dir / name, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
-    logger.info("--overwrite_output_dir: removed the previous run's %s from %s.", ", ".join(present), output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _put_back(output_dir, folder)
+    logger.warning(
+        "%s held the previous run of %s, moved aside by an --overwrite_output_dir run that was killed before its "
+        "first complete checkpoint: it was put back.",
+        folder,
+        output_dir,
+    )
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from .arguments import validate_training_args
-from .checkpoints import move_previous_run_away, writes_checkpoint_files
+from .checkpoints import PreviousRun, writes_checkpoint_files
 from .evaluators import EvaluatorFactory
 from .factories import create_accelerator, create_model_ema, create_optimizer, prepare_model
 from .loop import LossFunction, fit
@@ -88,6 +88,9 @@ def start_run(args: TrainingArguments) -> tuple[Accelerator, str | None]:
     """The first steps of every script, before any data is read: check the flags, create the Hub repository when
     pushing (so a bad id or token fails early), and set up the accelerator. Returns (accelerator, Hub repo id).
 
+    Nothing in the output folder is moved or deleted here: with ``--overwrite_output_dir`` the previous run is moved
+    aside by :func:`run_job`, after the data is loaded and the model built (see :class:`PreviousRun`).
+
     With several processes the output folder is checked on the main process only and every process resumes from
     the checkpoint it chose (see :mod:`simlap_hf.training.processes`)."""
     auto_resume = args.resume_from_checkpoint == "auto"
@@ -105,8 +108,6 @@ def start_run(args: TrainingArguments) -> tuple[Accelerator, str | None]:
             if args.resume_from_checkpoint
             else "no complete checkpoint yet, starting fresh",
         )
-    if args.overwrite_output_dir and writes_checkpoint_files(accelerator):
-        move_previous_run_away(args.output_dir)
     accelerator.wait_for_everyone()
     return accelerator, repo_id
 
@@ -189,10 +190,38 @@ def _checkpoint_push_hook(job: TrainingJob) -> Callable[[Path], None] | None:
     return on_checkpoint
 
 
+def _move_previous_run_aside(accelerator: Accelerator, args: TrainingArguments) -> PreviousRun | None:
+    """With ``--overwrite_output_dir``: move the previous run of the output folder aside (on the processes that write
+    checkpoint files), once every check has passed, the data is loaded and the model is prepared."""
+    previous = None
+    if args.overwrite_output_dir and writes_checkpoint_files(accelerator):
+        previous = PreviousRun(args.output_dir)
+        previous.move_aside()
+    accelerator.wait_for_everyone()
+    return previous
+
+
+def _discarding_previous_run(
+    previous: PreviousRun, on_checkpoint: Callable[[Path], None] | None
+) -> Callable[[Path], None]:
+    """``on_checkpoint`` that first deletes the replaced run: the new run now has a complete checkpoint."""
+
+    def discard_then_continue(path: Path) -> None:
+        previous.discard()
+        if on_checkpoint is not None:
+            on_checkpoint(path)
+
+    return discard_then_continue
+
+
 def run_job(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Everything after the model is built: optimizer, ``accelerator.prepare``, optional EMA, trackers, :func:`fit`,
     the card sections, and :func:`save_final_outputs`. Returns the trained (unwrapped) model (the EMA weights when
-    kept) and the results."""
+    kept) and the results.
+
+    With ``--overwrite_output_dir`` the previous run is moved aside just before training and deleted once the new run
+    has a complete checkpoint; if the run ends before that (an error, divergence, Ctrl-C, SIGTERM), it is put back.
+    """
     model, optimizer = _prepare(accelerator, job)
     ema = create_model_ema(accelerator.unwrap_model(model), job.model_ema_decay)
     on_step_end = _ema_hook(accelerator, ema)
@@ -202,19 +231,26 @@ def run_job(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Module
         compute_loss = with_normalized_inputs(compute_loss, job.data.train_normalizer)
     if job.args.with_tracking:
         accelerator.init_trackers(f"simlap_{job.task}", {k: str(v) for k, v in job.hyperparameters.items()})
-    result = fit(
-        accelerator,
-        model,
-        optimizer,
-        job.data.train,
-        job.args,
-        compute_loss,
-        job.make_evaluator(accelerator, job.data, ema),
-        on_step_end=on_step_end,
-        on_checkpoint=on_checkpoint,
-    )
-    final = ema.module if ema is not None else model
-    # Run on every process (it may gather across processes); only the main process writes the card.
-    sections = job.card_sections(final) if job.card_sections is not None else None
-    results = save_final_outputs(accelerator, job, final, result, sections)
+    previous = _move_previous_run_aside(accelerator, job.args)
+    if previous is not None:
+        on_checkpoint = _discarding_previous_run(previous, on_checkpoint)
+    try:
+        result = fit(
+            accelerator,
+            model,
+            optimizer,
+            job.data.train,
+            job.args,
+            compute_loss,
+            job.make_evaluator(accelerator, job.data, ema),
+            on_step_end=on_step_end,
+            on_checkpoint=on_checkpoint,
+        )
+        final = ema.module if ema is not None else model
+        # Run on every process (it may gather across processes); only the main process writes the card.
+        sections = job.card_sections(final) if job.card_sections is not None else None
+        results = save_final_outputs(accelerator, job, final, result, sections)
+    finally:  # an error, Ctrl-C or a stop before the first complete checkpoint puts the previous run back
+        if previous is not None:
+            previous.settle()
     return accelerator.unwrap_model(final), results
