@@ -372,6 +372,7 @@ def test_push_command_uploads_an_existing_folder(tmp_path, fake_hub, capsys, mon
         "modeling_simlap.py",
         "configuration_simlap.py",
         "losses.py",
+        "distributed.py",
         "utils.py",
     }
     monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)  # the token may come from the environment

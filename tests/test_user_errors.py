@@ -74,9 +74,20 @@ CASES = {
         [PRETRAIN, "--stem_type", "dep", "--output_dir", "{probe}/out"],
         ["--stem_type='dep'", "'deep'"],
     ),
-    "vit_at_another_input_size": (
-        [PRETRAIN, "--model_name", "vit_tiny_patch16_224", "--input_size", "32", "--output_dir", "{probe}/out"],
-        ["does not take 32x32 inputs", "img_size"],
+    # A ViT is built at --input_size (img_size follows it); an img_size of its own that disagrees is the mistake.
+    "vit_img_size_against_input_size": (
+        [
+            PRETRAIN,
+            "--model_name",
+            "vit_tiny_patch16_224",
+            "--model_kwargs",
+            '{"img_size": 224}',
+            "--input_size",
+            "32",
+            "--output_dir",
+            "{probe}/out",
+        ],
+        ["--model_kwargs sets img_size 224", "--input_size"],
     ),
     "garbage_config_json": (
         [FINETUNE, "--model_name_or_path", "{probe}/garbage", "--output_dir", "{probe}/out"],

@@ -45,7 +45,10 @@ def run_script(script: str, flags: list[str], without_libraries: bool) -> subpro
 @pytest.mark.parametrize(
     "source",
     [
-        pytest.param(["--dataset_name", "digits", "--max_train_samples", "96", "--sampler", "pk"], id="digits-pk"),
+        pytest.param(
+            ["--dataset_name", "digits", "--max_train_samples", "96", "--sampler", "pk", "--pk_images_per_class", "2"],
+            id="digits-pk",
+        ),
         pytest.param(
             ["--dataset_name", "fashion_mnist", "--max_train_samples", "96", "--max_eval_samples", "48"],
             id="fashion_mnist",

@@ -137,7 +137,7 @@ def check_finetune_arguments(model_args: FinetuneModelArguments, data_args: Data
         raise ValueError("Pass --model_name_or_path (a pretrained SimLAP model) or --model_name NAME --from_scratch.")
     else:
         check_model_source(model_args.model_name_or_path)
-        pretrained = SimLAPConfig.from_pretrained(model_args.model_name_or_path)
+        pretrained = load_pretrained_config(model_args.model_name_or_path)
         if pretrained.image_size != data_args.input_size and fixed_input_size(
             pretrained.backbone, pretrained.backbone_kwargs
         ):
