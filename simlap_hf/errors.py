@@ -39,7 +39,7 @@ class CommandStopped(Exception):
 # value and the fix): the package and the training scripts. The module, not the file path, identifies them, so the
 # answer is the same for an editable install, a wheel in site-packages, and any working directory.
 _OWN_MODULE_PREFIXES = ("simlap_hf.", "train_pretrain", "train_finetune", "train_fuse")
-_CHECK_TYPES = (ValueError, OSError, FloatingPointError)
+CHECK_ERROR_TYPES = (ValueError, OSError, FloatingPointError)
 
 
 def _raised_by_own_code(error: BaseException) -> bool:
@@ -59,7 +59,7 @@ def is_user_error(error: BaseException) -> bool:
     failures and keep their traceback)."""
     if isinstance(error, UsageError):
         return True
-    return isinstance(error, _CHECK_TYPES) and _raised_by_own_code(error)
+    return isinstance(error, CHECK_ERROR_TYPES) and _raised_by_own_code(error)
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

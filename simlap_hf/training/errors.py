@@ -9,7 +9,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import CommandStopped, UsageError, is_user_error, run_command
+from ..errors import CHECK_ERROR_TYPES, CommandStopped, is_user_error, run_command
 
 logger = logging.getLogger("simlap_hf")
 
@@ -79,6 +79,7 @@ def run_main(run: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     )
 
 
-INPUT_ERROR_TYPES = (UsageError, ValueError, OSError, FloatingPointError)
+#: The exception types of the package's own checks (UsageError is a ValueError); defined in simlap_hf.errors.
+INPUT_ERROR_TYPES = CHECK_ERROR_TYPES
 #: Whether an exception is the user's mistake (printed as one line); see :func:`simlap_hf.errors.is_user_error`.
 is_input_error = is_user_error
