@@ -30,6 +30,7 @@ from simlap_hf.training import (
     make_classification_evaluator,
     model_folder_files,
     parse_args,
+    run_job,
     run_main,
     start_run,
 )
@@ -63,7 +64,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPForImageClassification
         base_model=None if model_args.from_scratch else model_args.model_name_or_path,
         extra_files=model_folder_files(data_args, num_channels, timm_export_dir=recipe.export_timm),
     )
-    return job.run(accelerator)
+    return run_job(accelerator, job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from simlap_hf.training import (
     make_classification_evaluator,
     model_folder_files,
     parse_args,
+    run_job,
     run_main,
     start_run,
 )
@@ -60,7 +61,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPFuseForImageClassifica
         model_ema_decay=recipe.model_ema_decay,
         extra_files=model_folder_files(data_args, model_args.num_channels),
     )
-    return job.run(accelerator)
+    return run_job(accelerator, job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from simlap_hf.training import (
     model_folder_files,
     parse_args,
     representation_evaluator,
+    run_job,
     run_main,
     simlap_step,
     start_run,
@@ -61,7 +62,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[SimLAPModel, dict[str, Any]]
         extra_files=model_folder_files(data_args, model_args.num_channels, class_relations=True),
         card_sections=sections if model_args.analyze else None,
     )
-    return job.run(accelerator)
+    return run_job(accelerator, job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,7 +57,9 @@ from .analysis import (
 )
 from .analysis.loading import EvalData, LoadedModel, describe_data, load_pretrained_model, load_timm_model
 from .analysis.report import save_gate_arrays, unique_slug
+from .data import DataArguments, resolve_mean_std
 from .errors import UsageError, check_writable_folder, run_command
+from .training import parse_args
 
 logger = logging.getLogger("simlap_hf.analyze")
 
@@ -145,7 +147,6 @@ def _transfer_arguments(args: AnalyzeArguments, data_args: Any) -> Any | None:
     """The data arguments of the transfer data set: the main set's preprocessing with the transfer set's source."""
     if not (args.transfer_dataset_name or args.transfer_train_dir):
         return None
-    from .data import resolve_mean_std
 
     # The models expect the normalisation they were trained with: keep the main data set's statistics.
     mean, std = resolve_mean_std(data_args)
@@ -370,8 +371,6 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
     """Analyse every model of ``args`` on the data of ``data_args``; write the report and figures; return the report."""
     from tqdm.auto import tqdm
 
-    from .data import DataArguments
-
     if not isinstance(data_args, DataArguments):
         raise TypeError("data_args must be a simlap_hf.data.DataArguments")
     timm_kwargs = _timm_kwargs(args)
@@ -401,8 +400,6 @@ def run_analysis(args: AnalyzeArguments, data_args: Any, input_size_given: bool 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default: the command line), run the analysis, and return the report."""
-    from .data import DataArguments
-    from .training import parse_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:

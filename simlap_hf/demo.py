@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, run_command
+from .relations import HEATMAP_FILE, ClassRelations
+from .retrieval import Retriever
 
 PREDICTED = "(predicted by the model)"
 
@@ -41,7 +43,6 @@ def _gallery(retriever, hits: Sequence[dict[str, Any]]) -> list[tuple[Any, str]]
 
 def relations_heatmap(retriever, folder: Path) -> str | None:
     """The class-relation heatmap of the model: its saved ``class_relations.png``, else drawn from its gates."""
-    from .relations import HEATMAP_FILE, ClassRelations
 
     model_dir = Path(retriever.model_dir)
     if (model_dir / HEATMAP_FILE).is_file():
@@ -185,7 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             import gradio  # noqa: F401
         except ImportError:
             raise UsageError("the demo needs Gradio: pip install 'simlap-hf[demo]' (or gradio).") from None
-        from .retrieval import Retriever
 
         retriever = Retriever(args.model_name_or_path, args.index, device=args.device)
         demo = build_demo(retriever, k=args.k, examples=example_images(retriever))

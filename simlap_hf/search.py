@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from .errors import UsageError, run_command
+from .retrieval import Retriever
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,9 +56,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from PIL import Image, UnidentifiedImageError
-
-    from .retrieval import Retriever
 
     args = parse_args(argv)
     path = Path(args.image)

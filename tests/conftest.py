@@ -133,6 +133,7 @@ UNIT_MODULES = frozenset(
         "test_fast_augment",
         "test_fastssl_form",
         "test_flags",
+        "test_layers",
         "test_losses",
         "test_modeling",
         "test_preprocessing",

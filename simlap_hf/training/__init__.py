@@ -1,14 +1,16 @@
 """Training machinery of ``train_pretrain.py``, ``train_finetune.py`` and ``train_fuse.py``.
 
 - :mod:`~simlap_hf.training.arguments`: the argument dataclasses (the backbone flags declared once) and
-  :func:`parse_args` (an optional YAML file, then flags that override it);
+  :func:`parse_args` (an optional YAML file, then flags that override it); :mod:`~simlap_hf.training.validation`
+  checks them and the output folder before any data is read;
 - :mod:`~simlap_hf.training.backbones` and :mod:`~simlap_hf.training.configs`: the backbone options and each job's
   model configuration, checked before any data is read;
 - :mod:`~simlap_hf.training.factories`: ``Accelerator``, timm optimizer and per-iteration scheduler, mixup, EMA;
 - :mod:`~simlap_hf.training.steps` and :mod:`~simlap_hf.training.evaluators`: each job's loss step and evaluation;
 - :mod:`~simlap_hf.training.loop`: :func:`fit`, the loop with progress bar, periodic evaluation, atomic
   checkpoints (:mod:`~simlap_hf.training.checkpoints`) and resumption;
-- :mod:`~simlap_hf.training.job`: :class:`TrainingJob`, one object describing a job, and :func:`run_job`;
+- :mod:`~simlap_hf.training.state`: :class:`TrainingJob`, one object describing a job, and the types the loop,
+  evaluations and outputs share; :mod:`~simlap_hf.training.job`: :func:`start_run` and :func:`run_job`;
 - :mod:`~simlap_hf.training.outputs`: ``save_pretrained``, ``all_results.json``, model card, Hub push;
 - :mod:`~simlap_hf.training.errors`: clean stops on signals and the command-line exit codes.
 """
@@ -27,7 +29,6 @@ from .arguments import (
     PretrainModelArguments,
     TrainingArguments,
     parse_args,
-    validate_training_args,
 )
 from .backbones import (
     RESNET_DEFAULTS,
@@ -67,7 +68,6 @@ from .errors import INPUT_ERROR_TYPES, StopRequested, TrainingInterrupted, is_in
 from .evaluators import (
     CLASSIFICATION_METRICS,
     REPRESENTATION_METRICS,
-    EvaluatorFactory,
     analysis_card_sections,
     make_classification_evaluator,
     representation_evaluator,
@@ -81,10 +81,12 @@ from .factories import (
     cross_entropy_smoothing,
     prepare_model,
 )
-from .job import TrainingJob, load_run_data, run_job, start_hub_repo, start_run
-from .loop import EvaluateFunction, LossFunction, TrainingResult, fit
+from .job import load_run_data, run_job, start_hub_repo, start_run
+from .loop import fit
 from .outputs import arguments_as_dict, build_results, model_folder_files, save_final_outputs, write_json
+from .state import EvaluateFunction, EvaluatorFactory, LossFunction, TrainingJob, TrainingResult
 from .steps import classification_step, fuse_step, simlap_step, with_normalized_inputs
+from .validation import check_output_folder, validate_training_args
 
 __all__ = [
     "BackboneArguments",
@@ -163,6 +165,7 @@ __all__ = [
     "start_run",
     "load_run_data",
     "timm_backbone_kwargs",
+    "check_output_folder",
     "validate_training_args",
     "with_normalized_inputs",
     "write_json",

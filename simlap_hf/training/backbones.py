@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
+from ..modeling_simlap import create_backbone
+
 # The CIFAR setting of a timm ResNet in the paper's code, applied to ResNets when --stem_type / --output_stride are
 # unset.
 RESNET_DEFAULTS = {"stem_type": "deep", "output_stride": 8}
@@ -72,8 +75,6 @@ def check_backbone(config: Any) -> None:
     """Build the config's backbone on the meta device (no memory, no weights) and pass it one batch of the configured
     input size, so that an architecture that rejects its options (``--stem_type`` on a ViT, an unknown stem, a ViT
     built for another input size) fails before any data is loaded."""
-    from ..errors import UsageError
-    from ..modeling_simlap import create_backbone
 
     stem = config.timm_kwargs().get("stem_type")
     if stem is not None and is_timm_resnet(config.backbone) and stem not in TIMM_RESNET_STEMS:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..configuration_simlap import SimLAPConfig, SimLAPFuseConfig
+from ..errors import UsageError
 from ..modeling_simlap import SimLAPForImageClassification
 from .backbones import backbone_kwargs_of, check_backbone, check_model_source
 
@@ -151,7 +152,6 @@ def check_finetune_arguments(model_args: FinetuneModelArguments, data_args: Data
 def load_pretrained_config(name_or_path: str, flag: str = "--model_name_or_path") -> SimLAPConfig:
     """The SimLAP config of the model ``name_or_path`` (a folder or a Hub id) given with ``flag``; a folder whose
     config.json cannot be read, or a Hub id that cannot be reached, is a :class:`~simlap_hf.errors.UsageError`."""
-    from ..errors import UsageError
 
     try:
         return SimLAPConfig.from_pretrained(name_or_path)

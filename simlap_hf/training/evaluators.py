@@ -7,20 +7,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 
-from .loop import EvaluateFunction
+from ..analysis import analyze_model, summary_markdown
+from ..data import DataBundle
+from ..evaluation import classification_metrics, evaluate_representation, extract_features
 from .outputs import write_json
-
-if TYPE_CHECKING:
-    from ..data import DataBundle
-
-#: ``(accelerator, data, ema) -> evaluate``: builds a job's evaluation once its loaders are prepared; ``ema`` is the
-#: EMA of the weights (a timm ``ModelEmaV3``) when the job keeps one.
-EvaluatorFactory = Callable[[Accelerator, "DataBundle", "torch.nn.Module | None"], EvaluateFunction]
+from .state import EvaluateFunction, EvaluatorFactory
 
 REPRESENTATION_METRICS = ("eval_top1", "eval_top5", "eval_knn_top1")
 CLASSIFICATION_METRICS = ("eval_top1", "eval_top5")
@@ -34,7 +29,6 @@ def representation_evaluator(knn_k: int, knn_temperature: float) -> EvaluatorFac
     def make_evaluator(
         accelerator: Accelerator, data: DataBundle, ema: torch.nn.Module | None = None
     ) -> EvaluateFunction:
-        from ..evaluation import evaluate_representation
 
         def evaluate(model: torch.nn.Module) -> dict[str, float]:
             num_classes = accelerator.unwrap_model(model).config.num_classes
@@ -57,7 +51,6 @@ def make_classification_evaluator(
     accelerator: Accelerator, data: DataBundle, ema: torch.nn.Module | None = None
 ) -> EvaluateFunction:
     """Top-1/top-5 of the model's ``logits`` on the validation split (of the EMA weights when given)."""
-    from ..evaluation import classification_metrics, extract_features
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         evaluated = ema.module if ema is not None else model
@@ -75,8 +68,6 @@ def analysis_card_sections(
     gates on every process, write ``analysis.json`` (main process) and return the summary as a card section."""
 
     def sections(model: torch.nn.Module) -> dict[str, str]:
-        from ..analysis import analyze_model, summary_markdown
-
         report = analyze_model(
             model,
             data.train_eval,

@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
+from ..sync_batchnorm import convert_distributed_batchnorm
 from .arguments import MIXED_PRECISION
 
 if TYPE_CHECKING:
@@ -135,8 +136,6 @@ def prepare_model(model: torch.nn.Module, args: TrainingArguments, accelerator: 
 
             model = convert_sync_batchnorm(model)
         else:
-            from ..sync_batchnorm import convert_distributed_batchnorm
-
             model = convert_distributed_batchnorm(model)
     return model
 

@@ -1,8 +1,8 @@
-"""One training job, from a built model to a saved model folder: :class:`TrainingJob` describes it, :func:`start_run`
+"""One training job, from a built model to a saved model folder: a :class:`TrainingJob` describes it, :func:`start_run`
 prepares the run before any data is read, and :func:`run_job` trains and saves.
 
 A script is: parse the arguments, check the model flags, :func:`start_run`, load the data, build the model, describe
-the :class:`TrainingJob`, ``job.run(accelerator)``.
+the :class:`TrainingJob` (:mod:`~simlap_hf.training.state`), ``run_job(accelerator, job)``.
 """
 
 from __future__ import annotations
@@ -10,76 +10,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from .arguments import validate_training_args
+from ..data import DataArguments, DataBundle, image_file_checks_done, prepare_data
+from ..data.streaming import prepare_own_part_loader
+from ..hub import create_hub_repo, push_checkpoint
+from .arguments import TrainingArguments
 from .checkpoints import PreviousRun, writes_checkpoint_files
-from .evaluators import EvaluatorFactory
 from .factories import create_accelerator, create_model_ema, create_optimizer, prepare_model
-from .loop import LossFunction, fit
+from .loop import fit
 from .outputs import save_final_outputs
 from .processes import agree_on_resume, local_main_first, shares_output_folder
+from .state import TrainingJob
 from .steps import with_normalized_inputs
-
-if TYPE_CHECKING:
-    from ..data import DataArguments, DataBundle
-    from .arguments import TrainingArguments
+from .validation import validate_training_args
 
 logger = logging.getLogger("simlap_hf")
-
-
-@dataclass
-class TrainingJob:
-    """What a script hands over once the data is loaded and the model built.
-
-    Attributes:
-        task: ``"pretrain"``, ``"finetune"`` or ``"fuse"`` (the model card's description, the trackers' project).
-        model: the model to train (not yet prepared by the accelerator).
-        data: the run's loaders; :func:`run_job` replaces them by their prepared versions.
-        args: the training arguments.
-        compute_loss: ``(model, batch) -> (loss, logs)``, see :mod:`simlap_hf.training.steps`.
-        make_evaluator: ``(accelerator, data, ema) -> evaluate``, see :mod:`simlap_hf.training.evaluators`.
-        metric_names: the evaluation metrics reported in ``all_results.json`` and the card.
-        hyperparameters: the flat options of the run, for trackers and the card (no hub token).
-        dataset_name: ``--dataset_name`` of the run, for the card.
-        repo_id: Hub repository to push the final folder (and, with ``--push_checkpoints``, checkpoints) to.
-        model_ema_decay: keep an EMA of the weights with this decay; it is evaluated and saved instead.
-        base_model: the model fine-tuned from, for the card.
-        extra_files: ``(output_dir, trained model) -> None``, writes more files into the saved folder (main process).
-        card_sections: ``(trained model) -> {title: markdown}``, more card sections; called on every process.
-    """
-
-    task: str
-    model: torch.nn.Module
-    data: DataBundle
-    args: TrainingArguments
-    compute_loss: LossFunction
-    make_evaluator: EvaluatorFactory
-    metric_names: Sequence[str]
-    hyperparameters: dict[str, Any]
-    dataset_name: str | None = None
-    repo_id: str | None = None
-    model_ema_decay: float | None = None
-    base_model: str | None = None
-    extra_files: Callable[[Path, torch.nn.Module], None] | None = None
-    card_sections: Callable[[torch.nn.Module], dict[str, str]] | None = None
-
-    def run(self, accelerator: Accelerator) -> tuple[torch.nn.Module, dict[str, Any]]:
-        """:func:`run_job` of this job."""
-        return run_job(accelerator, self)
 
 
 def start_hub_repo(args: TrainingArguments) -> str | None:
     """Create the Hub repository before training when ``--push_to_hub`` (fails early on a bad id or token)."""
     if not args.push_to_hub:
         return None
-    from ..hub import create_hub_repo
 
     return create_hub_repo(args.hub_model_id, args.hub_token, args.hub_private_repo)
 
@@ -132,7 +89,6 @@ def load_run_data(
 ) -> DataBundle:
     """:func:`~simlap_hf.data.prepare_data` of the run: on the first process of each machine first (downloads,
     caches and the image-file checks happen once per machine), then on the others; an error stops every process."""
-    from ..data import image_file_checks_done, prepare_data
 
     def load(first: bool) -> DataBundle:
         with contextlib.nullcontext() if first else image_file_checks_done():
@@ -153,8 +109,6 @@ def _prepare(accelerator: Accelerator, job: TrainingJob) -> tuple[torch.nn.Modul
     optimizer = create_optimizer(model, args)
     # A streamed training set (--streaming) is already split across the processes: only placed on the device.
     if data.train_split_per_process:
-        from ..data.streaming import prepare_own_part_loader
-
         data.train = prepare_own_part_loader(accelerator, data.train)
         model, optimizer, data.validation, data.train_eval = accelerator.prepare(
             model, optimizer, data.validation, data.train_eval
@@ -182,7 +136,6 @@ def _checkpoint_push_hook(job: TrainingJob) -> Callable[[Path], None] | None:
     """The ``on_checkpoint`` that uploads every checkpoint (``--push_checkpoints`` with a Hub repository), or None."""
     if job.repo_id is None or not job.args.push_checkpoints:
         return None
-    from ..hub import push_checkpoint
 
     def on_checkpoint(path: Path) -> None:
         push_checkpoint(path, job.repo_id, job.args.hub_token)

@@ -32,24 +32,12 @@ from .checkpoints import (
 from .errors import StopRequested, TrainingInterrupted
 from .factories import create_scheduler
 from .outputs import LOG_FILE, append_log, truncate_log
+from .state import EvaluateFunction, LossFunction, TrainingResult
 
 if TYPE_CHECKING:
     from .arguments import TrainingArguments
 
 logger = logging.getLogger("simlap_hf")
-
-#: ``(model, batch) -> (loss, {name: scalar tensor})``: one forward pass; the dict is logged.
-LossFunction = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-#: ``(model) -> {name: float}``: an evaluation, run on every process.
-EvaluateFunction = Callable[[torch.nn.Module], dict[str, float]]
-
-
-@dataclass
-class TrainingResult:
-    """What :func:`fit` returns: the trainer state at the end and the metrics of the last evaluation."""
-
-    state: TrainerState
-    final_metrics: dict[str, float]
 
 
 def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -8,14 +8,17 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-if TYPE_CHECKING:
-    from .job import TrainingJob
-    from .loop import TrainingResult
+from ..data import create_image_processor, resolve_preprocessing
+from ..export import export_timm
+from ..hub import HubPushError, push_output_dir
+from ..model_card import build_model_card
+from ..relations import save_class_relations
+from .state import TrainingJob, TrainingResult
 
 LOG_FILE = "training_log.jsonl"
 
@@ -102,7 +105,6 @@ def model_folder_files(
     """
 
     def write(output_dir: Path, trained: torch.nn.Module) -> None:
-        from ..data import create_image_processor, resolve_preprocessing
 
         preprocessing = resolve_preprocessing(data_args, num_channels)
         config = trained.config
@@ -114,12 +116,8 @@ def model_folder_files(
             )
         create_image_processor(preprocessing).save_pretrained(output_dir)
         if class_relations:
-            from ..relations import save_class_relations
-
             save_class_relations(trained, output_dir)
         if timm_export_dir:
-            from ..export import export_timm
-
             export_timm(trained, timm_export_dir, source_dir=output_dir)
 
     return write
@@ -129,7 +127,6 @@ def _write_model_folder(
     job: TrainingJob, model: torch.nn.Module, results: dict[str, Any], extra_card_sections: dict[str, str] | None
 ) -> None:
     """``save_pretrained``, the job's extra files, ``all_results.json`` and the model card (main process only)."""
-    from ..model_card import build_model_card
 
     output_dir = Path(job.args.output_dir)
     model.save_pretrained(output_dir, safe_serialization=True)
@@ -159,7 +156,6 @@ def save_final_outputs(
 ) -> dict[str, Any]:
     """Save the final ``model`` (``save_pretrained``), ``all_results.json`` and the model card on the main process,
     then push the folder to the Hub when the job has a ``repo_id``. Returns the results."""
-    from ..hub import HubPushError, push_output_dir
 
     results = build_results(result, job.metric_names)
     push_error: Exception | None = None

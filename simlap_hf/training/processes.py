@@ -11,16 +11,15 @@ import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from .checkpoints import STATE_FILE, checkpoint_root, rng_state_file
-
-if TYPE_CHECKING:
-    from .arguments import TrainingArguments
+from .arguments import TrainingArguments
+from .checkpoints import STATE_FILE, checkpoint_root, find_checkpoint, rng_state_file
+from .validation import check_output_folder
 
 logger = logging.getLogger("simlap_hf")
 Result = TypeVar("Result")
@@ -69,9 +68,6 @@ def shares_output_folder(accelerator: Accelerator, output_dir: str) -> bool:
 def _resolve_on_main(args: TrainingArguments) -> tuple[str | None, BaseException | None]:
     """The main process's check of the output folder; returns (the checkpoint folder's name under checkpoints/ or
     its path, None) or (None, the error)."""
-    from .arguments import check_output_folder
-    from .checkpoints import find_checkpoint
-
     try:
         check_output_folder(args)
         if args.resume_from_checkpoint is None:

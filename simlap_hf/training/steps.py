@@ -11,7 +11,7 @@ import torch
 
 from ..losses import classification_loss
 from ..utils import unwrap_model
-from .loop import LossFunction
+from .state import LossFunction
 
 if TYPE_CHECKING:
     from timm.data import Mixup
