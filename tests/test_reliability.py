@@ -56,13 +56,6 @@ STEPS_PER_EPOCH = 4  # 24 images, a quarter kept for validation: 18 x ra 3 = 54 
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 PROCESS_TIMEOUT = 300  # seconds; generous for two busy cores
 
-# The script's own main() may not wrap run() yet: this is what a wired main() does.
-RUN_MAIN = (
-    "import sys, train_pretrain\n"
-    "from simlap_hf.training import run_main\n"
-    "sys.exit(run_main(train_pretrain.run, sys.argv[1:]))\n"
-)
-
 # Writes the second checkpoint's files, cuts its weights file in half as an interrupted write would, announces that it
 # is saving (a file 'saving' in the output folder) and waits there to be killed.
 SLOW_SECOND_SAVE = (
@@ -299,7 +292,7 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_previous(image_folder,
 
 def test_sigterm_saves_mid_epoch_checkpoint_exits_143_and_resumes(image_folder, reference, scripts, tmp_path):
     output_dir = tmp_path / "preempted"
-    run = scripts("preempted", flags(image_folder, output_dir), code=RUN_MAIN)
+    run = scripts("preempted", flags(image_folder, output_dir))
     run.wait_until(lambda: last_trained_step(output_dir) > STEPS_PER_EPOCH, "a step of the second epoch")
     run.process.send_signal(signal.SIGTERM)
     run.wait(expected_code=143)
@@ -313,9 +306,7 @@ def test_sigterm_saves_mid_epoch_checkpoint_exits_143_and_resumes(image_folder, 
     assert state["global_step"] == last_trained_step(output_dir)  # saved at the step boundary after the signal
     assert (latest / "augmentation_rng_0.pt").is_file()  # the random state before the next batch's augmentations
 
-    resumed = scripts(
-        "resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"], code=RUN_MAIN
-    )
+    resumed = scripts("resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"])
     resumed.wait()
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["epochs"] == EPOCHS and results["global_step"] == TOTAL_STEPS
@@ -326,7 +317,7 @@ def test_sigterm_saves_mid_epoch_checkpoint_exits_143_and_resumes(image_folder, 
 
 def test_sigint_saves_checkpoint_and_exits_130(image_folder, scripts, tmp_path):
     output_dir = tmp_path / "ctrl_c"
-    run = scripts("ctrl_c", flags(image_folder, output_dir), code=RUN_MAIN)
+    run = scripts("ctrl_c", flags(image_folder, output_dir))
     run.wait_until(lambda: last_trained_step(output_dir) >= 2, "the second step")
     run.process.send_signal(signal.SIGINT)
     run.wait(expected_code=130)
@@ -340,11 +331,11 @@ def test_overwrite_then_ctrl_c_then_resume_continues_the_new_run(image_folder, r
     """--overwrite_output_dir over a finished run, Ctrl-C, then the printed resume command: the new run continues
     (not the old one, whose checkpoints would otherwise be the newest) and ends with the uninterrupted run's weights."""
     output_dir = tmp_path / "replaced"
-    old = scripts("old", flags(image_folder, output_dir, epochs=EPOCHS + 1) + ["--seed", "8"], code=RUN_MAIN)
+    old = scripts("old", flags(image_folder, output_dir, epochs=EPOCHS + 1) + ["--seed", "8"])
     old.wait()
     assert checkpoint_names(output_dir)[-1] == f"checkpoint-{(EPOCHS + 1) * STEPS_PER_EPOCH:08d}"
     (output_dir / "notes.txt").write_text("not part of a run")
-    new = scripts("new", flags(image_folder, output_dir) + ["--overwrite_output_dir"], code=RUN_MAIN)
+    new = scripts("new", flags(image_folder, output_dir) + ["--overwrite_output_dir"])
     old_steps = last_trained_step(output_dir)  # the old run's log is there until the new run moves it away
     new.wait_until(lambda: 2 <= last_trained_step(output_dir) < old_steps, "the second step of the new run")
     new.process.send_signal(signal.SIGINT)
@@ -352,9 +343,7 @@ def test_overwrite_then_ctrl_c_then_resume_continues_the_new_run(image_folder, r
     names = checkpoint_names(output_dir)
     assert names and all(int(name.split("-")[1]) < TOTAL_STEPS for name in names), names  # only the new run's
     assert not (output_dir / "model.safetensors").exists() and (output_dir / "notes.txt").is_file()
-    resumed = scripts(
-        "resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"], code=RUN_MAIN
-    )
+    resumed = scripts("resumed", flags(image_folder, output_dir) + ["--resume_from_checkpoint", "latest"])
     resumed.wait()
     assert_same_run(reference_dir(reference), output_dir)
 
@@ -364,18 +353,18 @@ def test_auto_resume_restarts_a_run_killed_before_its_first_checkpoint(image_fol
     checkpoint, it starts fresh; later it continues; finished, it only re-saves. Every time the same final run."""
     output_dir = tmp_path / "requeued"
     command = flags(image_folder, output_dir) + ["--resume_from_checkpoint", "auto"]
-    first = scripts("first", command, code=RUN_MAIN)
+    first = scripts("first", command)
     first.wait_until(lambda: last_trained_step(output_dir) >= 1, "the first step")
     first.stop()  # SIGKILL inside the first epoch: no checkpoint yet
     assert not checkpoint_names(output_dir) or all(name.startswith(".") for name in checkpoint_names(output_dir))
-    second = scripts("second", command, code=RUN_MAIN)
+    second = scripts("second", command)
     second.wait_until(lambda: last_trained_step(output_dir) > STEPS_PER_EPOCH + 1, "a step of the second epoch")
     second.stop()  # killed after the epoch-1 checkpoint
-    third = scripts("third", command, code=RUN_MAIN)
+    third = scripts("third", command)
     third.wait()
     assert "continuing from the newest complete checkpoint" in third.stderr
     assert_same_run(reference_dir(reference), output_dir)
-    again = scripts("again", command, code=RUN_MAIN)  # the job requeued once more after it finished
+    again = scripts("again", command)  # the job requeued once more after it finished
     again.wait()
     assert_same_run(reference_dir(reference), output_dir)
 
@@ -420,10 +409,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(image_folde
     on the step to stop at, save one checkpoint together and exit, instead of waiting on each other for ever."""
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs Linux /proc to signal a single worker process")
-    entry = tmp_path / "preemptible.py"
-    entry.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + RUN_MAIN)
     output_dir = tmp_path / "two_processes"
-    command = two_process_command(entry)
+    command = two_process_command(ROOT / "train_pretrain.py")
     run = scripts("two_processes", flags(image_folder, output_dir), command=command)
     # Each process takes 2 of the 4 batches of an epoch: signal rank 1 only, inside the second epoch.
     run.wait_until(lambda: last_trained_step(output_dir) >= 3, "a step of the second epoch")
@@ -458,13 +445,16 @@ def test_two_processes_mid_epoch_resume_equals_uninterrupted_two_process_run(ima
     """Each process replays its own augmentation RNG state: the resumed 2-process run ends with the weights of an
     uninterrupted 2-process run."""
 
-    def torchrun_run(code: str, output_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
-        entry = tmp_path / f"entry_{len(list(tmp_path.glob('entry_*')))}.py"
-        entry.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + code)
+    def torchrun_run(code: str | None, output_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
+        """The script itself in two processes, or ``code`` (which runs it with a change) when given."""
+        entry = ROOT / "train_pretrain.py"
+        if code is not None:
+            entry = tmp_path / f"entry_{len(list(tmp_path.glob('entry_*')))}.py"
+            entry.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + code)
         command = two_process_command(entry, *flags(image_folder, output_dir), *extra)
         return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
-    uninterrupted = torchrun_run(RUN_MAIN, tmp_path / "uninterrupted", [])
+    uninterrupted = torchrun_run(None, tmp_path / "uninterrupted", [])
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     output_dir = tmp_path / "stopped"
     torchrun_run(STOP_AT_THIRD_STEP, output_dir, [])  # exits non-zero on purpose, after saving the checkpoint
@@ -472,7 +462,7 @@ def test_two_processes_mid_epoch_resume_equals_uninterrupted_two_process_run(ima
     state = json.loads((latest / training.STATE_FILE).read_text())
     assert state["global_step"] == 3 and state["step_in_epoch"] > 0, state  # inside an epoch
     assert (latest / "augmentation_rng_0.pt").is_file() and (latest / "augmentation_rng_1.pt").is_file()
-    resumed = torchrun_run(RUN_MAIN, output_dir, ["--resume_from_checkpoint", "latest"])
+    resumed = torchrun_run(None, output_dir, ["--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
     actual = load_file(output_dir / "model.safetensors")
