@@ -17,7 +17,14 @@ from .arguments import DataArguments
 from .idx import is_idx_folder
 from .registry import NamedDatasetSpec, known_names, local_copy, named_spec, normalize_name
 
-__all__ = ["ARRAY_KINDS", "Source", "StreamSource", "resolve_source", "resolve_stream_sources"]
+__all__ = [
+    "ARRAY_KINDS",
+    "Source",
+    "StreamSource",
+    "resolve_source",
+    "resolve_stream_sources",
+    "resolve_train_stream",
+]
 
 # Kinds whose images are arrays in memory: read without the ``datasets`` library (see .arrays).
 ARRAY_KINDS: tuple[str, ...] = ("sklearn_digits", "idx")
@@ -199,11 +206,17 @@ def _stream_source(args: DataArguments, files: Sequence[str] | None, directory: 
     return StreamSource("hub", name, spec=spec, config=args.dataset_config_name)
 
 
+def resolve_train_stream(args: DataArguments) -> StreamSource:
+    """The training stream of ``--streaming``: ``--train_files``, ``--train_dir`` or the Hub data set
+    ``--dataset_name``."""
+    return _stream_source(args, args.train_files, args.train_dir)
+
+
 def resolve_stream_sources(args: DataArguments) -> tuple[StreamSource, StreamSource]:
     """(training, validation) streams of ``--streaming``: ``--train_files`` / ``--train_dir`` / the Hub data set
     ``--dataset_name``, and ``--validation_files`` / ``--validation_dir`` / the same Hub data set (whose validation or
     test split the reader picks). A ValueError when local training data has no validation source."""
-    train = _stream_source(args, args.train_files, args.train_dir)
+    train = resolve_train_stream(args)
     if args.validation_files or args.validation_dir:
         return train, _stream_source(args, args.validation_files, args.validation_dir)
     if train.kind != "hub":

@@ -20,7 +20,7 @@ import datasets
 from .arguments import TRAIN_SPLIT, DataArguments
 from .labels import stream_label_names
 from .registry import NamedDatasetSpec
-from .sources import StreamSource, resolve_stream_sources
+from .sources import StreamSource, resolve_train_stream
 
 __all__ = [
     "StandardStream",
@@ -148,8 +148,7 @@ def hub_validation_split(source: StreamSource) -> str:
 
 def open_train_stream(args: DataArguments) -> StandardStream:
     """The training split of ``--train_files``, ``--train_dir`` or the Hub data set ``--dataset_name``."""
-    train, _ = resolve_stream_sources(args)
-    return open_stream(train, args, TRAIN_SPLIT)
+    return open_stream(resolve_train_stream(args), args, TRAIN_SPLIT)
 
 
 def collect_split(stream: StandardStream, limit: int | None, label_names: list[str] | None) -> datasets.Dataset:
