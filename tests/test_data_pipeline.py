@@ -103,8 +103,8 @@ def test_the_three_readers_give_the_same_bundle_contract(idx_folder, tmp_path):
     source = resolve_source(args)
     assert source.kind == "idx"
     bundles = {
-        "arrays": build_data_bundle(ArrayReader(source, args, seed=0), 3, 6, 4, seed=0),
-        "datasets": build_data_bundle(DatasetsReader(source, args, seed=0), 3, 6, 4, seed=0),
+        "arrays": build_data_bundle(ArrayReader(source, seed=0), 3, 6, 4, seed=0),
+        "datasets": build_data_bundle(DatasetsReader(source, seed=0), 3, 6, 4, seed=0),
     }
     for bundle in bundles.values():
         _check_contract(bundle, train_rows=30, validation_rows=9, per_process=False)
@@ -131,7 +131,7 @@ def test_the_three_readers_give_the_same_bundle_contract(idx_folder, tmp_path):
 
 
 def test_the_augmented_split_is_an_argument(idx_folder):
-    data = DatasetsReader(resolve_source(_args(dataset_name=str(idx_folder))), _args(), seed=0).data
+    data = DatasetsReader(resolve_source(_args(dataset_name=str(idx_folder))), seed=0).data
     args = _args(hflip=0.0, scale=[0.2, 0.4])
     splits = datasets.DatasetDict(train=data["train"], other=data["train"])
 

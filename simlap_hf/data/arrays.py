@@ -114,7 +114,7 @@ def read_array_source(source: Source) -> ArraySource:
     if source.kind == "sklearn_digits":
         return digits_arrays()
     if source.kind == "idx":
-        return idx_arrays(source.path, source.label_names, f"IDX folder {source.location!r}")
+        return idx_arrays(source.path, source.label_names, source.description)
     raise missing_datasets_error(source.flag)
 
 
@@ -197,12 +197,12 @@ class ArrayReader(MapReader):
     """The reader of an array source (:func:`read_array_source`): its ``train`` and ``validation`` splits (see
     :func:`standard_splits`, seeded with ``seed``) as :class:`ArrayImages`."""
 
-    def __init__(self, source: Source, args: DataArguments, seed: int) -> None:
-        if args.skip_corrupt_images:
+    def __init__(self, source: Source, seed: int) -> None:
+        if source.args.skip_corrupt_images:
             raise missing_datasets_error("--skip_corrupt_images", source=False)
         arrays = read_array_source(source)
-        self.splits = standard_splits(arrays, args, seed)
-        super().__init__(args, arrays.label_names, arrays.description)
+        self.splits = standard_splits(arrays, source.args, seed)
+        super().__init__(source.args, arrays.label_names, arrays.description)
         warn_classes_missing_from_a_split(
             {split: data.labels for split, data in self.splits.items()}, self.label_names, self.description
         )

@@ -135,7 +135,7 @@ def load_imagefolder(source: Source) -> datasets.DatasetDict:
         root = _imagefolder_files(flag, directory, args.skip_corrupt_images)
         data_files[split] = os.path.join(glob.escape(str(root.resolve())), "**")
     loaded = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False)
-    return _as_dataset_dict(loaded, describe(source))
+    return _as_dataset_dict(loaded, source.description)
 
 
 def _empty_saved_splits(path: Path) -> list[str]:
@@ -157,7 +157,7 @@ def _empty_saved_splits(path: Path) -> list[str]:
 
 def load_save_to_disk(source: Source) -> datasets.DatasetDict:
     """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    description = describe(source)
+    description = source.description
     for split in _empty_saved_splits(source.path):
         check_not_empty(datasets.Dataset.from_dict({}), split, description)
     return _as_dataset_dict(datasets.load_from_disk(str(source.path)), description)
@@ -169,21 +169,7 @@ def load_parquet(source: Source) -> datasets.DatasetDict:
         loaded = datasets.load_dataset("parquet", data_files={TRAIN_SPLIT: str(source.path)})
     else:
         loaded = datasets.load_dataset("parquet", data_dir=str(source.path))
-    return _as_dataset_dict(loaded, describe(source))
-
-
-def describe(source: Source) -> str:
-    """What ``source`` is, for messages."""
-    args, location = source.args, source.location
-    if source.kind == "imagefolder":
-        return f"imagefolder {args.train_dir!r}" + (f" + {args.validation_dir!r}" if args.validation_dir else "")
-    if source.kind == "sklearn_digits":
-        return "digits (scikit-learn)"
-    if source.kind == "parquet":
-        return f"parquet {'file' if source.path.is_file() else 'folder'} {location!r}"
-    return {"hub": "Hub data set", "idx": "IDX folder", "save_to_disk": "save_to_disk folder"}[
-        source.kind
-    ] + f" {location!r}"
+    return _as_dataset_dict(loaded, source.description)
 
 
 SOURCE_LOADERS: dict[str, SourceLoader] = {
@@ -276,12 +262,12 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> datasets.DatasetD
         ValueError / FileNotFoundError: unknown name, missing path, missing column, bad labels, empty split,
         corrupt image; each message names the bad value and the flag that fixes it.
     """
-    return standard_form(resolve_source(args), args, seed)
+    return standard_form(resolve_source(args), seed)
 
 
-def standard_form(source: Source, args: DataArguments, seed: int) -> datasets.DatasetDict:
-    """The standard form of a resolved source (see :func:`load_image_dataset`)."""
-    description = describe(source)
+def standard_form(source: Source, seed: int) -> datasets.DatasetDict:
+    """The standard form of a resolved source (see :func:`load_image_dataset`), splits seeded with ``seed``."""
+    args, description = source.args, source.description
     data = _pick_splits(SOURCE_LOADERS[source.kind](source), description)
     data = standardize_columns(
         data,
@@ -336,9 +322,9 @@ class DatasetsReader(MapReader):
     """The reader of a map-style source through ``datasets``: its standard form (:func:`standard_form`, splits
     seeded with ``seed``), rows transformed lazily (:func:`image_rows`)."""
 
-    def __init__(self, source: Source, args: DataArguments, seed: int) -> None:
-        self.data = standard_form(source, args, seed)
-        super().__init__(args, get_label_names(self.data), describe(source))
+    def __init__(self, source: Source, seed: int) -> None:
+        self.data = standard_form(source, seed)
+        super().__init__(source.args, get_label_names(self.data), source.description)
 
     def rows(self, split: str, transform: ImageTransformFn) -> datasets.Dataset:
         return image_rows(self.data[split], transform, self.args.skip_corrupt_images)

@@ -51,7 +51,7 @@ def create_reader(data_args: DataArguments, seed: int) -> Reader:
     if not datasets_installed():
         if data_args.streaming:
             raise missing_datasets_error("--streaming", source=False)
-        return ArrayReader(resolve_source(data_args), data_args, seed)
+        return ArrayReader(resolve_source(data_args), seed)
     # The readers below import the optional ``datasets`` library, so they are imported only when it is installed.
     if data_args.streaming:
         from .streaming import StreamReader
@@ -59,7 +59,7 @@ def create_reader(data_args: DataArguments, seed: int) -> Reader:
         return StreamReader(data_args)
     from .dataset import DatasetsReader
 
-    return DatasetsReader(resolve_source(data_args), data_args, seed)
+    return DatasetsReader(resolve_source(data_args), seed)
 
 
 def build_data_bundle(

@@ -61,6 +61,19 @@ class Source:
     validation_fraction: float | None = None
 
     @property
+    def description(self) -> str:
+        """What the source is, for messages."""
+        if self.kind == "imagefolder":
+            validation = f" + {self.args.validation_dir!r}" if self.args.validation_dir else ""
+            return f"imagefolder {self.args.train_dir!r}{validation}"
+        if self.kind == "sklearn_digits":
+            return "digits (scikit-learn)"
+        if self.kind == "parquet":
+            return f"parquet {'file' if self.path.is_file() else 'folder'} {self.location!r}"
+        names = {"hub": "Hub data set", "idx": "IDX folder", "save_to_disk": "save_to_disk folder"}
+        return f"{names.get(self.kind, self.kind)} {self.location!r}"
+
+    @property
     def flag(self) -> str:
         """The flag and value that chose this source, for messages."""
         return (
