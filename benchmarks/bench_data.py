@@ -197,7 +197,7 @@ def main() -> None:
         start = time.perf_counter()
         data = build_dataset(options.num_images, options.image_size, 10, options.seed, folder)
         print(f"# built and saved the data set in {time.perf_counter() - start:.1f} s")
-        train = with_image_transforms(data, args)["train"]
+        train = with_image_transforms(data, args, augmented_split="train")["train"]
         rows = []
         for count in workers:
             args.dataloader_num_workers = count

@@ -53,7 +53,7 @@ from relations_fmnist import GROUPS as GARMENT_GROUPS  # noqa: E402
 
 from simlap_hf import SimLAPForImageClassification, SimLAPModel  # noqa: E402
 from simlap_hf.data import DataArguments  # noqa: E402
-from simlap_hf.data.loaders import prepare_data  # noqa: E402
+from simlap_hf.data.pipeline import prepare_data  # noqa: E402
 from simlap_hf.evaluation import (  # noqa: E402
     effective_rank,
     extract_features,
@@ -183,7 +183,7 @@ def budget_flags(budget: dict[str, Any], script: str) -> list[str]:
 def eval_loader(dataset_name: str, split_limit: dict[str, int | None], budget: dict[str, Any], seed: int):
     """Sequential loaders (eval transform) of a data set's train and validation splits, and its class names.
 
-    Built as training builds them (:func:`simlap_hf.data.loaders.prepare_data`), so an array source (Fashion-MNIST's
+    Built as training builds them (:func:`simlap_hf.data.prepare_data`), so an array source (Fashion-MNIST's
     IDX files, digits) needs no ``datasets`` library."""
     train_cfg = budget["train"]
     data_args = DataArguments(

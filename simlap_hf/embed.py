@@ -181,7 +181,7 @@ def _embed_rows(
 ) -> Iterator[dict[str, np.ndarray]]:
     from .data import create_eval_dataloader, with_image_transforms
 
-    # Any split name other than "train" gets the evaluation transform.
+    # No augmented_split: every row gets the evaluation transform.
     view = with_image_transforms(datasets.DatasetDict(embed=dataset), data_args, num_channels)["embed"]
     for batch in create_eval_dataloader(view, batch_size, num_workers):
         encoded = encode_batch(model, batch["pixel_values"].to(device, non_blocking=True))

@@ -581,7 +581,7 @@ def rgb_dataset() -> datasets.DatasetDict:
 def test_copies_in_a_batch_are_augmented_independently(rgb_dataset: datasets.DatasetDict) -> None:
     torch.manual_seed(0)
     args = DataArguments(ra=3)
-    transformed = with_image_transforms(rgb_dataset, args)
+    transformed = with_image_transforms(rgb_dataset, args, augmented_split="train")
     loader = create_train_dataloader(transformed["train"], args, batch_size=6)
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
@@ -603,7 +603,9 @@ def test_each_image_is_decoded_once_per_batch_and_augmented_per_copy(rgb_dataset
 
     monkeypatch.setattr(data_module, "decode_image", counting_decode)
     args = DataArguments(ra=3)
-    loader = create_train_dataloader(with_image_transforms(rgb_dataset, args)["train"], args, batch_size=7)
+    loader = create_train_dataloader(
+        with_image_transforms(rgb_dataset, args, augmented_split="train")["train"], args, batch_size=7
+    )
     batch = next(iter(loader))  # 2 images: one with 4 copies, one with 3
     assert len(decoded) == 2 and batch["pixel_values"].shape[0] == 7
     assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])  # copies still augmented apart
@@ -615,7 +617,7 @@ def test_each_image_is_decoded_once_per_batch_and_augmented_per_copy(rgb_dataset
 
 def test_train_dataloader_with_a_worker_process(rgb_dataset: datasets.DatasetDict) -> None:
     args = DataArguments(ra=2, dataloader_num_workers=1)
-    transformed = with_image_transforms(rgb_dataset, args)
+    transformed = with_image_transforms(rgb_dataset, args, augmented_split="train")
     loader = create_train_dataloader(transformed["train"], args, batch_size=4)
     import pickle
 
@@ -950,7 +952,9 @@ def test_class_balanced_sampler_gives_p_classes_of_k_images_on_every_process() -
 
 def test_pk_sampler_through_the_loader(rgb_dataset) -> None:
     args = DataArguments(ra=2, sampler="pk", pk_images_per_class=2)
-    loader = create_train_dataloader(with_image_transforms(rgb_dataset, args)["train"], args, batch_size=8)
+    rows = with_image_transforms(rgb_dataset, args, augmented_split="train")["train"]
+    class_ids = np.asarray(rgb_dataset["train"]["label"])
+    loader = create_train_dataloader(rows, args, batch_size=8, class_ids=class_ids)
     assert isinstance(loader.batch_sampler, ClassBalancedBatchSampler)
     for batch in loader:
         assert torch.bincount(batch["labels"], minlength=2).tolist() == [4, 4]  # 2 classes x 2 images x 2 copies
@@ -977,7 +981,13 @@ def test_uint8_transfer_equals_normalising_in_the_loader(rgb_dataset) -> None:
         normalize = create_train_normalizer(DataArguments(), num_channels)
         assert torch.equal(normalize(outputs[True]), outputs[False])  # same operations on the same values
     args = DataArguments(ra=3)
-    batch = next(iter(create_train_dataloader(with_image_transforms(rgb_dataset, args)["train"], args, batch_size=6)))
+    batch = next(
+        iter(
+            create_train_dataloader(
+                with_image_transforms(rgb_dataset, args, augmented_split="train")["train"], args, batch_size=6
+            )
+        )
+    )
     assert batch["pixel_values"].dtype == torch.uint8
     assert create_train_normalizer(DataArguments(uint8_transfer=False)) is None
 

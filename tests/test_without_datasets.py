@@ -97,7 +97,10 @@ def test_pk_batches_read_the_labels_of_arrays_without_decoding():
         raise AssertionError("the sampler decoded an image")
 
     loader = create_train_dataloader(
-        ArrayImages(split, refuse), DataArguments(sampler="pk", pk_images_per_class=2, ra=3), batch_size=12
+        ArrayImages(split, refuse),
+        DataArguments(sampler="pk", pk_images_per_class=2, ra=3),
+        batch_size=12,
+        class_ids=split.labels,
     )
     batches = list(loader.batch_sampler)
     assert batches and all(len(batch) == 12 for batch in batches)

@@ -14,28 +14,31 @@ Supported sources (see :func:`load_image_dataset`):
 * local paths: a ``save_to_disk`` folder, a parquet file or folder of parquet files, a folder of
   MNIST-style IDX files, or an imagefolder tree through ``--train_dir`` / ``--validation_dir``.
 
-Modules:
+Layers (each module imports only the ones above it):
 
-* ``arguments``: :class:`DataArguments` and the split names.
-* ``registry``: the named data sets, one :class:`NamedDatasetSpec` row each, naming its loader kind.
-* ``sources``: one loader function per source kind (:data:`SOURCE_LOADERS`).
-* ``labels`` and ``dataset``: the one column-mapping path to the standard form, and :func:`load_image_dataset`.
-* ``images`` and ``idx``: image encoding/decoding and corrupt-image checks; IDX files (numpy only).
-* ``preprocessing``: :func:`resolve_preprocessing`, the one source of input size, crop, interpolation and
-  normalisation for the transforms, the saved image processor and the timm export.
-* ``streaming`` and ``stream_sources``: ``--streaming`` training from a ``datasets`` IterableDataset (tar shards,
-  an image folder or the Hub), repeated augmentation, split across processes and workers, resumable.
-* ``transforms``, ``loaders`` and ``samplers``: augmentation, loaders (``prepare_data`` builds a run's three),
-  resumable augmentation and the repeated-augmentation / class-balanced batch samplers.
+* ``arguments``, ``registry``, ``idx``, ``samplers``: :class:`DataArguments` and the split names; the named data sets
+  (one :class:`NamedDatasetSpec` row each, naming its source kind); IDX files (numpy only); the batch samplers.
+* ``images``, ``labels``, ``preprocessing``, ``transforms``: image encoding/decoding and corrupt-image checks; class
+  labels, standardised in one place for every reader; :func:`resolve_preprocessing`, the one source of input size,
+  crop, interpolation and normalisation; augmentation and the evaluation transform.
+* ``loaders``, ``sources``: from rows to batches (:class:`ImageTransform`, the training and evaluation loaders,
+  resumable augmentation); the resolution of the data flags into a source, once.
+* ``readers``: the reader contract; ``arrays`` (images held as arrays, without ``datasets``), ``columns`` and
+  ``dataset`` (map-style ``datasets`` splits in the standard form, :func:`load_image_dataset`), ``stream_sources``
+  and ``streaming`` (``--streaming`` from a ``datasets`` IterableDataset: repeated augmentation, split across
+  processes and workers, resumable).
+* ``pipeline``: :func:`create_reader` (flags -> reader), :func:`build_data_bundle` (the one builder of a run's
+  loaders from any reader) and :func:`prepare_data` (both).
 
-Training rows are produced lazily by :func:`with_image_transforms` as
-``{"pixel_values": Tensor(C, H, W), "labels": int}``; :func:`collate_fn` stacks them into
+Rows are ``{"pixel_values": Tensor(C, H, W), "labels": int}`` (lazily transformed; which split is augmented is an
+argument: ``with_image_transforms(..., augmented_split="train")``); :func:`collate_fn` stacks them into
 ``{"pixel_values": Tensor(B, C, H, W), "labels": LongTensor(B)}``. The training loader uses
 :class:`RepeatedAugmentationBatchSampler` (each image ``ra`` times per epoch, all copies of an image in one batch,
 for any batch size).
 
-The names below are imported from their modules on first use, so that ``simlap_hf.data.idx`` and
-``simlap_hf.data.samplers`` stay importable where the ``datasets`` library is not installed.
+The names below are imported from their modules on first use, so that the modules that work without the optional
+``datasets`` library (all but ``columns``, ``dataset``, ``stream_sources`` and ``streaming``) stay importable where it
+is not installed.
 """
 
 from __future__ import annotations
@@ -54,9 +57,16 @@ _EXPORTS: dict[str, str] = {
     "FASHION_MNIST_LABEL_NAMES": "registry",
     "NAMED_DATASETS": "registry",
     "NamedDatasetSpec": "registry",
-    "SOURCE_LOADERS": "sources",
+    "SOURCE_LOADERS": "dataset",
     "load_image_dataset": "dataset",
-    "get_label_names": "labels",
+    "with_image_transforms": "dataset",
+    "get_label_names": "columns",
+    "Source": "sources",
+    "resolve_source": "sources",
+    "Reader": "readers",
+    "ArrayReader": "arrays",
+    "DatasetsReader": "dataset",
+    "StreamReader": "streaming",
     "read_idx": "idx",
     "image_file_checks_done": "images",
     "ClassBalancedBatchSampler": "samplers",
@@ -76,18 +86,18 @@ _EXPORTS: dict[str, str] = {
     "create_train_normalizer": "transforms",
     "create_train_transform": "transforms",
     "eval_transform": "transforms",
-    "DataBundle": "loaders",
+    "DataBundle": "pipeline",
+    "build_data_bundle": "pipeline",
+    "create_reader": "pipeline",
+    "prepare_data": "pipeline",
     "ImageTransform": "loaders",
     "ResumableAugmentations": "loaders",
     "capture_rng_state": "loaders",
     "collate_fn": "loaders",
     "create_eval_dataloader": "loaders",
     "create_train_dataloader": "loaders",
-    "prepare_data": "loaders",
     "restore_rng_state": "loaders",
-    "with_image_transforms": "loaders",
     "StreamingRepeatedAugmentation": "streaming",
-    "prepare_streaming_data": "streaming",
     "expand_shard_patterns": "stream_sources",
 }
 

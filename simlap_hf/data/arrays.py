@@ -1,16 +1,16 @@
-"""Image arrays held in memory (scikit-learn's digits, folders of MNIST-style IDX files), read without the
-``datasets`` library.
+"""The array reader: images held in memory as arrays (scikit-learn's digits, folders of MNIST-style IDX files), read
+without the ``datasets`` library.
 
-Both paths start here: the standard form (:func:`~simlap_hf.data.load_image_dataset`) stores these arrays as PNGs in
-Arrow, and where ``datasets`` is not installed :func:`prepare_array_data` trains from the arrays directly. The
-splits, validation carve-out, sample limits, label checks, batch order and augmentation are the same on both paths,
-so a run gives the same weights either way (the images decoded from the PNGs equal the arrays).
+Both readers start here for these sources: the ``datasets`` reader stores the arrays as PNGs in Arrow (the standard
+form of :func:`~simlap_hf.data.load_image_dataset`), and where ``datasets`` is not installed :class:`ArrayReader` trains
+from the arrays directly. The splits, validation carve-out, sample limits, label checks, batch order and augmentation
+are the same on both paths, so a run gives the same weights either way (the images decoded from the PNGs equal the
+arrays).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,26 +18,27 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..errors import UsageError
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
-from .idx import is_idx_folder, read_idx_folder
-from .registry import known_names, local_copy, named_spec, normalize_name
+from .idx import read_idx_folder
+from .labels import check_not_empty, standardize_labels, warn_classes_missing_from_a_split
+from .readers import ImageTransformFn, MapReader
+from .registry import known_names, named_spec
+from .sources import Source, resolve_source
 
 __all__ = [
     "ArrayImages",
+    "ArrayReader",
     "ArraySource",
     "ArraySplit",
     "carve_indices",
-    "check_label_range",
-    "check_not_empty",
     "digits_arrays",
     "idx_arrays",
     "limit_indices",
     "load_array_source",
-    "prepare_array_data",
-    "renumber_integer_labels",
+    "missing_datasets_error",
+    "read_array_source",
 ]
-
-logger = logging.getLogger(__package__)
 
 
 @dataclass
@@ -65,57 +66,9 @@ class ArraySource:
     validation_fraction: float | None = None
 
 
-def check_label_range(values: np.ndarray, num_classes: int, column: str, description: str, split: str) -> None:
-    """Raise ValueError naming the column, the first bad value and the valid range [0, num_classes)."""
-    bad = values[(values < 0) | (values >= num_classes)]
-    if bad.size:
-        raise ValueError(
-            f"{description}, split {split!r}: label column {column!r} has value {int(bad[0])} outside the valid "
-            f"range [0, {num_classes}) ({bad.size} bad value(s)). Fix the labels or choose another column with "
-            f"--label_column_name."
-        )
-
-
-def check_not_empty(rows: Sized, split: str, description: str) -> None:
-    """Raise ValueError naming the split when ``rows`` (a split of any form) has no rows."""
-    if len(rows) == 0:
-        raise ValueError(
-            f"{description}: split {split!r} is empty; every split needs images (check the source, "
-            f"--train_val_split and --skip_corrupt_images)."
-        )
-
-
-def renumber_integer_labels(
-    labels: dict[str, np.ndarray], column: str, description: str
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Class ids for integer labels without class names: the sorted distinct values become 0..C-1 and each class is
-    named by its original value. Values that are already 0..C-1 stay as they are; any other set (starting above 0,
-    with gaps, negative) is renumbered with a warning that gives the mapping, so that no class is ever empty."""
-    values = np.unique(np.concatenate([v for v in labels.values() if v.size] or [np.zeros(0, np.int64)]))
-    if values.size and values[0] < 0:  # negative ids usually mark unlabelled images
-        for split, split_values in labels.items():
-            check_label_range(split_values, int(values[-1]) + 1, column, description, split)
-    names = [str(int(v)) for v in values]
-    if values.size and (values[0] != 0 or values[-1] != values.size - 1):
-        shown = ", ".join(f"{int(v)}->{i}" for i, v in enumerate(values[:12])) + (", ..." if values.size > 12 else "")
-        logger.warning(
-            "%s: label column %r holds %d distinct integer ids that are not 0..%d (%s); they are renumbered %s "
-            "and the classes are named by their original ids. Give the column class names (a ClassLabel) to "
-            "choose the order yourself.",
-            description,
-            column,
-            values.size,
-            values.size - 1,
-            f"starting at {int(values[0])}" if values[0] != 0 else "with gaps",
-            shown,
-        )
-        labels = {split: np.searchsorted(values, v).astype(np.int64) for split, v in labels.items()}
-    return labels, names
-
-
 def digits_arrays() -> ArraySource:
     """scikit-learn's bundled digits: 1,797 8x8 images, values 0..16 scaled to grayscale uint8 0..255."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn is imported only by the runs that read digits
 
     bunch = load_digits()
     images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
@@ -133,39 +86,43 @@ def idx_arrays(folder: Path, label_names: Sequence[str] | None, description: str
     """``train-*`` (and ``t10k-*`` as validation) IDX image/label pairs of ``folder``. Class names are
     ``label_names`` when given, else the labels' values (renumbered 0..C-1 when they are not, with a warning)."""
     arrays = read_idx_folder(folder)
-    labels = {split: split_labels for split, (_, split_labels) in arrays.items()}
-    if label_names is None:
-        labels, names = renumber_integer_labels(labels, "label", description)
-    else:
-        names = list(label_names)
-    for split, values in labels.items():
-        check_label_range(values, len(names), "label", description, split)
+    labels, names = standardize_labels(
+        {split: split_labels for split, (_, split_labels) in arrays.items()}, "label", label_names, description
+    )
     splits = {split: ArraySplit(images, labels[split]) for split, (images, _) in arrays.items()}
     return ArraySource(splits, names, description)
 
 
+def missing_datasets_error(what: str, source: bool = True) -> UsageError:
+    """The one-line error for ``what`` (a flag, with its value when ``source``) when it needs the ``datasets``
+    library, which is not installed."""
+    hint = (
+        f" Without it only images held as arrays load: --dataset_name digits, a named data set with a local IDX copy "
+        f"({known_names()}), or a folder of IDX files."
+        if source
+        else ""
+    )
+    return UsageError(
+        f"{what} needs the 'datasets' library, which is not installed (pip install datasets, or the extra: "
+        f"pip install 'simlap-hf[datasets]').{hint}"
+    )
+
+
+def read_array_source(source: Source) -> ArraySource:
+    """The arrays of a resolved source of an array kind (:data:`~simlap_hf.data.sources.ARRAY_KINDS`); any other
+    kind needs the ``datasets`` library: a UsageError saying so."""
+    if source.kind == "sklearn_digits":
+        return digits_arrays()
+    if source.kind == "idx":
+        return idx_arrays(source.path, source.label_names, source.description)
+    raise missing_datasets_error(source.flag)
+
+
 def load_array_source(args: DataArguments) -> ArraySource:
     """The data of ``args`` when it is an array source: ``digits``, a named data set with a local IDX copy (e.g.
-    ``fashion_mnist``), or a folder of IDX files. Any other source needs the ``datasets`` library: a ValueError
+    ``fashion_mnist``), or a folder of IDX files. Any other source needs the ``datasets`` library: a UsageError
     saying so."""
-    name = (args.dataset_name or "").strip()
-    spec = named_spec(name)
-    if not args.train_dir and spec is not None and normalize_name(name) == spec.name:
-        if spec.loader == "sklearn_digits":
-            return digits_arrays()
-        local = local_copy(spec)
-        if local and Path(local).is_dir() and is_idx_folder(Path(local)):
-            return idx_arrays(Path(local), spec.label_names, f"IDX folder {local!r}")
-    path = Path(name).expanduser()
-    if not args.train_dir and name and path.is_dir() and is_idx_folder(path):
-        label_names = spec.label_names if spec is not None else None
-        return idx_arrays(path, label_names, f"IDX folder {name!r}")
-    source = f"--train_dir {args.train_dir!r}" if args.train_dir else f"--dataset_name {name!r}"
-    raise ValueError(
-        f"{source} needs the 'datasets' library, which is not installed (pip install datasets). Without it only "
-        f"images held as arrays load: --dataset_name digits, a named data set with a local IDX copy "
-        f"({known_names()}), or a folder of IDX files."
-    )
+    return read_array_source(resolve_source(args))
 
 
 def carve_indices(labels: np.ndarray, fraction: float, seed: int, description: str) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +157,7 @@ def limit_indices(size: int, limit: int | None, seed: int) -> np.ndarray | None:
     return np.random.default_rng(seed).permutation(size)[:limit]
 
 
-def _standard_splits(source: ArraySource, args: DataArguments, seed: int) -> dict[str, ArraySplit]:
+def standard_splits(source: ArraySource, args: DataArguments, seed: int) -> dict[str, ArraySplit]:
     """``train`` and ``validation``, as the standard form makes them: the source's validation split or a seeded
     carve-out, then each cut to its ``max_*_samples``."""
     splits = dict(source.splits)
@@ -223,7 +180,7 @@ class ArrayImages(torch.utils.data.Dataset):
     """Rows ``{"pixel_values": transform(image), "labels": int}`` of an :class:`ArraySplit`, the image handed to
     ``transform`` as a PIL image (mode ``L`` for (H, W) arrays, ``RGB`` for (H, W, 3))."""
 
-    def __init__(self, split: ArraySplit, transform: Callable[[PIL.Image.Image], torch.Tensor]) -> None:
+    def __init__(self, split: ArraySplit, transform: ImageTransformFn) -> None:
         self.images, self.labels, self.transform = split.images, split.labels, transform
 
     def __len__(self) -> int:
@@ -236,31 +193,22 @@ class ArrayImages(torch.utils.data.Dataset):
         }
 
 
-def prepare_array_data(
-    data_args: DataArguments, num_channels: int, train_batch_size: int, eval_batch_size: int, seed: int
-):
-    """:func:`~simlap_hf.data.prepare_data` for an array source (see :func:`load_array_source`) without the
-    ``datasets`` library: the same three loaders, batches and augmentation as the standard-form path."""
-    from .loaders import DataBundle, check_two_classes, create_eval_dataloader, create_train_dataloader
-    from .transforms import create_eval_transform, create_train_normalizer, create_train_transform
+class ArrayReader(MapReader):
+    """The reader of an array source (:func:`read_array_source`): its ``train`` and ``validation`` splits (see
+    :func:`standard_splits`, seeded with ``seed``) as :class:`ArrayImages`."""
 
-    if data_args.streaming or data_args.skip_corrupt_images:
-        flag = "--streaming" if data_args.streaming else "--skip_corrupt_images"
-        raise ValueError(f"{flag} needs the 'datasets' library, which is not installed (pip install datasets).")
-    source = load_array_source(data_args)
-    splits = _standard_splits(source, data_args, seed)
-    check_two_classes(np.unique(splits[TRAIN_SPLIT].labels).tolist(), source.label_names)
-    train_transform = create_train_transform(data_args, num_channels)
-    eval_transform = create_eval_transform(data_args, num_channels)
-    workers = data_args.loader_workers()
-    return DataBundle(
-        label_names=source.label_names,
-        train=create_train_dataloader(
-            ArrayImages(splits[TRAIN_SPLIT], train_transform), data_args, train_batch_size, seed=seed
-        ),
-        validation=create_eval_dataloader(
-            ArrayImages(splits[VALIDATION_SPLIT], eval_transform), eval_batch_size, workers
-        ),
-        train_eval=create_eval_dataloader(ArrayImages(splits[TRAIN_SPLIT], eval_transform), eval_batch_size, workers),
-        train_normalizer=create_train_normalizer(data_args, num_channels),
-    )
+    def __init__(self, source: Source, seed: int) -> None:
+        if source.args.skip_corrupt_images:
+            raise missing_datasets_error("--skip_corrupt_images", source=False)
+        arrays = read_array_source(source)
+        self.splits = standard_splits(arrays, source.args, seed)
+        super().__init__(source.args, arrays.label_names, arrays.description)
+        warn_classes_missing_from_a_split(
+            {split: data.labels for split, data in self.splits.items()}, self.label_names, self.description
+        )
+
+    def rows(self, split: str, transform: ImageTransformFn) -> ArrayImages:
+        return ArrayImages(self.splits[split], transform)
+
+    def class_ids(self, split: str) -> np.ndarray:
+        return self.splits[split].labels

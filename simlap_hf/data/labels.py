@@ -1,172 +1,145 @@
-"""Columns and labels of the standard form: which source columns are the image and the label, and a ``label``
-ClassLabel shared by all splits (class names, renumbering, range checks, warnings about classes a split lacks)."""
+"""Class labels, standardised in one place for every reader: class ids 0..C-1 with their names, range checks and the
+warnings about classes a split lacks. Works on NumPy arrays, so that array sources use it without ``datasets``."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Sized
 from typing import Any
 
-import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT
-from .arrays import check_label_range, check_not_empty, renumber_integer_labels
 
 __all__ = [
     "check_label_range",
     "check_not_empty",
-    "get_label_names",
-    "label_values",
+    "check_two_classes",
     "renumber_integer_labels",
-    "standardize_columns",
+    "standardize_labels",
+    "stream_label_names",
     "warn_classes_missing_from_a_split",
 ]
 
 logger = logging.getLogger(__package__)
 
 
-def column_error(kind: str, wanted: str | None, columns: Sequence[str], description: str, flag: str) -> str:
-    """Message for a missing / undetectable column that lists the columns and the fixing flag."""
-    what = f"{kind} column {wanted!r} not found" if wanted else f"could not detect the {kind} column"
-    return f"{description}: {what}; columns present: {list(columns)}. Set the {kind} column with {flag}."
-
-
-def _resolve_image_column(ds: datasets.Dataset, wanted: str | None, description: str) -> str:
-    """The image column: ``wanted`` if given, else the single Image column (or 'image'/'img')."""
-    columns = ds.column_names
-    if wanted is not None:
-        if wanted not in columns:
-            raise ValueError(column_error("image", wanted, columns, description, "--image_column_name"))
-        return wanted
-    candidates = [name for name, feat in ds.features.items() if isinstance(feat, datasets.Image)]
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        named = [name for name in ("image", "img") if name in columns]
-        if named:
-            return named[0]
-    raise ValueError(
-        column_error("image", None, columns, description, "--image_column_name")
-        + (f" Several Image columns: {candidates}." if candidates else "")
-    )
-
-
-def _resolve_label_column(ds: datasets.Dataset, wanted: str | None, image_column: str, description: str) -> str:
-    """The label column: ``wanted`` if given, else 'label'/'labels', else the single ClassLabel."""
-    columns = ds.column_names
-    if wanted is not None:
-        if wanted not in columns:
-            raise ValueError(column_error("label", wanted, columns, description, "--label_column_name"))
-        return wanted
-    for name in ("label", "labels"):
-        if name in columns and name != image_column:
-            return name
-    class_labels = [name for name, feat in ds.features.items() if isinstance(feat, datasets.ClassLabel)]
-    if len(class_labels) == 1:
-        return class_labels[0]
-    raise ValueError(column_error("label", None, columns, description, "--label_column_name"))
-
-
-def label_values(ds: datasets.Dataset) -> pa.ChunkedArray:
-    """The ``label`` column of ``ds`` as an Arrow ChunkedArray (N,), indices mapping applied."""
-    return ds.with_format("arrow")["label"]
-
-
-def _integer_labels(array: pa.ChunkedArray, column: str, description: str, split: str) -> np.ndarray:
-    """Return int64 labels (N,) from an integer or integral-float Arrow column; ValueError otherwise."""
-    if array.null_count:
+def check_label_range(values: np.ndarray, num_classes: int, column: str, description: str, split: str) -> None:
+    """Raise ValueError naming the column, the first bad value and the valid range [0, num_classes)."""
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
         raise ValueError(
-            f"{description}, split {split!r}: label column {column!r} has {array.null_count} missing value(s) "
-            f"(None); every image needs an integer class id."
+            f"{description}, split {split!r}: label column {column!r} has value {int(bad[0])} outside the valid "
+            f"range [0, {num_classes}) ({bad.size} bad value(s)). Fix the labels or choose another column with "
+            f"--label_column_name."
         )
-    kind = array.type
-    if pa.types.is_integer(kind):
-        return array.to_numpy().astype(np.int64, copy=False)
-    if pa.types.is_floating(kind):
-        floats = array.to_numpy()
-        bad = floats[~np.isfinite(floats) | (floats != np.round(floats))]
+
+
+def check_not_empty(rows: Sized, split: str, description: str) -> None:
+    """Raise ValueError naming the split when ``rows`` (a split of any form) has no rows."""
+    if len(rows) == 0:
+        raise ValueError(
+            f"{description}: split {split!r} is empty; every split needs images (check the source, "
+            f"--train_val_split and --skip_corrupt_images)."
+        )
+
+
+def check_two_classes(present: Sequence[int], label_names: Sequence[str]) -> None:
+    """Training needs at least 2 classes in its split (``present``: the class ids it holds); a ValueError that names
+    the classes otherwise."""
+    if len(present) < 2:
+        names = ", ".join(repr(label_names[i]) for i in present)
+        raise ValueError(
+            f"The training split holds a single class ({names}; classes named by the data: {list(label_names)}). "
+            "Training needs at least 2 classes: the contrastive loss has no negatives and the cross-entropy nothing "
+            "to separate, so nothing would be learned. Check --train_dir / --dataset_name and --label_column_name."
+        )
+
+
+def renumber_integer_labels(
+    labels: dict[str, np.ndarray], column: str, description: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Class ids for integer labels without class names: the sorted distinct values become 0..C-1 and each class is
+    named by its original value. Values that are already 0..C-1 stay as they are; any other set (starting above 0,
+    with gaps, negative) is renumbered with a warning that gives the mapping, so that no class is ever empty."""
+    values = np.unique(np.concatenate([v for v in labels.values() if v.size] or [np.zeros(0, np.int64)]))
+    if values.size and values[0] < 0:  # negative ids usually mark unlabelled images
+        for split, split_values in labels.items():
+            check_label_range(split_values, int(values[-1]) + 1, column, description, split)
+    names = [str(int(v)) for v in values]
+    if values.size and (values[0] != 0 or values[-1] != values.size - 1):
+        shown = ", ".join(f"{int(v)}->{i}" for i, v in enumerate(values[:12])) + (", ..." if values.size > 12 else "")
+        logger.warning(
+            "%s: label column %r holds %d distinct integer ids that are not 0..%d (%s); they are renumbered %s "
+            "and the classes are named by their original ids. Give the column class names (a ClassLabel) to "
+            "choose the order yourself.",
+            description,
+            column,
+            values.size,
+            values.size - 1,
+            f"starting at {int(values[0])}" if values[0] != 0 else "with gaps",
+            shown,
+        )
+        labels = {split: np.searchsorted(values, v).astype(np.int64) for split, v in labels.items()}
+    return labels, names
+
+
+def _integer_values(values: np.ndarray, column: str, description: str, split: str) -> np.ndarray:
+    """int64 labels (N,) from integer or integral-float values (N,); a ValueError naming the first other value."""
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64, copy=False)
+    if values.dtype.kind == "f":
+        bad = values[~np.isfinite(values) | (values != np.round(values))]
         if not bad.size:
-            return floats.astype(np.int64)
+            return values.astype(np.int64)
         example: Any = bad[0].item()
     else:
-        example = array[0].as_py() if len(array) else None
+        example = (
+            values[0].item() if len(values) and hasattr(values[0], "item") else (values[0] if len(values) else None)
+        )
     raise ValueError(
         f"{description}, split {split!r}: label column {column!r} must hold integer class ids or class-name "
-        f"strings, found {kind} value {example!r}. Choose another column with --label_column_name."
+        f"strings, found {values.dtype} value {example!r}. Choose another column with --label_column_name."
     )
 
 
-def _class_names_to_ids(
-    arrays: dict[str, pa.ChunkedArray], column: str, description: str
+def standardize_labels(
+    values: Mapping[str, np.ndarray], column: str, label_names: Sequence[str] | None, description: str
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Class-name strings -> ids (N,) per split, the classes being the sorted distinct names of all splits."""
-    for split, array in arrays.items():
-        if array.null_count:
-            raise ValueError(
-                f"{description}, split {split!r}: label column {column!r} has {array.null_count} missing "
-                f"value(s) (None); every image needs a class."
-            )
-    names = sorted({name for a in arrays.values() for name in pc.unique(a).to_pylist()})
-    lookup = pa.array(names, type=pa.string())
-    converted = {
-        split: pc.index_in(a.cast(pa.string()), value_set=lookup).to_numpy().astype(np.int64)
-        for split, a in arrays.items()
-    }
-    return converted, names
+    """Class ids (N,) int64 per split and the class names, from the raw label values (N,) of each split.
 
-
-def _integer_ids(
-    arrays: dict[str, pa.ChunkedArray], column: str, label_names: Sequence[str] | None, description: str
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Integer class ids (N,) per split, named by ``label_names`` or else renumbered and named by their values."""
-    converted = {split: _integer_labels(a, column, description, split) for split, a in arrays.items()}
+    Strings (``U`` arrays in every split) are class names: the classes are their sorted distinct values. Integers (or
+    integral floats) are class ids named by ``label_names``, or without names the sorted distinct values renumbered
+    0..C-1 and named by their value (:func:`renumber_integer_labels`). Every id is checked against the classes.
+    """
+    if values and all(array.dtype.kind == "U" for array in values.values()):
+        names = np.unique(np.concatenate(list(values.values())))
+        return {split: np.searchsorted(names, array).astype(np.int64) for split, array in values.items()}, [
+            str(name) for name in names
+        ]
+    ids = {split: _integer_values(array, column, description, split) for split, array in values.items()}
     if label_names is not None:
         names = list(label_names)
     else:
-        converted, names = renumber_integer_labels(converted, column, description)
-    for split, values in converted.items():
-        check_label_range(values, len(names), column, description, split)
-    return converted, names
+        ids, names = renumber_integer_labels(ids, column, description)
+    for split, split_ids in ids.items():
+        check_label_range(split_ids, len(names), column, description, split)
+    return ids, names
 
 
-def _standardize_labels(
-    data: datasets.DatasetDict, column: str, label_names: Sequence[str] | None, description: str
-) -> datasets.DatasetDict:
-    """Turn the ``label`` column of every split into a ClassLabel shared by all splits.
-
-    ClassLabel -> kept (values range-checked); integers -> names ``label_names``, or without names the sorted
-    distinct values renumbered 0..C-1 and named by their value (:func:`renumber_integer_labels`); strings -> sorted
-    unique names, mapped to their index.
-    """
-    first = next(iter(data.values()))
-    feature = first.features["label"]
-    if isinstance(feature, datasets.ClassLabel):
-        for split, ds in data.items():
-            values = _integer_labels(label_values(ds), column, description, split)
-            check_label_range(values, feature.num_classes, column, description, split)
-        return data
-    arrays = {split: label_values(ds) for split, ds in data.items()}
-    if all(pa.types.is_string(a.type) or pa.types.is_large_string(a.type) for a in arrays.values()):
-        converted, names = _class_names_to_ids(arrays, column, description)
-    else:
-        converted, names = _integer_ids(arrays, column, label_names, description)
-    class_label = datasets.ClassLabel(names=names)
-    return datasets.DatasetDict(
-        {
-            split: ds.remove_columns("label").add_column("label", converted[split], feature=class_label)
-            for split, ds in data.items()
-        }
-    )
+def stream_label_names(label_names: Sequence[str] | None, collected: Sequence[int]) -> list[str]:
+    """Class names of a stream, which cannot be read ahead to renumber its labels: the names its source gives, else
+    ``"0"`` to the largest class id among the ``collected`` rows."""
+    if label_names is not None:
+        return list(label_names)
+    return [str(i) for i in range(max(collected, default=0) + 1)]
 
 
-def warn_classes_missing_from_a_split(data: datasets.DatasetDict, description: str) -> None:
+def warn_classes_missing_from_a_split(ids: Mapping[str, np.ndarray], names: Sequence[str], description: str) -> None:
     """Warn, naming the classes, when a class has no training images (the model can never learn it; its validation
-    images are all errors) or no validation images (it is never evaluated)."""
-    names = get_label_names(data)
-    present = {split: set(np.unique(label_values(ds).to_numpy()).tolist()) for split, ds in data.items()}
+    images are all errors) or no validation images (it is never evaluated). ``ids``: class ids (N,) of ``train``
+    and ``validation``."""
+    present = {split: set(np.unique(values).tolist()) for split, values in ids.items()}
     everything = set(range(len(names)))
     for split, other in ((TRAIN_SPLIT, VALIDATION_SPLIT), (VALIDATION_SPLIT, TRAIN_SPLIT)):
         missing = sorted(everything - present[split])
@@ -187,66 +160,3 @@ def warn_classes_missing_from_a_split(data: datasets.DatasetDict, description: s
             other,
             consequence,
         )
-
-
-def _standard_split(
-    ds: datasets.Dataset, split: str, image_column: str, label_column: str, description: str
-) -> datasets.Dataset:
-    """One split reduced to the columns ``image`` (a datasets.Image) and ``label`` (still as in the source)."""
-    check_not_empty(ds, split, description)
-    for kind, column in (("image", image_column), ("label", label_column)):
-        if column not in ds.column_names:
-            where = f"{description} (split {split!r})"
-            raise ValueError(column_error(kind, column, ds.column_names, where, f"--{kind}_column_name"))
-    ds = ds.select_columns([image_column, label_column])
-    ds = ds.rename_columns({image_column: "image", label_column: "label"})
-    if not isinstance(ds.features["image"], datasets.Image):
-        try:
-            ds = ds.cast_column("image", datasets.Image())
-        except Exception as err:
-            raise ValueError(
-                f"{description}: column {image_column!r} ({ds.features['image']}) is not an image "
-                f"column and cannot be read as one; choose the image column with --image_column_name."
-            ) from err
-    return ds
-
-
-def standardize_columns(
-    data: datasets.DatasetDict,
-    image_column: str | None,
-    label_column: str | None,
-    label_names: Sequence[str] | None,
-    description: str,
-) -> datasets.DatasetDict:
-    """The one column-mapping path: pick image/label columns, rename them, make ``label`` a ClassLabel.
-
-    ``data`` holds the splits ``train`` (and maybe ``validation``); ``image_column`` / ``label_column`` are the
-    wanted source columns (None: detected from the train split); ``label_names`` name integer labels.
-    """
-    train = data[TRAIN_SPLIT]
-    image_column = _resolve_image_column(train, image_column, description)
-    label_column = _resolve_label_column(train, label_column, image_column, description)
-    if image_column == label_column:
-        raise ValueError(
-            f"{description}: image and label column are both {image_column!r}; set distinct "
-            f"--image_column_name and --label_column_name."
-        )
-    standard = {
-        split: _standard_split(ds, split, image_column, label_column, description) for split, ds in data.items()
-    }
-    return _standardize_labels(datasets.DatasetDict(standard), label_column, label_names, description)
-
-
-def get_label_names(dataset: datasets.DatasetDict | datasets.Dataset) -> list[str]:
-    """Class names of the ``label`` ClassLabel column (of ``train``, or the first split of a DatasetDict)."""
-    if isinstance(dataset, datasets.DatasetDict):
-        if not dataset:
-            raise ValueError("The DatasetDict has no splits, so it has no label names.")
-        dataset = dataset[TRAIN_SPLIT] if TRAIN_SPLIT in dataset else next(iter(dataset.values()))
-    feature = dataset.features.get("label")
-    if not isinstance(feature, datasets.ClassLabel):
-        raise ValueError(
-            f"Column 'label' must be a datasets.ClassLabel to have names, got {feature!r}; load the data with "
-            f"load_image_dataset()."
-        )
-    return list(feature.names)

@@ -1,42 +1,33 @@
-"""From standard-form splits to batches: lazy per-row transforms, the training and evaluation loaders, resumable
-augmentation, and :func:`prepare_data`, which builds the three loaders of a training run.
+"""From rows to batches: the batch transform of stored images (:class:`ImageTransform`), the training and evaluation
+loaders, and resumable augmentation. Works without the ``datasets`` library.
 
-Rows come out of :func:`with_image_transforms` as ``{"pixel_values": Tensor(C, H, W), "labels": int}``;
-:func:`collate_fn` stacks them into ``{"pixel_values": Tensor(B, C, H, W), "labels": LongTensor(B)}``.
+Rows are ``{"pixel_values": Tensor(C, H, W), "labels": int}``; :func:`collate_fn` stacks them into
+``{"pixel_values": Tensor(B, C, H, W), "labels": LongTensor(B)}``.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 
-from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
-from .images import decode_image, image_key
+from .arguments import DataArguments
+from .images import decode_image, describe_image, image_key, logger
 from .samplers import ClassBalancedBatchSampler, RepeatedAugmentationBatchSampler
-from .transforms import create_eval_transform, create_train_normalizer, create_train_transform
-
-if TYPE_CHECKING:  # the training path runs without datasets when the data are arrays (see .arrays)
-    import datasets
 
 __all__ = [
-    "DataBundle",
     "ImageTransform",
     "ResumableAugmentations",
     "capture_rng_state",
-    "check_two_classes",
     "collate_fn",
     "create_eval_dataloader",
     "create_train_dataloader",
-    "prepare_data",
     "restore_rng_state",
-    "with_image_transforms",
 ]
 
 
@@ -105,7 +96,6 @@ class ImageTransform:
     ) -> tuple[list[PIL.Image.Image], list[int]]:
         """Give each unreadable row the image and label of the next readable row (wrapping around); warn once per
         file. Without random draws, so that the other rows get the augmentations they would get without the file."""
-        from .images import describe_image, logger
 
         def name(index: int) -> str:
             value = values[index]
@@ -136,27 +126,6 @@ class ImageTransform:
                     labels[index],
                 )
         return images, labels
-
-
-def with_image_transforms(
-    dataset: datasets.DatasetDict, args: DataArguments, num_channels: int = 3
-) -> datasets.DatasetDict:
-    """Attach lazy transforms: ``train`` gets the training augmentation, every other split the eval transform.
-
-    Rows become ``{"pixel_values": Tensor(num_channels, input_size, input_size), "labels": int}`` (uint8 training
-    rows with ``args.uint8_transfer``, float32 otherwise). The image column is switched to ``Image(decode=False)``
-    (metadata only) so that decoding happens here and an undecodable image raises a ValueError naming its file.
-    """
-    import datasets
-
-    train_transform = create_train_transform(args, num_channels)
-    eval_transform = create_eval_transform(args, num_channels)
-    out = {}
-    for split, ds in dataset.items():
-        transform = train_transform if split == TRAIN_SPLIT else eval_transform
-        raw = ds.cast_column("image", datasets.Image(decode=False))
-        out[split] = raw.with_transform(ImageTransform(transform, skip_corrupt_images=args.skip_corrupt_images))
-    return datasets.DatasetDict(out)
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -257,12 +226,16 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def create_train_dataloader(
-    train_dataset: torch.utils.data.Dataset, args: DataArguments, batch_size: int, seed: int = 42
+    train_dataset: torch.utils.data.Dataset,
+    args: DataArguments,
+    batch_size: int,
+    seed: int = 42,
+    class_ids: Sequence[int] | None = None,
 ) -> DataLoader:
     """Training loader: :class:`~simlap_hf.data.RepeatedAugmentationBatchSampler` (any ``batch_size``, each image
     ``ra`` times with all its copies in one batch), or with ``args.sampler == "pk"``
-    :class:`~simlap_hf.data.ClassBalancedBatchSampler` (P classes x K images per batch, same copies), +
-    :func:`collate_fn`.
+    :class:`~simlap_hf.data.ClassBalancedBatchSampler` (P classes x K images per batch, same copies) over
+    ``class_ids`` (the class id of every row, (N,); required then), + :func:`collate_fn`.
 
     Batches are ``{"pixel_values": Tensor(batch_size, C, H, W), "labels": LongTensor(batch_size)}``.
     The image-order sampler stays reachable as ``loader.batch_sampler.sampler`` (accelerate forwards ``set_epoch``
@@ -270,12 +243,15 @@ def create_train_dataloader(
 
     Raises:
         ValueError: ``batch_size`` is not positive, or the data is too small for one full batch.
+        TypeError: ``args.sampler == "pk"`` without ``class_ids``.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if args.sampler == "pk":
+        if class_ids is None:
+            raise TypeError("create_train_dataloader: the 'pk' sampler needs class_ids, the class id of every row.")
         batch_sampler = ClassBalancedBatchSampler(
-            _class_ids(train_dataset), batch_size, images_per_class=args.pk_images_per_class, repeats=args.ra, seed=seed
+            class_ids, batch_size, images_per_class=args.pk_images_per_class, repeats=args.ra, seed=seed
         )
     else:
         batch_sampler = RepeatedAugmentationBatchSampler(len(train_dataset), batch_size, repeats=args.ra, seed=seed)
@@ -295,18 +271,6 @@ def create_train_dataloader(
     )
 
 
-def _class_ids(dataset: torch.utils.data.Dataset) -> Sequence[int]:
-    """The class id of every row of a training set (N,), read without decoding images where the set keeps them."""
-    labels = getattr(dataset, "labels", None)  # ArrayImages
-    if isinstance(labels, np.ndarray):
-        return labels
-    if hasattr(dataset, "with_format"):  # a datasets.Dataset
-        from .labels import label_values
-
-        return label_values(dataset).to_numpy()
-    return [int(dataset[i]["labels"]) for i in range(len(dataset))]
-
-
 def create_eval_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     """Sequential evaluation loader (all rows, last batch may be short) with :func:`collate_fn`.
 
@@ -322,81 +286,4 @@ def create_eval_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, n
         collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-    )
-
-
-@dataclass
-class DataBundle:
-    """Loaders of one run: ``train`` (augmented, repeated), ``validation`` and ``train_eval`` (train images with the
-    eval transform, for kNN) — the latter two sequential and unaugmented."""
-
-    label_names: list[str]
-    train: DataLoader
-    validation: DataLoader
-    train_eval: DataLoader
-    # Normalises uint8 training batches on the device (None: the loader already normalised them).
-    train_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None
-    # The training loader yields only this process's part already (a stream split across processes): it is placed
-    # on the device but not sharded again.
-    train_split_per_process: bool = False
-
-
-def check_two_classes(present: Sequence[int], label_names: Sequence[str]) -> None:
-    """Training needs at least 2 classes in its split (``present``: the class ids it holds); a ValueError that names
-    the classes otherwise."""
-    if len(present) < 2:
-        names = ", ".join(repr(label_names[i]) for i in present)
-        raise ValueError(
-            f"The training split holds a single class ({names}; classes named by the data: {list(label_names)}). "
-            "Training needs at least 2 classes: the contrastive loss has no negatives and the cross-entropy nothing "
-            "to separate, so nothing would be learned. Check --train_dir / --dataset_name and --label_column_name."
-        )
-
-
-def datasets_installed() -> bool:
-    """Whether the ``datasets`` library can be imported (without it, only array sources train: see .arrays)."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def prepare_data(
-    data_args: DataArguments, num_channels: int, train_batch_size: int, eval_batch_size: int, seed: int
-) -> DataBundle:
-    """Load the data set of ``data_args`` (splits seeded with ``seed``) and build the three loaders of a run (see
-    :class:`DataBundle`): training batches of ``train_batch_size`` (order seeded with ``seed``), evaluation batches
-    of ``eval_batch_size``, images of ``num_channels`` channels. With ``--streaming``, see
-    :func:`~simlap_hf.data.streaming.prepare_streaming_data`; where the ``datasets`` library is not installed, array
-    sources train through :func:`~simlap_hf.data.arrays.prepare_array_data` (same batches, same weights)."""
-    if not datasets_installed():
-        from .arrays import prepare_array_data
-
-        return prepare_array_data(data_args, num_channels, train_batch_size, eval_batch_size, seed)
-    if data_args.streaming:
-        from .streaming import prepare_streaming_data
-
-        return prepare_streaming_data(data_args, num_channels, train_batch_size, eval_batch_size, seed)
-    import datasets
-
-    from .dataset import load_image_dataset
-    from .labels import get_label_names
-
-    dataset = load_image_dataset(data_args, seed=seed)
-    check_two_classes(dataset[TRAIN_SPLIT].unique("label"), get_label_names(dataset))
-    views = with_image_transforms(
-        datasets.DatasetDict(
-            train=dataset[TRAIN_SPLIT], validation=dataset[VALIDATION_SPLIT], train_eval=dataset[TRAIN_SPLIT]
-        ),
-        data_args,
-        num_channels,
-    )
-    workers = data_args.loader_workers()
-    return DataBundle(
-        label_names=get_label_names(dataset),
-        train=create_train_dataloader(views[TRAIN_SPLIT], data_args, train_batch_size, seed=seed),
-        validation=create_eval_dataloader(views[VALIDATION_SPLIT], eval_batch_size, workers),
-        train_eval=create_eval_dataloader(views["train_eval"], eval_batch_size, workers),
-        train_normalizer=create_train_normalizer(data_args, num_channels),
     )

@@ -56,7 +56,7 @@ class NamedDatasetSpec:
         local_dir_env: environment variable naming a local IDX folder tried before the Hub.
         local_dir_default: folder tried when ``local_dir_env`` is unset.
         validation_fraction: fixed fraction carved into ``validation`` (overrides ``train_val_split``).
-        loader: the source kind that reads the data set (a key of ``simlap_hf.data.sources.SOURCE_LOADERS``:
+        loader: the source kind that reads the data set (a key of ``simlap_hf.data.dataset.SOURCE_LOADERS``:
             ``"hub"`` for ``hub_id``, ``"sklearn_digits"`` for scikit-learn's bundled digits).
     """
 

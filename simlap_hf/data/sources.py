@@ -1,228 +1,107 @@
-"""Sources: from ``DataArguments`` to loaded splits, one loader function per source kind.
+"""Resolution: the data flags decide, once and here only, what a run reads (a :class:`Source`, or for ``--streaming``
+a :class:`StreamSource` per split). Reading is the readers' part (``arrays``, ``dataset``, ``stream_sources``); this
+module reads no data and works without the ``datasets`` library.
 
-:func:`load_source` decides the kind (an imagefolder tree, a named data set's row, an existing local path, a Hub
-id) and calls the kind's loader from :data:`SOURCE_LOADERS`; a named data set's row in
-``simlap_hf.data.registry`` names its loader kind. Adding a kind of source means adding a loader here.
+A map-style source has a *kind*: ``imagefolder`` (``--train_dir``), a named data set's loader kind (its row in
+``simlap_hf.data.registry``), the kind of an existing local path (``save_to_disk``, ``parquet``, ``idx``), or ``hub``.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import datasets
-
-from ..errors import UsageError
-from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
-from .arrays import ArraySource, digits_arrays, idx_arrays
+from .arguments import DataArguments
 from .idx import is_idx_folder
-from .images import check_image_files, dataset_from_arrays, list_image_files
-from .labels import check_not_empty
 from .registry import NamedDatasetSpec, known_names, local_copy, named_spec, normalize_name
 
-__all__ = ["SOURCE_LOADERS", "RawSource", "SourceRequest", "load_source"]
+__all__ = [
+    "ARRAY_KINDS",
+    "Source",
+    "StreamSource",
+    "resolve_source",
+    "resolve_stream_sources",
+    "resolve_train_stream",
+]
 
+# Kinds whose images are arrays in memory: read without the ``datasets`` library (see .arrays).
+ARRAY_KINDS: tuple[str, ...] = ("sklearn_digits", "idx")
 
-@dataclass
-class RawSource:
-    """A loaded source before column mapping: its splits plus the defaults that apply to it."""
-
-    data: datasets.DatasetDict
-    description: str
-    image_column: str | None = None
-    label_column: str | None = None
-    label_names: Sequence[str] | None = None
-    validation_fraction: float | None = None
+# Columns that a kind's reader names itself (whatever the named row says about the image column).
+_KIND_COLUMNS: dict[str, tuple[str, str]] = {"imagefolder": ("image", "label"), "idx": ("image", "label")}
 
 
 @dataclass(frozen=True)
-class SourceRequest:
-    """What a loader reads.
+class Source:
+    """A resolved map-style source: what its reader reads and the defaults that apply to it.
 
     Attributes:
+        kind: how it is read (``hub``, ``sklearn_digits``, ``idx``, ``imagefolder``, ``save_to_disk``, ``parquet``).
         args: the run's data arguments.
         location: the Hub id, or the local path as given (named in messages).
         spec: the named data set's row that applies, if any.
         config: the Hub config to load.
         path: ``location`` as an existing local path (local kinds only).
+        image_column / label_column: the source's columns when the flags do not name them (None: detected).
+        label_names: class names of integer labels (None: named by their values).
+        validation_fraction: the fraction carved out as validation, overriding ``--train_val_split``.
     """
 
+    kind: str
     args: DataArguments
     location: str
     spec: NamedDatasetSpec | None = None
     config: str | None = None
     path: Path | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    label_names: Sequence[str] | None = None
+    validation_fraction: float | None = None
 
+    @property
+    def description(self) -> str:
+        """What the source is, for messages."""
+        if self.kind == "imagefolder":
+            validation = f" + {self.args.validation_dir!r}" if self.args.validation_dir else ""
+            return f"imagefolder {self.args.train_dir!r}{validation}"
+        if self.kind == "sklearn_digits":
+            return "digits (scikit-learn)"
+        if self.kind == "parquet":
+            return f"parquet {'file' if self.path.is_file() else 'folder'} {self.location!r}"
+        names = {"hub": "Hub data set", "idx": "IDX folder", "save_to_disk": "save_to_disk folder"}
+        return f"{names.get(self.kind, self.kind)} {self.location!r}"
 
-SourceLoader = Callable[[SourceRequest], RawSource]
-
-
-def _as_dataset_dict(loaded: Any, description: str) -> datasets.DatasetDict:
-    """Wrap a loaded Dataset as ``{'train': ...}``; reject streaming / unknown results."""
-    if isinstance(loaded, datasets.DatasetDict):
-        return loaded
-    if isinstance(loaded, datasets.Dataset):
-        return datasets.DatasetDict({TRAIN_SPLIT: loaded})
-    raise ValueError(
-        f"{description} loaded as {type(loaded).__name__}; only map-style Dataset / DatasetDict are supported "
-        f"(streaming data sets are not)."
-    )
-
-
-def load_hub(request: SourceRequest) -> RawSource:
-    """``datasets.load_dataset(hub_id, config_name)``; failures get a note that says how to work offline."""
-    hub_id, config_name = request.location, request.config
-    try:
-        loaded = datasets.load_dataset(hub_id, config_name)
-    except (ConnectionError, OSError, ValueError) as err:  # offline, not cached, no such id or config
-        reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__
-        raise UsageError(
-            f"--dataset_name: could not load the Hub data set {hub_id!r} (config {config_name!r}): {reason}. Check "
-            "the id ('org/name') and your network; offline, only data sets already in the cache load: pass a local "
-            "path (save_to_disk folder, parquet file or folder, IDX folder) as --dataset_name or an imagefolder tree "
-            "as --train_dir."
-        ) from err
-    except Exception as err:
-        err.add_note(
-            f"simlap_hf.data: could not load Hub data set {hub_id!r} (config {config_name!r}). Check the id "
-            f"('org/name') and your network; offline, pass a local path (save_to_disk folder, parquet file or "
-            f"folder, IDX folder) as --dataset_name or an imagefolder tree as --train_dir. If {hub_id!r} was meant "
-            f"as a local path, it does not exist."
+    @property
+    def flag(self) -> str:
+        """The flag and value that chose this source, for messages."""
+        return (
+            f"--train_dir {self.args.train_dir!r}"
+            if self.kind == "imagefolder"
+            else f"--dataset_name {self.location!r}"
         )
-        raise
-    return RawSource(_as_dataset_dict(loaded, f"Hub data set {hub_id!r}"), f"Hub data set {hub_id!r}")
 
 
-def _as_standard(source: ArraySource) -> datasets.DatasetDict:
-    """An array source's splits as PNGs in Arrow: (N, H, W) images become grayscale PNGs (mode "L"), (N, H, W, 3)
-    RGB PNGs."""
-    return datasets.DatasetDict(
-        {
-            split: dataset_from_arrays(data.images, data.labels, source.label_names)
-            for split, data in source.splits.items()
-        }
-    )
+@dataclass(frozen=True)
+class StreamSource:
+    """One split of ``--streaming``: ``kind`` ``webdataset`` (tar shard patterns in ``files``), ``imagefolder`` (the
+    folder ``location``) or ``hub`` (the data set id ``location`` with ``config``; ``spec``: its named row)."""
 
+    kind: str
+    location: str = ""
+    files: tuple[str, ...] = ()
+    spec: NamedDatasetSpec | None = None
+    config: str | None = None
 
-def load_sklearn_digits(request: SourceRequest) -> RawSource:
-    """scikit-learn's bundled digits (:func:`~simlap_hf.data.arrays.digits_arrays`)."""
-    source = digits_arrays()
-    fraction = request.spec.validation_fraction if request.spec is not None else None
-    return RawSource(_as_standard(source), source.description, validation_fraction=fraction)
-
-
-def load_idx(request: SourceRequest) -> RawSource:
-    """A folder of MNIST-style IDX files (:func:`~simlap_hf.data.arrays.idx_arrays`); class names from the named
-    row, if any."""
-    label_names = request.spec.label_names if request.spec is not None else None
-    source = idx_arrays(request.path, label_names, f"IDX folder {str(request.path)!r}")
-    return RawSource(_as_standard(source), f"IDX folder {request.location!r}", "image", "label")
-
-
-def _imagefolder_files(flag: str, directory: str, skip_corrupt_images: bool) -> Path:
-    """Check one imagefolder tree (it exists, holds images, no empty class folder; without ``skip_corrupt_images`` no
-    corrupt file, when it holds at most ``EAGER_CHECK_MAX_IMAGES`` images); returns its root."""
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{flag} {directory!r} does not exist or is not a directory; point it at an imagefolder tree "
-            f"<dir>/<class_name>/<image files>."
-        )
-    files = list_image_files(root)
-    if not files:
-        raise ValueError(
-            f"{flag} {directory!r} contains no image files (looked for .png, .jpg, .jpeg, ... in "
-            f"<dir>/<class_name>/); point it at an imagefolder tree."
-        )
-    # The imagefolder builder takes class names from the images' folders, so an empty class folder would vanish
-    # from the label set without a word (and shift every later class index): refuse it instead.
-    used = {path.relative_to(root).parts[0] for path in files if len(path.relative_to(root).parts) > 1}
-    empty = sorted(
-        entry.name
-        for entry in root.iterdir()
-        if entry.is_dir() and not entry.name.startswith((".", "__")) and entry.name not in used
-    )
-    if empty:
-        raise ValueError(
-            f"{flag} {directory!r}: class folder(s) {', '.join(repr(name) for name in empty)} hold no image "
-            f"files, so these classes would silently be missing from the label set. Add images to them or "
-            f"remove them."
-        )
-    if not skip_corrupt_images:
-        check_image_files(files, directory)
-    return root
-
-
-def load_imagefolder(request: SourceRequest) -> RawSource:
-    """Load ``train_dir`` (and ``validation_dir``) through datasets' ``imagefolder`` builder.
-
-    A tree of at most ``EAGER_CHECK_MAX_IMAGES`` images is decoded with PIL first (cheap for small images): a
-    corrupt file raises unless ``skip_corrupt_images`` is set, in which case the later row-level check drops it. A
-    larger tree is not decoded here (see :func:`~simlap_hf.data.images.checked_at_load`).
-    """
-    args = request.args
-    dirs = {TRAIN_SPLIT: args.train_dir}
-    if args.validation_dir:
-        dirs[VALIDATION_SPLIT] = args.validation_dir
-    data_files = {}
-    for split, directory in dirs.items():
-        flag = "--train_dir" if split == TRAIN_SPLIT else "--validation_dir"
-        root = _imagefolder_files(flag, directory, args.skip_corrupt_images)
-        data_files[split] = os.path.join(glob.escape(str(root.resolve())), "**")
-    loaded = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False)
-    description = f"imagefolder {args.train_dir!r}" + (f" + {args.validation_dir!r}" if args.validation_dir else "")
-    return RawSource(_as_dataset_dict(loaded, description), description, "image", "label")
-
-
-def _empty_saved_splits(path: Path) -> list[str]:
-    """Splits of a save_to_disk folder stored without any data file (``datasets`` cannot load those)."""
-    try:
-        if (path / "dataset_dict.json").is_file():
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-            folders = {split: path / split for split in splits}
-        else:
-            folders = {TRAIN_SPLIT: path}
-        return [
-            split
-            for split, folder in folders.items()
-            if json.loads((folder / "state.json").read_text()).get("_data_files") == []
-        ]
-    except (OSError, ValueError, KeyError, TypeError):  # unexpected layout: let datasets report it
-        return []
-
-
-def load_save_to_disk(request: SourceRequest) -> RawSource:
-    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    description = f"save_to_disk folder {request.location!r}"
-    for split in _empty_saved_splits(request.path):
-        check_not_empty(datasets.Dataset.from_dict({}), split, description)
-    return RawSource(_as_dataset_dict(datasets.load_from_disk(str(request.path)), description), description)
-
-
-def load_parquet(request: SourceRequest) -> RawSource:
-    """A parquet file (the train split) or a folder of parquet files (splits named by the file names)."""
-    if request.path.is_file():
-        description = f"parquet file {request.location!r}"
-        loaded = datasets.load_dataset("parquet", data_files={TRAIN_SPLIT: str(request.path)})
-    else:
-        description = f"parquet folder {request.location!r}"
-        loaded = datasets.load_dataset("parquet", data_dir=str(request.path))
-    return RawSource(_as_dataset_dict(loaded, description), description)
-
-
-SOURCE_LOADERS: dict[str, SourceLoader] = {
-    "hub": load_hub,
-    "sklearn_digits": load_sklearn_digits,
-    "idx": load_idx,
-    "imagefolder": load_imagefolder,
-    "save_to_disk": load_save_to_disk,
-    "parquet": load_parquet,
-}
+    @property
+    def description(self) -> str:
+        """What the stream reads, for messages."""
+        if self.kind == "webdataset":
+            return f"the tar shards {list(self.files)}"
+        if self.kind == "imagefolder":
+            return f"the image folder {self.location}"
+        return f"Hub data set {self.location!r}"
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -258,14 +137,6 @@ def _local_kind(path: Path, name: str) -> str:
     )
 
 
-def _named_request(args: DataArguments, spec: NamedDatasetSpec, config: str | None) -> tuple[str, SourceRequest]:
-    """A named data set: its local IDX copy when the row names one that exists, else the row's loader kind."""
-    local = local_copy(spec)
-    if local and Path(local).is_dir() and is_idx_folder(Path(local)):
-        return "idx", SourceRequest(args, local, spec, config, Path(local))
-    return spec.loader, SourceRequest(args, spec.hub_id or spec.name, spec, config)
-
-
 def _config_and_label_column(spec: NamedDatasetSpec | None, config: str | None) -> tuple[str | None, str | None]:
     """(Hub config to load, label column it selects): a named row may turn a config name into a label column."""
     if spec is not None and spec.config_label_columns and config is not None:
@@ -278,32 +149,35 @@ def _config_and_label_column(spec: NamedDatasetSpec | None, config: str | None) 
     return config, None
 
 
-def _resolve_request(
-    args: DataArguments, name: str, spec: NamedDatasetSpec | None, config: str | None
-) -> tuple[str, SourceRequest]:
-    """The source kind of ``--dataset_name`` and what its loader reads."""
+def _kind_and_location(name: str, spec: NamedDatasetSpec | None) -> tuple[str, str, Path | None]:
+    """(kind, location, local path) of ``--dataset_name``: a named data set (its local IDX copy when the row names
+    one that exists, else the row's loader kind), an existing local path, or a Hub id."""
     if spec is not None and normalize_name(name) == spec.name:
-        return _named_request(args, spec, config)
+        local = local_copy(spec)
+        if local and Path(local).is_dir() and is_idx_folder(Path(local)):
+            return "idx", local, Path(local)
+        return spec.loader, spec.hub_id or spec.name, None
     path = Path(name).expanduser()
     if path.exists():
-        return _local_kind(path, name), SourceRequest(args, name, spec, config, path)
+        return _local_kind(path, name), name, path
     if _looks_like_local_path(name):
         raise FileNotFoundError(
             f"Local data set path {name!r} does not exist; pass an existing save_to_disk folder, parquet file "
             f"or folder, or IDX folder (or a named data set: {known_names()})."
         )
     if "/" in name:
-        return "hub", SourceRequest(args, name, spec, config)
+        return "hub", name, None
     raise ValueError(
         f"Unknown --dataset_name {name!r}: it is not a named data set ({known_names()}), not an existing "
         f"local path, and not a Hub id (Hub ids look like 'org/name', e.g. 'uoft-cs/cifar10')."
     )
 
 
-def load_source(args: DataArguments) -> RawSource:
-    """Resolve ``args`` to a loaded source with its column / label-name / split defaults."""
+def resolve_source(args: DataArguments) -> Source:
+    """The map-style source of ``args`` with its column / label-name / split defaults (``--train_dir`` wins over
+    ``--dataset_name``); a ValueError / FileNotFoundError naming the flag when the flags name no source."""
     if args.train_dir:
-        return load_imagefolder(SourceRequest(args, args.train_dir))
+        return Source("imagefolder", args, args.train_dir, image_column="image", label_column="label")
     if args.validation_dir:
         raise ValueError(f"--validation_dir {args.validation_dir!r} is only used together with --train_dir.")
     name = args.dataset_name
@@ -313,12 +187,54 @@ def load_source(args: DataArguments) -> RawSource:
             f"or --train_dir."
         )
     spec = named_spec(name)
-    config, label_column = _config_and_label_column(spec, args.dataset_config_name)
-    kind, request = _resolve_request(args, name, spec, config)
-    source = SOURCE_LOADERS[kind](request)
+    config, config_label_column = _config_and_label_column(spec, args.dataset_config_name)
+    kind, location, path = _kind_and_location(name, spec)
+    image_column, label_column = _KIND_COLUMNS.get(kind, (None, None))
+    label_names, validation_fraction = None, None
     if spec is not None:
         if normalize_name(name) == spec.name:
-            source.label_names = spec.label_names
-        source.image_column = source.image_column or spec.image_column
-        source.label_column = label_column or spec.label_column
-    return source
+            label_names = spec.label_names
+        image_column = image_column or spec.image_column
+        label_column = config_label_column or spec.label_column
+        if kind == "sklearn_digits":
+            validation_fraction = spec.validation_fraction
+    return Source(
+        kind, args, location, spec, config, path, image_column, label_column, label_names, validation_fraction
+    )
+
+
+def _stream_source(args: DataArguments, files: Sequence[str] | None, directory: str | None) -> StreamSource:
+    """One split's stream: tar shards, else an image folder, else ``--dataset_name`` on the Hub."""
+    if files:
+        return StreamSource("webdataset", files=tuple(files))
+    if directory:
+        return StreamSource("imagefolder", directory)
+    spec = named_spec(args.dataset_name)
+    if spec is not None and spec.hub_id is None:
+        raise ValueError(
+            f"--streaming reads tar shards (--train_files), image folders (--train_dir) or Hub data sets; "
+            f"{args.dataset_name!r} is built in and small: drop --streaming."
+        )
+    name = spec.hub_id if spec is not None else args.dataset_name
+    return StreamSource("hub", name, spec=spec, config=args.dataset_config_name)
+
+
+def resolve_train_stream(args: DataArguments) -> StreamSource:
+    """The training stream of ``--streaming``: ``--train_files``, ``--train_dir`` or the Hub data set
+    ``--dataset_name``."""
+    return _stream_source(args, args.train_files, args.train_dir)
+
+
+def resolve_stream_sources(args: DataArguments) -> tuple[StreamSource, StreamSource]:
+    """(training, validation) streams of ``--streaming``: ``--train_files`` / ``--train_dir`` / the Hub data set
+    ``--dataset_name``, and ``--validation_files`` / ``--validation_dir`` / the same Hub data set (whose validation or
+    test split the reader picks). A ValueError when local training data has no validation source."""
+    train = resolve_train_stream(args)
+    if args.validation_files or args.validation_dir:
+        return train, _stream_source(args, args.validation_files, args.validation_dir)
+    if train.kind != "hub":
+        raise ValueError(
+            "--streaming from local data needs a validation split: pass --validation_files (tar shards) or "
+            "--validation_dir (an image folder)."
+        )
+    return train, train

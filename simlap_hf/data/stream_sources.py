@@ -1,5 +1,6 @@
-"""Streamed sources of ``--streaming``: local WebDataset-style tar shards, an image folder or a Hub data set, opened
-with ``datasets.load_dataset(..., streaming=True)`` and mapped to the standard columns without reading them.
+"""Streamed sources of ``--streaming`` (resolved by :func:`~simlap_hf.data.sources.resolve_stream_sources`): local
+WebDataset-style tar shards, an image folder or a Hub data set, opened with ``datasets.load_dataset(...,
+streaming=True)`` and mapped to the standard columns without reading them.
 
 A standard stream yields ``{"image": {"bytes", "path"}, "label": int}`` rows (images still encoded); the small
 evaluation splits are collected from streams into in-memory :class:`datasets.Dataset` objects.
@@ -17,9 +18,18 @@ from typing import Any
 import datasets
 
 from .arguments import TRAIN_SPLIT, DataArguments
-from .registry import NamedDatasetSpec, named_spec
+from .labels import stream_label_names
+from .registry import NamedDatasetSpec
+from .sources import StreamSource, resolve_train_stream
 
-__all__ = ["StandardStream", "collect_split", "expand_shard_patterns", "open_train_stream", "open_validation_stream"]
+__all__ = [
+    "StandardStream",
+    "collect_split",
+    "expand_shard_patterns",
+    "hub_validation_split",
+    "open_stream",
+    "open_train_stream",
+]
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _LABEL_COLUMNS = ("label", "labels", "cls")
@@ -117,55 +127,36 @@ def _standardize(
     return StandardStream(rows=rows, label_names=names, num_examples=num_examples)
 
 
-def _open(args: DataArguments, files: list[str] | None, directory: str | None, split: str) -> StandardStream:
-    """One split as a standard stream: tar shards, else an image folder, else ``--dataset_name`` on the Hub."""
-    if files:
-        shards = expand_shard_patterns(files)
+def open_stream(source: StreamSource, args: DataArguments, split: str) -> StandardStream:
+    """The split ``split`` of a resolved stream source as a standard stream."""
+    if source.kind == "webdataset":
+        shards = expand_shard_patterns(source.files)
         stream = datasets.load_dataset("webdataset", data_files={split: shards}, split=split, streaming=True)
-        return _standardize(stream, args, f"the tar shards {files}")
-    if directory:
-        stream = datasets.load_dataset("imagefolder", data_dir=directory, split=TRAIN_SPLIT, streaming=True)
-        return _standardize(stream, args, f"the image folder {directory}")
-    spec = named_spec(args.dataset_name)
-    if spec is not None and spec.hub_id is None:
-        raise ValueError(
-            f"--streaming reads tar shards (--train_files), image folders (--train_dir) or Hub data sets; "
-            f"{args.dataset_name!r} is built in and small: drop --streaming."
-        )
-    name = spec.hub_id if spec is not None else args.dataset_name
-    stream = datasets.load_dataset(name, args.dataset_config_name, split=split, streaming=True)
-    return _standardize(stream, args, f"Hub data set {name!r} ({split})", spec)
+        return _standardize(stream, args, source.description)
+    if source.kind == "imagefolder":
+        stream = datasets.load_dataset("imagefolder", data_dir=source.location, split=TRAIN_SPLIT, streaming=True)
+        return _standardize(stream, args, source.description)
+    stream = datasets.load_dataset(source.location, source.config, split=split, streaming=True)
+    return _standardize(stream, args, f"{source.description} ({split})", source.spec)
+
+
+def hub_validation_split(source: StreamSource) -> str:
+    """The Hub data set's split used for validation: ``validation``, else ``test``."""
+    builder = datasets.load_dataset_builder(source.location, source.config)
+    return next((s for s in ("validation", "test") if s in (builder.info.splits or {})), "validation")
 
 
 def open_train_stream(args: DataArguments) -> StandardStream:
     """The training split of ``--train_files``, ``--train_dir`` or the Hub data set ``--dataset_name``."""
-    return _open(args, args.train_files, args.train_dir, TRAIN_SPLIT)
-
-
-def open_validation_stream(args: DataArguments) -> StandardStream:
-    """The validation split: ``--validation_files``, ``--validation_dir``, else the Hub data set's ``validation``
-    (or ``test``) split. A ValueError when local training data has no validation source."""
-    if args.validation_files or args.validation_dir:
-        return _open(args, args.validation_files, args.validation_dir, "validation")
-    if args.train_files or args.train_dir:
-        raise ValueError(
-            "--streaming from local data needs a validation split: pass --validation_files (tar shards) or "
-            "--validation_dir (an image folder)."
-        )
-    spec = named_spec(args.dataset_name)
-    name = spec.hub_id if spec is not None and spec.hub_id else args.dataset_name
-    builder = datasets.load_dataset_builder(name, args.dataset_config_name)
-    split = next((s for s in ("validation", "test") if s in (builder.info.splits or {})), "validation")
-    return _open(args, None, None, split)
+    return open_stream(resolve_train_stream(args), args, TRAIN_SPLIT)
 
 
 def collect_split(stream: StandardStream, limit: int | None, label_names: list[str] | None) -> datasets.Dataset:
     """The first ``limit`` rows of ``stream`` (all when None) in memory, as a standard-form :class:`datasets.Dataset`
-    with ``image`` (encoded images) and ``label`` (ClassLabel of ``label_names``; when None, classes ``"0"`` to the
-    largest label collected)."""
+    with ``image`` (encoded images) and ``label`` (ClassLabel of ``label_names``; when None, see
+    :func:`~simlap_hf.data.labels.stream_label_names`)."""
     rows = list(itertools.islice(iter(stream.rows), limit))
     labels = [row["label"] for row in rows]
-    if label_names is None:
-        label_names = [str(i) for i in range(max(labels, default=0) + 1)]
+    label_names = stream_label_names(label_names, labels)
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=label_names))
     return datasets.Dataset.from_dict({"image": [row["image"] for row in rows], "label": labels}, features=features)

@@ -14,6 +14,7 @@ from typing import Any
 
 import datasets
 import PIL.Image
+import pyarrow
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.data_loader import prepare_data_loader
@@ -21,15 +22,17 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from ..errors import UsageError
-from .arguments import DataArguments
+from .arguments import TRAIN_SPLIT, VALIDATION_SPLIT, DataArguments
+from .columns import get_label_names
+from .dataset import image_rows
 from .images import decode_image
-from .labels import get_label_names
-from .loaders import DataBundle, ResumableAugmentations, collate_fn, create_eval_dataloader, with_image_transforms
+from .loaders import ResumableAugmentations, collate_fn
+from .readers import ImageTransformFn, Reader
 from .samplers import RepeatedAugmentationBatchSampler, copies_per_image
-from .stream_sources import StandardStream, collect_split, open_train_stream, open_validation_stream
-from .transforms import create_train_normalizer, create_train_transform
+from .sources import resolve_stream_sources
+from .stream_sources import StandardStream, collect_split, hub_validation_split, open_stream
 
-__all__ = ["StreamingRepeatedAugmentation", "prepare_own_part_loader", "prepare_streaming_data"]
+__all__ = ["StreamReader", "StreamingRepeatedAugmentation", "prepare_own_part_loader"]
 
 logger = logging.getLogger("simlap_hf")
 
@@ -195,15 +198,11 @@ def _check_enough(dataset: StreamingRepeatedAugmentation, num_examples: int) -> 
         )
 
 
-def _opened(
-    open_stream: Callable[[DataArguments], StandardStream], args: DataArguments, flag: str, files: Any
-) -> StandardStream:
-    """``open_stream(args)``; tar shards that Arrow cannot read (an empty or damaged tar) are a user error naming the
+def _opened(open_split: Callable[[], StandardStream], flag: str, files: Any) -> StandardStream:
+    """``open_split()``; tar shards that Arrow cannot read (an empty or damaged tar) are a user error naming the
     flag and the files."""
-    import pyarrow
-
     try:
-        return open_stream(args)
+        return open_split()
     except pyarrow.ArrowInvalid as error:
         if not files:
             raise
@@ -213,35 +212,38 @@ def _opened(
         ) from error
 
 
-def prepare_streaming_data(
-    data_args: DataArguments, num_channels: int, train_batch_size: int, eval_batch_size: int, seed: int
-) -> DataBundle:
-    """The three loaders of a ``--streaming`` run (see :class:`~simlap_hf.data.DataBundle`): the training stream of
-    this process, the validation split and the first ``--streaming_train_eval_examples`` training images in
-    memory (sequential, evaluation transform)."""
-    train = _opened(open_train_stream, data_args, "--train_files", data_args.train_files)
-    validation_stream = _opened(open_validation_stream, data_args, "--validation_files", data_args.validation_files)
-    validation = collect_split(validation_stream, data_args.max_eval_samples, train.label_names)
-    label_names = get_label_names(validation)
-    train_eval = collect_split(train, data_args.streaming_train_eval_examples, label_names)
-    views = with_image_transforms(
-        datasets.DatasetDict(validation=validation, train_eval=train_eval), data_args, num_channels
-    )
-    num_examples = _num_examples(data_args, train)
-    transform = create_train_transform(data_args, num_channels)
-    dataset = StreamingRepeatedAugmentation(train.rows, transform, data_args, num_examples, train_batch_size, seed)
-    _check_enough(dataset, num_examples)
-    workers = data_args.loader_workers()
-    # Not persistent: the workers must see the epoch and resume position set before each epoch's iteration.
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
-    return DataBundle(
-        label_names=label_names,
-        train=loader,
-        validation=create_eval_dataloader(views["validation"], eval_batch_size, workers),
-        train_eval=create_eval_dataloader(views["train_eval"], eval_batch_size, workers),
-        train_normalizer=create_train_normalizer(data_args, num_channels),
-        train_split_per_process=True,
-    )
+class StreamReader(Reader):
+    """The reader of ``--streaming``: the training stream of this process (:class:`StreamingRepeatedAugmentation`),
+    the validation split and the first ``--streaming_train_eval_examples`` training images in memory."""
+
+    training_split_per_process = True
+
+    def __init__(self, args: DataArguments) -> None:
+        train_source, validation_source = resolve_stream_sources(args)
+        self.train = _opened(lambda: open_stream(train_source, args, TRAIN_SPLIT), "--train_files", args.train_files)
+        split = hub_validation_split(validation_source) if validation_source.kind == "hub" else VALIDATION_SPLIT
+        validation_stream = _opened(
+            lambda: open_stream(validation_source, args, split), "--validation_files", args.validation_files
+        )
+        validation = collect_split(validation_stream, args.max_eval_samples, self.train.label_names)
+        label_names = get_label_names(validation)
+        self.splits = {
+            VALIDATION_SPLIT: validation,
+            TRAIN_SPLIT: collect_split(self.train, args.streaming_train_eval_examples, label_names),
+        }
+        super().__init__(args, label_names, train_source.description)
+
+    def training_loader(self, transform: ImageTransformFn, batch_size: int, seed: int) -> DataLoader:
+        num_examples = _num_examples(self.args, self.train)
+        dataset = StreamingRepeatedAugmentation(self.train.rows, transform, self.args, num_examples, batch_size, seed)
+        _check_enough(dataset, num_examples)
+        # Not persistent: the workers must see the epoch and resume position set before each epoch's iteration.
+        return DataLoader(
+            dataset, batch_size=None, num_workers=self.args.loader_workers(), pin_memory=torch.cuda.is_available()
+        )
+
+    def evaluation_rows(self, split: str, transform: ImageTransformFn) -> datasets.Dataset:
+        return image_rows(self.splits[split], transform, self.args.skip_corrupt_images)
 
 
 def prepare_own_part_loader(accelerator: Accelerator, loader: DataLoader) -> DataLoader:
