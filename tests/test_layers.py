@@ -17,7 +17,10 @@ PACKAGE = REPO / "simlap_hf"
 
 # Function-local imports of the package's own modules that are there for a reason other than a cycle:
 # {(importing module, imported module): why}.
-LOCAL_IMPORTS_WITH_A_REASON: dict[tuple[str, str], str] = {}
+LOCAL_IMPORTS_WITH_A_REASON: dict[tuple[str, str], str] = {
+    ("simlap_hf.data.pipeline", "simlap_hf.data.dataset"): "imports the optional datasets library",
+    ("simlap_hf.data.pipeline", "simlap_hf.data.streaming"): "imports the optional datasets library",
+}
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -55,6 +58,12 @@ def test_package_keeps_its_layers():
             "training/outputs.py",
             "from . import job\n",
             "simlap_hf.training.outputs is not allowed to import simlap_hf.training.job",
+        ),
+        # inside data: a reader's label code may not reach up to the pipeline (the cycle prepare_data once made)
+        (
+            "data/labels.py",
+            "from . import pipeline\n",
+            "simlap_hf.data.labels is not allowed to import simlap_hf.data.pipeline",
         ),
     ],
 )
