@@ -46,7 +46,6 @@ from .analysis import (
     analyze_model,
     embedding_map,
     extract_representations,
-    gate_kind,
     plot_embedding_map,
     plot_gate_heatmap,
     plot_gate_histogram,
@@ -323,7 +322,7 @@ def _analyse_model(
     gates = result.get("gates")
     if gates and gates["has_filter"]:
         result["figures"].update(_gate_figures(model, entry.name, gates, output_dir, slug))
-    elif gate_kind(model) == "open":
+    elif gates:
         logger.info("%s: %s", entry.name, gates["note"])
     return result
 

@@ -4,15 +4,56 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PretrainedConfig
 
 from .losses import LOSS_FORMS, PAIR_MODES, POSITIVE_NORMALIZATIONS
 
-GATE_KINDS = ("fused", "product", "open", "gumbel", "stochastic")
-#: Gate kinds with a feature filter (a learned g(y1, y2)); ``open`` has none.
-FILTER_GATE_KINDS = tuple(kind for kind in GATE_KINDS if kind != "open")
+
+@dataclass(frozen=True)
+class GateKind:
+    """What the package knows about a value of ``SimLAPConfig.gate`` besides its function (``modeling_simlap``).
+
+    Attributes:
+        has_filter: whether the kind learns a feature filter g(y1, y2); without one (``open``: g = 1) the gates
+            carry no class relations and the model has no filter parameters.
+        option_fields: the ``SimLAPConfig`` fields that only this kind reads (listed on the model card).
+        regularizer_weight: the ``SimLAPConfig`` field weighting the regulariser the kind's function returns, or
+            None for a kind without one.
+        description: one line for the documentation of ``--gate``.
+    """
+
+    has_filter: bool = True
+    option_fields: tuple[str, ...] = ()
+    regularizer_weight: str | None = None
+    description: str = ""
+
+
+#: The gate registry: every accepted ``SimLAPConfig.gate``. ``modeling_simlap.register_gate`` adds a new kind together
+#: with its gate function; the built-in kinds are declared here so that a configuration loads without the model code.
+GATE_KINDS: dict[str, GateKind] = {
+    "fused": GateKind(description="gate of the mean label embedding (the reference)"),
+    "product": GateKind(description="product of the two single-class gates"),
+    "open": GateKind(has_filter=False, description="no filter, g = 1 (supervised contrastive learning)"),
+    "gumbel": GateKind(
+        option_fields=("gumbel_temperature", "gumbel_straight_through"),
+        description="Gumbel-sigmoid sample of the fused gate's logits in training",
+    ),
+    "stochastic": GateKind(
+        option_fields=("stochastic_gate_sigma", "stochastic_gate_lambda"),
+        regularizer_weight="stochastic_gate_lambda",
+        description="hard sigmoid of the fused mean plus Gaussian noise in training",
+    ),
+}
+
+
+def gate_has_filter(kind: str | None) -> bool:
+    """Whether ``kind`` is a registered gate kind with a learned feature filter (False for ``open`` and None)."""
+    return kind in GATE_KINDS and GATE_KINDS[kind].has_filter
+
+
 PROJECTOR_NORMS = ("layernorm", "batchnorm", "none")
 
 
@@ -180,7 +221,7 @@ class SimLAPConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Check every field; raise a ValueError naming the field and the valid values."""
-        _check_choice("gate", self.gate, GATE_KINDS)
+        _check_choice("gate", self.gate, tuple(GATE_KINDS))
         _check_choice("pair_mode", self.pair_mode, PAIR_MODES)
         _check_positive("temperature", self.temperature)
         _check_positive("gate_penalty", self.gate_penalty, strict=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, run_command
+from .relations import HEATMAP_FILE, ClassRelations
 
 PREDICTED = "(predicted by the model)"
 
@@ -41,8 +42,6 @@ def _gallery(retriever, hits: Sequence[dict[str, Any]]) -> list[tuple[Any, str]]
 
 def relations_heatmap(retriever, folder: Path) -> str | None:
     """The class-relation heatmap of the model: its saved ``class_relations.png``, else drawn from its gates."""
-    from .relations import HEATMAP_FILE, ClassRelations
-
     model_dir = Path(retriever.model_dir)
     if (model_dir / HEATMAP_FILE).is_file():
         return str(model_dir / HEATMAP_FILE)

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError, check_writable_folder, raise_usage_error, run_command
+from .saved_model import load_saved_model
 
 logger = logging.getLogger("simlap_hf.embed")
 
@@ -77,34 +78,6 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu (or auto).")
     return resolved
-
-
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Load any saved SimLAP model (pretrained, fine-tuned or Fuse) for inference, with a clear error when the
-    folder is not one."""
-    import transformers
-
-    from . import SimLAPModel  # registers the auto classes
-    from .configuration_simlap import SimLAPConfig
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model_name_or_path {path!r} is not a folder; pass a saved SimLAP model folder.")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--model_name_or_path {path!r} is not a saved SimLAP model folder: {error}") from error
-    if not isinstance(config, SimLAPConfig):
-        raise ValueError(
-            f"--model_name_or_path {path!r} holds a {type(config).__name__} ({config.model_type!r}), not a SimLAP "
-            f"model; pass a folder written by train_pretrain.py, train_finetune.py or train_fuse.py."
-        )
-    architectures = getattr(config, "architectures", None) or []
-    if "SimLAPModel" in architectures:
-        model = SimLAPModel.from_pretrained(path)
-    else:
-        model = transformers.AutoModelForImageClassification.from_pretrained(path)
-    return model.to(device).eval()
 
 
 def load_processor(path: str | os.PathLike):
@@ -329,7 +302,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = resolve_device(embed_args.device)
     output_dir = Path(embed_args.output_dir)
     replace = _check_output(output_dir, embed_args.overwrite_output_dir)
-    model = load_model(embed_args.model_name_or_path, device)
+    model = load_saved_model(embed_args.model_name_or_path, device=device)
     data_args = data_args_for_model(data_args, embed_args.model_name_or_path, model)
     data = load_image_dataset(data_args, seed=embed_args.seed)
     names = ("train", "validation") if embed_args.split == "all" else (embed_args.split,)

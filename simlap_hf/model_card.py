@@ -15,6 +15,10 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_simlap import GATE_KINDS
+from .data import NAMED_DATASETS
+from .relations import HEATMAP_FILE, RELATIONS_FILE, ClassRelations
+
 CITATION = """@article{wu2024rethinking,
   title={Rethinking positive pairs in contrastive learning},
   author={Wu, Jiantao and Atito, Sara and Feng, Zhenhua and Mo, Shentong and Kittler, Josef and Awais, Muhammad},
@@ -140,10 +144,6 @@ def _hub_dataset_id(dataset_name: str | None) -> str | None:
     """The Hub id of a data set for the card metadata, or None (local folders, scikit-learn digits...)."""
     if not dataset_name:
         return None
-    try:
-        from .data import NAMED_DATASETS
-    except ImportError:  # pragma: no cover - the data module is part of the package
-        NAMED_DATASETS = {}
     spec = NAMED_DATASETS.get(dataset_name.strip().lower().replace("-", "_"))
     if spec is not None:
         return spec.hub_id
@@ -297,26 +297,21 @@ LOSS_OPTION_FIELDS = (
     "positive_normalization",
     "projector_norm",
 )
-GATE_OPTION_FIELDS = {
-    "gumbel": ("gumbel_temperature", "gumbel_straight_through"),
-    "stochastic": ("stochastic_gate_sigma", "stochastic_gate_lambda"),
-}
 
 
 def _loss_options_section(config: Any) -> str:
     """The pretraining model's loss, gate and projector options (``SimLAPConfig`` fields) as a table."""
-    fields = LOSS_OPTION_FIELDS + GATE_OPTION_FIELDS.get(config.gate, ())
+    gate = GATE_KINDS.get(config.gate)
+    fields = LOSS_OPTION_FIELDS + (gate.option_fields if gate is not None else ())
     rows = {field: getattr(config, field) for field in fields if hasattr(config, field)}
     return "## SimLAP options\n\n" + _table("| config field | value |", rows)
 
 
 def _class_relations_section(output_dir: Path) -> str | None:
     """The summary of ``class_relations.json`` (and its heatmap) when the folder has one."""
-    relations_file = output_dir / "class_relations.json"
+    relations_file = output_dir / RELATIONS_FILE
     if not relations_file.is_file():
         return None
-    from .relations import HEATMAP_FILE, ClassRelations
-
     heatmap = HEATMAP_FILE if (output_dir / HEATMAP_FILE).is_file() else None
     return "## Class relations\n\n" + ClassRelations.load(relations_file).summary_markdown(heatmap=heatmap)
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .errors import UsageError
 from .losses import gated_cosine
+from .saved_model import load_saved_model
 
 INDEX_FILE = "index.json"
 COLUMNS = ("features", "embeddings")
@@ -325,7 +326,7 @@ class Retriever:
         backend: str = "torch",
         allow_other_model: bool = False,
     ) -> None:
-        from .embed import load_model, load_processor
+        from .embed import load_processor
 
         self.index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex(index, device=device)
         recorded = self.index.info.get("model_name_or_path")
@@ -340,7 +341,7 @@ class Retriever:
                 )
         model_path = model_name_or_path or recorded
         self.model_dir = str(model_path)
-        self.model = load_model(model_path, device)
+        self.model = load_saved_model(model_path, device=device)
         self.processor = load_processor(model_path)
         if self.processor is None:
             raise ValueError(

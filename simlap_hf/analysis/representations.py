@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from ..evaluation import collapse_report, extract_features, knn_accuracy, linear_probe
 from ..evaluation.features import takes_pixel_values
+from ..relations import DEFAULT_THRESHOLD, gate_kind
 from ..utils import unwrap_model
-from .gates import DEFAULT_NEAR_BINARY_MARGIN, DEFAULT_THRESHOLD, analyze_gates, gate_kind
+from .gates import DEFAULT_NEAR_BINARY_MARGIN, analyze_gates
 from .report import to_jsonable
 
 
