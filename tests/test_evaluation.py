@@ -28,6 +28,8 @@ from simlap_hf.evaluation import (
     metric_path,
     normalized_embedding_std,
     singular_values,
+    top_k_accuracy,
+    top_k_hits,
 )
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,6 +316,23 @@ def test_top_k_accuracy_metric_offline(offline):
     # k=1 equals the accuracy of argmax predictions, ties included.
     argmax = np.asarray(scores).argmax(axis=1)
     assert load_metric("accuracy").compute(predictions=argmax, references=labels) == {"accuracy": 0.2}
+
+
+def test_the_evaluate_metric_modules_agree_with_top_k_accuracy(offline):
+    """The metric modules are single files for ``evaluate.load`` and carry their own copy of the rank rule."""
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 4, (400, 9), generator=generator).float()  # many ties
+    labels = torch.randint(0, 9, (400,), generator=generator)
+    top_k = load_metric("top_k_accuracy")
+    for k in (1, 2, 5, 9, 20):
+        expected = top_k.compute(predictions=scores.numpy(), references=labels.numpy(), k=k)["top_k_accuracy"]
+        assert top_k_accuracy(scores, labels, k) == pytest.approx(expected, abs=1e-12)
+    argmax = scores.argmax(dim=1).numpy()
+    accuracy = load_metric("accuracy").compute(predictions=argmax, references=labels.numpy())["accuracy"]
+    assert top_k_accuracy(scores, labels, 1) == pytest.approx(accuracy, abs=1e-12)
+    assert classification_metrics(scores, labels)["top5"] == pytest.approx(100.0 * top_k_accuracy(scores, labels, 5))
+    outside = top_k_hits(scores[:3], torch.tensor([0, -1, 9]), 9)  # a class outside [0, C) is never a hit
+    assert outside.tolist() == [True, False, False]
 
 
 def test_classification_metrics_agree_with_torch(offline):

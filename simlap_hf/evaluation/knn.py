@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..distributed import all_gather_equal
 from ._arrays import ArrayLike, to_tensor
+from .metrics import top_k_hits
 
 # Smallest kNN temperature for which exp(sim / T) (sim <= 1) stays finite in float32 (exp(88.7) ~ 3.4e38).
 _MIN_KNN_TEMPERATURE = 1.0 / 88.0
@@ -276,7 +277,8 @@ def knn_accuracy(
     targets = to_tensor(query_labels).to(scores.device).long().reshape(-1)
     if targets.shape[0] != scores.shape[0]:
         raise ValueError(f"query features and labels differ in length: {scores.shape[0]} vs {targets.shape[0]}")
-    counts = torch.stack([(scores.argmax(dim=1) == targets).sum(), torch.tensor(targets.numel(), device=scores.device)])
+    hits = top_k_hits(scores, targets, 1).sum()
+    counts = torch.stack([hits, torch.tensor(targets.numel(), device=scores.device)])
     world, _ = _knn_group(options.get("sharded", False))
     if world > 1:
         torch.distributed.all_reduce(counts)
