@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .analysis import (
+    DEFAULT_NEAR_BINARY_MARGIN,
     analyze_model,
     embedding_map,
     extract_representations,
@@ -57,6 +58,9 @@ from .analysis import (
 from .analysis.loading import EvalData, LoadedModel, describe_data, load_pretrained_model, load_timm_model
 from .analysis.report import save_gate_arrays, unique_slug
 from .errors import UsageError, check_writable_folder, run_command
+from .evaluation import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
+from .evaluation.features import DEFAULT_EVAL_BATCH_SIZE
+from .relations import DEFAULT_THRESHOLD
 
 logger = logging.getLogger("simlap_hf.analyze")
 
@@ -103,12 +107,17 @@ class AnalyzeArguments:
     transfer_validation_dir: str | None = field(
         default=None, metadata={"help": "Imagefolder tree of the transfer set's validation split."}
     )
-    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN classifier."})
-    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the cosine-weighted kNN vote."})
+    knn_k: int = field(default=DEFAULT_KNN_K, metadata={"help": "Neighbours of the kNN classifier."})
+    knn_temperature: float = field(
+        default=DEFAULT_KNN_TEMPERATURE, metadata={"help": "Temperature of the cosine-weighted kNN vote."}
+    )
     no_linear_probe: bool = field(default=False, metadata={"help": "Skip the (slower) linear probe."})
-    gate_threshold: float = field(default=0.5, metadata={"help": "Gate values >= this are open dimensions."})
+    gate_threshold: float = field(
+        default=DEFAULT_THRESHOLD, metadata={"help": "Gate values >= this are open dimensions."}
+    )
     near_binary_margin: float = field(
-        default=0.05, metadata={"help": "Gate values within this distance of 0 or 1 count as near-binary."}
+        default=DEFAULT_NEAR_BINARY_MARGIN,
+        metadata={"help": "Gate values within this distance of 0 or 1 count as near-binary."},
     )
     top_k_pairs: int = field(default=5, metadata={"help": "Number of most / least related class pairs listed."})
     map_samples: int = field(
@@ -119,7 +128,7 @@ class AnalyzeArguments:
         default="auto",
         metadata={"help": "2-D map: tsne (scikit-learn), umap (umap-learn) or auto (umap if installed)."},
     )
-    batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
+    batch_size: int = field(default=DEFAULT_EVAL_BATCH_SIZE, metadata={"help": "Images per forward pass."})
     seed: int = field(default=42, metadata={"help": "Seed of the data subsampling / split and of the probe."})
     device: str | None = field(
         default=None, metadata={"help": "Torch device (default: cuda when available, else cpu)."}

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .losses import LOSS_FORMS, PAIR_MODES, POSITIVE_NORMALIZATIONS
+from .losses import DEFAULT_TEMPERATURE, LOSS_FORMS, PAIR_MODES, POSITIVE_NORMALIZATIONS
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ GATE_KINDS: dict[str, GateKind] = {
         description="hard sigmoid of the fused mean plus Gaussian noise in training",
     ),
 }
+
+
+#: The gate of a new model: the paper's.
+DEFAULT_GATE = "fused"
 
 
 def gate_has_filter(kind: str | None) -> bool:
@@ -139,9 +143,9 @@ class SimLAPConfig(PretrainedConfig):
     mlp_dim: int = 2048
     filter_embed_dim: int = 512
     filter_hidden_dim: int = 1024
-    gate: str = "fused"
+    gate: str = DEFAULT_GATE
     pair_mode: str = "arbitrary"
-    temperature: float = 0.1
+    temperature: float = DEFAULT_TEMPERATURE
     gate_penalty: float = 0.0
     detach_head: bool = True
     image_size: int = 32
@@ -166,9 +170,9 @@ class SimLAPConfig(PretrainedConfig):
         mlp_dim: int = 2048,
         filter_embed_dim: int = 512,
         filter_hidden_dim: int = 1024,
-        gate: str = "fused",
+        gate: str = DEFAULT_GATE,
         pair_mode: str = "arbitrary",
-        temperature: float = 0.1,
+        temperature: float = DEFAULT_TEMPERATURE,
         gate_penalty: float = 0.0,
         detach_head: bool = True,
         image_size: int = 32,

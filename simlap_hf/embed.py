@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError, check_writable_folder, raise_usage_error, run_command
+from .evaluation.features import DEFAULT_EVAL_BATCH_SIZE
 from .saved_model import load_saved_model
 
 logger = logging.getLogger("simlap_hf.embed")
@@ -56,7 +57,7 @@ class EmbedArguments:
         default="all",
         metadata={"help": "Which split of the loaded data to embed: train, validation or all (both, in that order)."},
     )
-    batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
+    batch_size: int = field(default=DEFAULT_EVAL_BATCH_SIZE, metadata={"help": "Images per forward pass."})
     shard_size: int = field(default=50_000, metadata={"help": "Rows per parquet shard (memory holds one shard)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing index in output_dir."})
@@ -169,7 +170,7 @@ def write_index(
     output_dir: str | os.PathLike,
     *,
     model_name_or_path: str,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     shard_size: int = 50_000,
     device: torch.device | str = "cpu",
     num_workers: int = 0,

@@ -26,11 +26,12 @@ CITATION = """@article{wu2024rethinking,
   year={2024}
 }"""
 
-# Metric names of all_results.json -> (metric type, readable name) for the card's model-index.
+# Metric names of all_results.json -> (metric type, readable name) for the card's model-index; ``{knn}`` is the
+# kNN setting the run recorded (its ``knn_k`` option).
 CARD_METRICS = {
     "eval_top1": ("accuracy", "Top-1 accuracy"),
     "eval_top5": ("top_5_accuracy", "Top-5 accuracy"),
-    "eval_knn_top1": ("knn_accuracy", "kNN (k=20) top-1 accuracy"),
+    "eval_knn_top1": ("knn_accuracy", "kNN{knn} top-1 accuracy"),
 }
 
 TASK_DESCRIPTIONS = {
@@ -211,8 +212,12 @@ def usage_section(task: str, config: Any, repo: str) -> str:
     return "\n\n".join(parts)
 
 
-def _eval_results(results: Mapping[str, Any], dataset_label: str, dataset_id: str | None) -> list[EvalResult]:
-    """The card's ``model-index`` entries: one per metric of :data:`CARD_METRICS` present in ``results``."""
+def _eval_results(
+    results: Mapping[str, Any], dataset_label: str, dataset_id: str | None, knn_k: int | None
+) -> list[EvalResult]:
+    """The card's ``model-index`` entries: one per metric of :data:`CARD_METRICS` present in ``results``; the kNN
+    accuracy names ``knn_k``, the number of neighbours it was measured with, when known."""
+    knn = f" (k={knn_k})" if knn_k is not None else ""
     return [
         EvalResult(
             task_type="image-classification",
@@ -221,7 +226,7 @@ def _eval_results(results: Mapping[str, Any], dataset_label: str, dataset_id: st
             dataset_name=dataset_label,
             dataset_split="validation",
             metric_type=metric_type,
-            metric_name=readable,
+            metric_name=readable.format(knn=knn),
             metric_value=float(results[metric]),
         )
         for metric, (metric_type, readable) in CARD_METRICS.items()
@@ -230,12 +235,18 @@ def _eval_results(results: Mapping[str, Any], dataset_label: str, dataset_id: st
 
 
 def _card_data(
-    task: str, config: Any, results: Mapping[str, Any], dataset_name: str | None, base_model: str | None, name: str
+    task: str,
+    config: Any,
+    results: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
+    dataset_name: str | None,
+    base_model: str | None,
+    name: str,
 ) -> ModelCardData:
     """The card's YAML metadata (library, license, tags, data set, results, pipeline tag, base model)."""
     dataset_label = dataset_name or "custom"
     dataset_id = _hub_dataset_id(dataset_name)
-    eval_results = _eval_results(results, dataset_label, dataset_id)
+    eval_results = _eval_results(results, dataset_label, dataset_id, hyperparameters.get("knn_k"))
     tags = ["simlap", "contrastive-learning", "image-classification", config.backbone, "timm"]
     if task == "fuse":
         tags.append("simlap-fuse")
@@ -340,7 +351,8 @@ def build_model_card(
         task: ``"pretrain"``, ``"finetune"`` or ``"fuse"``.
         config: the model's ``SimLAPConfig``.
         results: metrics (``eval_top1``, ``eval_top5``, ``eval_knn_top1`` as percentages, and any others).
-        hyperparameters: flat mapping of the run's options (the hub token must not be in it).
+        hyperparameters: flat mapping of the run's options (the hub token must not be in it); its ``knn_k`` names
+            the kNN setting of ``eval_knn_top1``.
         dataset_name: the ``--dataset_name`` of the run.
         repo_id: Hub repository id used in the snippet (default: the local folder).
         base_model: the model fine-tuned from (a Hub id or a local folder).
@@ -351,7 +363,7 @@ def build_model_card(
     output_dir = Path(output_dir)
     repo = repo_id or str(output_dir)
     name = Path(repo).name
-    card_data = _card_data(task, config, results, dataset_name, base_model, name)
+    card_data = _card_data(task, config, results, hyperparameters, dataset_name, base_model, name)
     processor = _read_preprocessing(output_dir)
     sections = [
         f"# {name}",

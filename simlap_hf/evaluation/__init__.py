@@ -20,7 +20,7 @@ Shapes use N (train / dataset samples), M (query samples), C (classes), D or K (
 
 from .collapse import collapse_report, dims_for_variance, effective_rank, normalized_embedding_std, singular_values
 from .features import extract_features
-from .knn import KNN_BLOCK_ELEMENTS, knn_accuracy, knn_classify
+from .knn import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE, KNN_BLOCK_ELEMENTS, knn_accuracy, knn_classify
 from .metrics import (
     AVAILABLE_METRICS,
     METRICS_DIR,
@@ -37,6 +37,8 @@ __all__ = [
     "METRICS_DIR",
     "AVAILABLE_METRICS",
     "KNN_BLOCK_ELEMENTS",
+    "DEFAULT_KNN_K",
+    "DEFAULT_KNN_TEMPERATURE",
     "metric_path",
     "load_metric",
     "classification_metrics",
