@@ -98,7 +98,8 @@ class SimLAPConfig(PretrainedConfig):
         mlp_dim: hidden size of the projector.
         filter_embed_dim: size of the label embedding of the feature filter.
         filter_hidden_dim: hidden size of the feature filter.
-        gate: ``"fused"`` (gate of the mean label embedding), ``"product"`` (product of the two single-class gates),
+        gate: a kind of the gate registry :data:`GATE_KINDS`; built in: ``"fused"`` (gate of the mean label embedding,
+            the default), ``"product"`` (product of the two single-class gates),
             ``"open"`` (no filter: supervised contrastive learning), ``"gumbel"`` (Gumbel-sigmoid sample of the fused
             gate's logits in training) or ``"stochastic"`` (stochastic gates: hard sigmoid of the fused mean plus
             Gaussian noise in training). In evaluation mode every gate is deterministic (no noise).

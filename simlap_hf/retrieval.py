@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .configuration_simlap import GATE_KINDS
 from .errors import UsageError
 from .losses import gated_cosine
+from .relations import DEFAULT_THRESHOLD
 from .saved_model import load_saved_model
 
 INDEX_FILE = "index.json"
@@ -407,10 +409,10 @@ class Retriever:
         "target_class", "open_dimensions", "hits": [...]}``; scores are the gated cosine of the training loss."""
         if getattr(self.model, "feature_filter", None) is None:
             raise ValueError(
-                "Pair-conditioned search needs a pretrained SimLAP model with a feature filter (gate 'fused' or "
-                f"'product'); {str(self.index.info.get('model_name_or_path'))!r} is a "
-                f"{type(self.model).__name__}"
-                + (" with the open gate" if hasattr(self.model, "projector") else "")
+                "Pair-conditioned search needs a pretrained SimLAP model with a feature filter (gate "
+                + ", ".join(repr(name) for name, kind in GATE_KINDS.items() if kind.has_filter)
+                + f"); {str(self.index.info.get('model_name_or_path'))!r} is a {type(self.model).__name__}"
+                + (f" with the {self.model.config.gate} gate" if hasattr(self.model, "projector") else "")
                 + ". Use plain search (no --target_class)."
             )
         if not self.index.has_embeddings:
@@ -428,7 +430,7 @@ class Retriever:
         return {
             "query_class": query_class,
             "target_class": target_class,
-            "open_dimensions": int((gate > 0.5).sum()),
+            "open_dimensions": int((gate >= DEFAULT_THRESHOLD).sum()),
             "hits": self._hits(scores[0], ids[0]),
         }
 

@@ -10,6 +10,7 @@ say which. A folder or Hub id that cannot be read, or that holds another kind of
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
@@ -35,13 +36,26 @@ def _reason(error: BaseException) -> str:
     return " ".join(str(error).split()).rstrip(".") or type(error).__name__
 
 
+def looks_like_a_folder(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` can only be a local folder, not a Hub id: it exists, is absolute, starts with ``.``
+    or ``~``, or has more than two parts."""
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "~", os.sep)):
+        return True
+    return len(Path(name_or_path).parts) > 2
+
+
 def load_saved_config(name_or_path: str | os.PathLike, flag: str = DEFAULT_FLAG) -> SimLAPConfig:
     """The configuration (:class:`SimLAPConfig` or :class:`SimLAPFuseConfig`) of the saved model ``name_or_path``
     (a folder or a Hub id) given with ``flag``. A UsageError when its config.json cannot be read, the Hub id cannot
     be reached, or it is not a SimLAP model."""
     source = os.fspath(name_or_path)
+    if looks_like_a_folder(source) and not os.path.isdir(os.path.expanduser(source)):
+        raise FileNotFoundError(
+            f"{flag} {source!r} is not a folder; pass a model folder saved by train_pretrain.py, train_finetune.py or "
+            "train_fuse.py, or a Hub id (namespace/name)."
+        )
     try:
-        values, _ = PretrainedConfig.get_config_dict(source)
+        values, _ = PretrainedConfig.get_config_dict(os.path.expanduser(source))
     except (OSError, ValueError) as error:  # unreadable config.json, no such id, offline and not cached
         raise UsageError(
             f"{flag} {source!r}: its SimLAP config could not be read ({_reason(error)}). Pass a model folder saved by "
@@ -81,7 +95,7 @@ def load_saved_model(
     ``config``: the model's configuration when already read with :func:`load_saved_config`."""
     source = os.fspath(name_or_path)
     config = config if config is not None else load_saved_config(source, flag)
-    model = saved_model_class(config).from_pretrained(source, config=config)
+    model = saved_model_class(config).from_pretrained(os.path.expanduser(source), config=config)
     if device is not None:
         model = model.to(device)
     return model.eval()
