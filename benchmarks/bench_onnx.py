@@ -80,13 +80,14 @@ def compare(model_dir: Path, onnx_dir: Path, seed: int, batch_size: int, repeats
     """Accuracy and timing of PyTorch, onnxruntime float32 and onnxruntime INT8 on the digits test split."""
     import onnxruntime
 
-    from simlap_hf.export import QUANTIZED_ONNX_FILE, load_simlap_model
+    from simlap_hf.export import QUANTIZED_ONNX_FILE
     from simlap_hf.image_processing_simlap import SimLAPImageProcessor
+    from simlap_hf.saved_model import load_saved_model
 
     torch.set_num_threads(threads)
     images, labels = digits_test_split(seed)
     pixel_values = SimLAPImageProcessor.from_pretrained(model_dir)(images, return_tensors="np")["pixel_values"]
-    model = load_simlap_model(model_dir)
+    model = load_saved_model(model_dir)
 
     def pytorch(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():

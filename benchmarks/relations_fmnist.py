@@ -101,10 +101,10 @@ class Precisions:
 def measure_seed(runs: Path, seed: int, max_test_samples: int | None, precisions: Precisions) -> None:
     """Every gate measure of the SimLAP model of ``seed``, and the class-mean cosine of its backbone features and of
     the cross-entropy model's (when trained)."""
-    from simlap_hf.embed import load_model
+    from simlap_hf.saved_model import load_saved_model
 
     simlap_dir = runs / f"simlap_fused_arbitrary_seed{seed}"
-    model = load_model(simlap_dir)
+    model = load_saved_model(simlap_dir)
     for measure in (name for name in MEASURES if name != "class_mean_cosine"):  # the gate measures
         relations = ClassRelations.from_model(model, measure)
         precisions.record(f"SimLAP gates: {measure}", seed, relations.relatedness, relations.names)
@@ -114,7 +114,7 @@ def measure_seed(runs: Path, seed: int, max_test_samples: int | None, precisions
     precisions.record("SimLAP backbone: class-mean cosine", seed, cosine, names)
     ce_dir = runs / f"cross_entropy_seed{seed}"
     if ce_dir.is_dir():
-        features, labels = test_features(ce_dir, load_model(ce_dir), max_test_samples)
+        features, labels = test_features(ce_dir, load_saved_model(ce_dir), max_test_samples)
         cosine = class_mean_cosine(features, labels, len(names))
         precisions.record("cross-entropy backbone: class-mean cosine", seed, cosine, names)
 

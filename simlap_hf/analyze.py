@@ -43,10 +43,10 @@ import torch
 from torch import nn
 
 from .analysis import (
+    DEFAULT_NEAR_BINARY_MARGIN,
     analyze_model,
     embedding_map,
     extract_representations,
-    gate_kind,
     plot_embedding_map,
     plot_gate_heatmap,
     plot_gate_histogram,
@@ -59,6 +59,9 @@ from .analysis.loading import EvalData, LoadedModel, describe_data, load_pretrai
 from .analysis.report import save_gate_arrays, unique_slug
 from .data import DataArguments, resolve_mean_std
 from .errors import UsageError, check_writable_folder, run_command
+from .evaluation import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
+from .evaluation.features import DEFAULT_EVAL_BATCH_SIZE
+from .relations import DEFAULT_THRESHOLD
 from .training import parse_args
 
 logger = logging.getLogger("simlap_hf.analyze")
@@ -106,12 +109,17 @@ class AnalyzeArguments:
     transfer_validation_dir: str | None = field(
         default=None, metadata={"help": "Imagefolder tree of the transfer set's validation split."}
     )
-    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN classifier."})
-    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the cosine-weighted kNN vote."})
+    knn_k: int = field(default=DEFAULT_KNN_K, metadata={"help": "Neighbours of the kNN classifier."})
+    knn_temperature: float = field(
+        default=DEFAULT_KNN_TEMPERATURE, metadata={"help": "Temperature of the cosine-weighted kNN vote."}
+    )
     no_linear_probe: bool = field(default=False, metadata={"help": "Skip the (slower) linear probe."})
-    gate_threshold: float = field(default=0.5, metadata={"help": "Gate values >= this are open dimensions."})
+    gate_threshold: float = field(
+        default=DEFAULT_THRESHOLD, metadata={"help": "Gate values >= this are open dimensions."}
+    )
     near_binary_margin: float = field(
-        default=0.05, metadata={"help": "Gate values within this distance of 0 or 1 count as near-binary."}
+        default=DEFAULT_NEAR_BINARY_MARGIN,
+        metadata={"help": "Gate values within this distance of 0 or 1 count as near-binary."},
     )
     top_k_pairs: int = field(default=5, metadata={"help": "Number of most / least related class pairs listed."})
     map_samples: int = field(
@@ -122,7 +130,7 @@ class AnalyzeArguments:
         default="auto",
         metadata={"help": "2-D map: tsne (scikit-learn), umap (umap-learn) or auto (umap if installed)."},
     )
-    batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
+    batch_size: int = field(default=DEFAULT_EVAL_BATCH_SIZE, metadata={"help": "Images per forward pass."})
     seed: int = field(default=42, metadata={"help": "Seed of the data subsampling / split and of the probe."})
     device: str | None = field(
         default=None, metadata={"help": "Torch device (default: cuda when available, else cpu)."}
@@ -324,7 +332,7 @@ def _analyse_model(
     gates = result.get("gates")
     if gates and gates["has_filter"]:
         result["figures"].update(_gate_figures(model, entry.name, gates, output_dir, slug))
-    elif gate_kind(model) == "open":
+    elif gates:
         logger.info("%s: %s", entry.name, gates["note"])
     return result
 

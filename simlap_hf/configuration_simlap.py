@@ -4,15 +4,60 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from .losses import LOSS_FORMS, PAIR_MODES, POSITIVE_NORMALIZATIONS
+from .losses import DEFAULT_TEMPERATURE, LOSS_FORMS, PAIR_MODES, POSITIVE_NORMALIZATIONS
 
-GATE_KINDS = ("fused", "product", "open", "gumbel", "stochastic")
-#: Gate kinds with a feature filter (a learned g(y1, y2)); ``open`` has none.
-FILTER_GATE_KINDS = tuple(kind for kind in GATE_KINDS if kind != "open")
+
+@dataclass(frozen=True)
+class GateKind:
+    """What the package knows about a value of ``SimLAPConfig.gate`` besides its function (``modeling_simlap``).
+
+    Attributes:
+        has_filter: whether the kind learns a feature filter g(y1, y2); without one (``open``: g = 1) the gates
+            carry no class relations and the model has no filter parameters.
+        option_fields: the ``SimLAPConfig`` fields that only this kind reads (listed on the model card).
+        regularizer_weight: the ``SimLAPConfig`` field weighting the regulariser the kind's function returns, or
+            None for a kind without one.
+        description: one line for the documentation of ``--gate``.
+    """
+
+    has_filter: bool = True
+    option_fields: tuple[str, ...] = ()
+    regularizer_weight: str | None = None
+    description: str = ""
+
+
+#: The gate registry: every accepted ``SimLAPConfig.gate``. ``modeling_simlap.register_gate`` adds a new kind together
+#: with its gate function; the built-in kinds are declared here so that a configuration loads without the model code.
+GATE_KINDS: dict[str, GateKind] = {
+    "fused": GateKind(description="gate of the mean label embedding (the reference)"),
+    "product": GateKind(description="product of the two single-class gates"),
+    "open": GateKind(has_filter=False, description="no filter, g = 1 (supervised contrastive learning)"),
+    "gumbel": GateKind(
+        option_fields=("gumbel_temperature", "gumbel_straight_through"),
+        description="Gumbel-sigmoid sample of the fused gate's logits in training",
+    ),
+    "stochastic": GateKind(
+        option_fields=("stochastic_gate_sigma", "stochastic_gate_lambda"),
+        regularizer_weight="stochastic_gate_lambda",
+        description="hard sigmoid of the fused mean plus Gaussian noise in training",
+    ),
+}
+
+
+#: The gate of a new model: the paper's.
+DEFAULT_GATE = "fused"
+
+
+def gate_has_filter(kind: str | None) -> bool:
+    """Whether ``kind`` is a registered gate kind with a learned feature filter (False for ``open`` and None)."""
+    return kind in GATE_KINDS and GATE_KINDS[kind].has_filter
+
+
 PROJECTOR_NORMS = ("layernorm", "batchnorm", "none")
 
 
@@ -53,7 +98,8 @@ class SimLAPConfig(PretrainedConfig):
         mlp_dim: hidden size of the projector.
         filter_embed_dim: size of the label embedding of the feature filter.
         filter_hidden_dim: hidden size of the feature filter.
-        gate: ``"fused"`` (gate of the mean label embedding), ``"product"`` (product of the two single-class gates),
+        gate: a kind of the gate registry :data:`GATE_KINDS`; built in: ``"fused"`` (gate of the mean label embedding,
+            the default), ``"product"`` (product of the two single-class gates),
             ``"open"`` (no filter: supervised contrastive learning), ``"gumbel"`` (Gumbel-sigmoid sample of the fused
             gate's logits in training) or ``"stochastic"`` (stochastic gates: hard sigmoid of the fused mean plus
             Gaussian noise in training). In evaluation mode every gate is deterministic (no noise).
@@ -98,9 +144,9 @@ class SimLAPConfig(PretrainedConfig):
     mlp_dim: int = 2048
     filter_embed_dim: int = 512
     filter_hidden_dim: int = 1024
-    gate: str = "fused"
+    gate: str = DEFAULT_GATE
     pair_mode: str = "arbitrary"
-    temperature: float = 0.1
+    temperature: float = DEFAULT_TEMPERATURE
     gate_penalty: float = 0.0
     detach_head: bool = True
     image_size: int = 32
@@ -125,9 +171,9 @@ class SimLAPConfig(PretrainedConfig):
         mlp_dim: int = 2048,
         filter_embed_dim: int = 512,
         filter_hidden_dim: int = 1024,
-        gate: str = "fused",
+        gate: str = DEFAULT_GATE,
         pair_mode: str = "arbitrary",
-        temperature: float = 0.1,
+        temperature: float = DEFAULT_TEMPERATURE,
         gate_penalty: float = 0.0,
         detach_head: bool = True,
         image_size: int = 32,
@@ -180,7 +226,7 @@ class SimLAPConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Check every field; raise a ValueError naming the field and the valid values."""
-        _check_choice("gate", self.gate, GATE_KINDS)
+        _check_choice("gate", self.gate, tuple(GATE_KINDS))
         _check_choice("pair_mode", self.pair_mode, PAIR_MODES)
         _check_positive("temperature", self.temperature)
         _check_positive("gate_penalty", self.gate_penalty, strict=False)

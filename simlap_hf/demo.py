@@ -43,7 +43,6 @@ def _gallery(retriever, hits: Sequence[dict[str, Any]]) -> list[tuple[Any, str]]
 
 def relations_heatmap(retriever, folder: Path) -> str | None:
     """The class-relation heatmap of the model: its saved ``class_relations.png``, else drawn from its gates."""
-
     model_dir = Path(retriever.model_dir)
     if (model_dir / HEATMAP_FILE).is_file():
         return str(model_dir / HEATMAP_FILE)

@@ -36,7 +36,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from .data import DataArguments, create_eval_dataloader, get_label_names, load_image_dataset, with_image_transforms
 from .errors import UsageError, check_writable_folder, raise_usage_error, run_command
+from .evaluation.features import DEFAULT_EVAL_BATCH_SIZE
+from .image_processing_simlap import SimLAPImageProcessor
+from .saved_model import load_saved_model
 
 logger = logging.getLogger("simlap_hf.embed")
 
@@ -55,7 +59,7 @@ class EmbedArguments:
         default="all",
         metadata={"help": "Which split of the loaded data to embed: train, validation or all (both, in that order)."},
     )
-    batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
+    batch_size: int = field(default=DEFAULT_EVAL_BATCH_SIZE, metadata={"help": "Images per forward pass."})
     shard_size: int = field(default=50_000, metadata={"help": "Rows per parquet shard (memory holds one shard)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing index in output_dir."})
@@ -79,38 +83,8 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Load any saved SimLAP model (pretrained, fine-tuned or Fuse) for inference, with a clear error when the
-    folder is not one."""
-    import transformers
-
-    from . import SimLAPModel  # registers the auto classes
-    from .configuration_simlap import SimLAPConfig
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model_name_or_path {path!r} is not a folder; pass a saved SimLAP model folder.")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--model_name_or_path {path!r} is not a saved SimLAP model folder: {error}") from error
-    if not isinstance(config, SimLAPConfig):
-        raise ValueError(
-            f"--model_name_or_path {path!r} holds a {type(config).__name__} ({config.model_type!r}), not a SimLAP "
-            f"model; pass a folder written by train_pretrain.py, train_finetune.py or train_fuse.py."
-        )
-    architectures = getattr(config, "architectures", None) or []
-    if "SimLAPModel" in architectures:
-        model = SimLAPModel.from_pretrained(path)
-    else:
-        model = transformers.AutoModelForImageClassification.from_pretrained(path)
-    return model.to(device).eval()
-
-
 def load_processor(path: str | os.PathLike):
     """The model folder's :class:`~simlap_hf.SimLAPImageProcessor` (``preprocessor_config.json``), or None."""
-    from .image_processing_simlap import SimLAPImageProcessor
-
     file = Path(path) / "preprocessor_config.json"
     if not file.is_file():
         return None
@@ -179,8 +153,6 @@ def _embed_rows(
     device: torch.device,
     num_workers: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    from .data import create_eval_dataloader, with_image_transforms
-
     # No augmented_split: every row gets the evaluation transform.
     view = with_image_transforms(datasets.DatasetDict(embed=dataset), data_args, num_channels)["embed"]
     for batch in create_eval_dataloader(view, batch_size, num_workers):
@@ -196,7 +168,7 @@ def write_index(
     output_dir: str | os.PathLike,
     *,
     model_name_or_path: str,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     shard_size: int = 50_000,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
@@ -321,15 +293,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the flags, embed, write the index; returns the contents of ``index.json``."""
     from transformers import HfArgumentParser
 
-    from .data import DataArguments, get_label_names, load_image_dataset
-
     parser = HfArgumentParser((EmbedArguments, DataArguments))
     parser.error = raise_usage_error  # type: ignore[method-assign]
     embed_args, data_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     device = resolve_device(embed_args.device)
     output_dir = Path(embed_args.output_dir)
     replace = _check_output(output_dir, embed_args.overwrite_output_dir)
-    model = load_model(embed_args.model_name_or_path, device)
+    model = load_saved_model(embed_args.model_name_or_path, device=device)
     data_args = data_args_for_model(data_args, embed_args.model_name_or_path, model)
     data = load_image_dataset(data_args, seed=embed_args.seed)
     names = ("train", "validation") if embed_args.split == "all" else (embed_args.split,)

@@ -51,9 +51,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .configuration_simlap import SimLAPFuseConfig
 from .data.arguments import DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION
 from .data.preprocessing import PREPROCESSOR_FILE, Preprocessing, channel_stats, preprocessing_from_processor
+from .errors import raise_usage_error, run_command
 from .image_processing_simlap import SimLAPImageProcessor
+from .saved_model import load_saved_config, load_saved_model, saved_model_class
 
 logger = logging.getLogger("simlap_hf")
 
@@ -295,56 +298,18 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path:
 
 def load_simlap_classifier(model_dir: str | os.PathLike) -> nn.Module:
     """Load a saved SimLAPForImageClassification (or SimLAPModel, for its online head) from ``model_dir``."""
-    from .configuration_simlap import SimLAPConfig
-    from .modeling_simlap import SimLAPForImageClassification, SimLAPModel
-
-    model_dir = local_model_folder(model_dir)
-    config_file = Path(model_dir) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{str(model_dir)!r} holds no config.json: it is not a saved SimLAP model folder.")
-    values = json.loads(config_file.read_text())
-    if values.get("model_type") not in ("simlap", "simlap_fuse"):
-        raise ValueError(f"{str(model_dir)!r} is not a SimLAP model folder (model_type={values.get('model_type')!r}).")
-    if values.get("model_type") == "simlap_fuse":
+    config = load_saved_config(model_dir, flag="model_dir")
+    if isinstance(config, SimLAPFuseConfig):
         raise ValueError(
             "SimLAP-Fuse models classify with a cosine margin head, which has no timm equivalent: export a "
             "SimLAPForImageClassification (fine-tuned) or a SimLAPModel (its online linear head) instead."
         )
-    architectures = values.get("architectures") or []
-    model_class = SimLAPModel if "SimLAPModel" in architectures else SimLAPForImageClassification
-    config = SimLAPConfig.from_pretrained(model_dir)
-    return model_class.from_pretrained(model_dir, config=config).eval()
+    return load_saved_model(model_dir, config=config)
 
 
 ONNX_TASKS = ("auto", "image-classification", "feature-extraction")
 ONNX_FILE = "model.onnx"
 QUANTIZED_ONNX_FILE = "model.int8.onnx"
-
-
-def saved_model_class(model_dir: str | os.PathLike) -> tuple[type, Any]:
-    """The SimLAP model class (SimLAPModel, SimLAPForImageClassification or SimLAPFuseForImageClassification) and
-    the configuration of a saved folder, read without loading weights."""
-    from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
-    from .modeling_simlap import SimLAPForImageClassification, SimLAPFuseForImageClassification, SimLAPModel
-
-    model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{str(model_dir)!r} holds no config.json: it is not a saved SimLAP model folder.")
-    values = json.loads(config_file.read_text())
-    if values.get("model_type") == "simlap_fuse":
-        return SimLAPFuseForImageClassification, SimLAPFuseConfig.from_pretrained(model_dir)
-    if values.get("model_type") != "simlap":
-        raise ValueError(f"{str(model_dir)!r} is not a SimLAP model folder (model_type={values.get('model_type')!r}).")
-    model_class = SimLAPModel if "SimLAPModel" in (values.get("architectures") or []) else SimLAPForImageClassification
-    return model_class, SimLAPConfig.from_pretrained(model_dir)
-
-
-def load_simlap_model(model_dir: str | os.PathLike) -> nn.Module:
-    """Load any saved SimLAP model (pretrained SimLAPModel, fine-tuned classifier or SimLAP-Fuse) in eval mode."""
-    model_dir = local_model_folder(model_dir)
-    model_class, config = saved_model_class(model_dir)
-    return model_class.from_pretrained(model_dir, config=config).eval()
 
 
 class OnnxGraph(nn.Module):
@@ -428,7 +393,8 @@ def export_onnx(
     if isinstance(model, (str, os.PathLike)):
         model = local_model_folder(model)
         source_dir = model if source_dir is None else source_dir
-        model_class, config = saved_model_class(model)
+        config = load_saved_config(model, flag="model_dir")
+        model_class = saved_model_class(config)
     else:
         model_class, config = type(model), model.config
     if source_dir is None or not (Path(source_dir) / PREPROCESSOR_FILE).is_file():
@@ -494,8 +460,6 @@ def export_onnx(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: 0 when exported; 1 with ``error: ...`` for an input error (see
     :func:`~simlap_hf.errors.run_command`)."""
-    from .errors import raise_usage_error, run_command
-
     parser = argparse.ArgumentParser(
         prog="python -m simlap_hf.export",
         description="Export a saved SimLAP model: as a timm model folder (--format timm, a classifier or the online "

@@ -32,6 +32,8 @@ PAIR_MODES = ("arbitrary", "identical", "distinct")
 POSITIVE_RULES = ("partner", "pair")
 LOSS_FORMS = ("cosine", "dot")
 POSITIVE_NORMALIZATIONS = ("batch", "anchor")
+#: Default temperature of the SimLAP logits (the reference value).
+DEFAULT_TEMPERATURE = 0.1
 _NORM_EPS = 1e-8
 # Added to each anchor's positive count in the per-anchor mean (the authors' value): an anchor without positives
 # contributes 0 instead of 0 / 0.
@@ -207,7 +209,7 @@ def simlap_contrastive_terms(
     labels: Tensor,
     pair_labels: Tensor,
     gates: Tensor,
-    temperature: float = 0.1,
+    temperature: float = DEFAULT_TEMPERATURE,
     keys: Tensor | None = None,
     key_labels: Tensor | None = None,
     positives: str = "partner",
@@ -265,7 +267,12 @@ def simlap_contrastive_terms(
 
 
 def simlap_loss(
-    embeddings: Tensor, labels: Tensor, pair_labels: Tensor, gates: Tensor, temperature: float = 0.1, **options: Any
+    embeddings: Tensor,
+    labels: Tensor,
+    pair_labels: Tensor,
+    gates: Tensor,
+    temperature: float = DEFAULT_TEMPERATURE,
+    **options: Any,
 ) -> Tensor:
     """SimLAP multi-positive InfoNCE: the mean over all positive pairs of the batch (0 when there are none), or the
     mean over anchors of their per-anchor means (``positive_normalization="anchor"``).

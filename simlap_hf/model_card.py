@@ -15,6 +15,10 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_simlap import GATE_KINDS
+from .data import NAMED_DATASETS
+from .relations import HEATMAP_FILE, RELATIONS_FILE, ClassRelations
+
 CITATION = """@article{wu2024rethinking,
   title={Rethinking positive pairs in contrastive learning},
   author={Wu, Jiantao and Atito, Sara and Feng, Zhenhua and Mo, Shentong and Kittler, Josef and Awais, Muhammad},
@@ -22,11 +26,12 @@ CITATION = """@article{wu2024rethinking,
   year={2024}
 }"""
 
-# Metric names of all_results.json -> (metric type, readable name) for the card's model-index.
+# Metric names of all_results.json -> (metric type, readable name) for the card's model-index; ``{knn}`` is the
+# kNN setting the run recorded (its ``knn_k`` option).
 CARD_METRICS = {
     "eval_top1": ("accuracy", "Top-1 accuracy"),
     "eval_top5": ("top_5_accuracy", "Top-5 accuracy"),
-    "eval_knn_top1": ("knn_accuracy", "kNN (k=20) top-1 accuracy"),
+    "eval_knn_top1": ("knn_accuracy", "kNN{knn} top-1 accuracy"),
 }
 
 TASK_DESCRIPTIONS = {
@@ -140,10 +145,6 @@ def _hub_dataset_id(dataset_name: str | None) -> str | None:
     """The Hub id of a data set for the card metadata, or None (local folders, scikit-learn digits...)."""
     if not dataset_name:
         return None
-    try:
-        from .data import NAMED_DATASETS
-    except ImportError:  # pragma: no cover - the data module is part of the package
-        NAMED_DATASETS = {}
     spec = NAMED_DATASETS.get(dataset_name.strip().lower().replace("-", "_"))
     if spec is not None:
         return spec.hub_id
@@ -211,8 +212,12 @@ def usage_section(task: str, config: Any, repo: str) -> str:
     return "\n\n".join(parts)
 
 
-def _eval_results(results: Mapping[str, Any], dataset_label: str, dataset_id: str | None) -> list[EvalResult]:
-    """The card's ``model-index`` entries: one per metric of :data:`CARD_METRICS` present in ``results``."""
+def _eval_results(
+    results: Mapping[str, Any], dataset_label: str, dataset_id: str | None, knn_k: int | None
+) -> list[EvalResult]:
+    """The card's ``model-index`` entries: one per metric of :data:`CARD_METRICS` present in ``results``; the kNN
+    accuracy names ``knn_k``, the number of neighbours it was measured with, when known."""
+    knn = f" (k={knn_k})" if knn_k is not None else ""
     return [
         EvalResult(
             task_type="image-classification",
@@ -221,7 +226,7 @@ def _eval_results(results: Mapping[str, Any], dataset_label: str, dataset_id: st
             dataset_name=dataset_label,
             dataset_split="validation",
             metric_type=metric_type,
-            metric_name=readable,
+            metric_name=readable.format(knn=knn),
             metric_value=float(results[metric]),
         )
         for metric, (metric_type, readable) in CARD_METRICS.items()
@@ -230,12 +235,18 @@ def _eval_results(results: Mapping[str, Any], dataset_label: str, dataset_id: st
 
 
 def _card_data(
-    task: str, config: Any, results: Mapping[str, Any], dataset_name: str | None, base_model: str | None, name: str
+    task: str,
+    config: Any,
+    results: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
+    dataset_name: str | None,
+    base_model: str | None,
+    name: str,
 ) -> ModelCardData:
     """The card's YAML metadata (library, license, tags, data set, results, pipeline tag, base model)."""
     dataset_label = dataset_name or "custom"
     dataset_id = _hub_dataset_id(dataset_name)
-    eval_results = _eval_results(results, dataset_label, dataset_id)
+    eval_results = _eval_results(results, dataset_label, dataset_id, hyperparameters.get("knn_k"))
     tags = ["simlap", "contrastive-learning", "image-classification", config.backbone, "timm"]
     if task == "fuse":
         tags.append("simlap-fuse")
@@ -297,26 +308,21 @@ LOSS_OPTION_FIELDS = (
     "positive_normalization",
     "projector_norm",
 )
-GATE_OPTION_FIELDS = {
-    "gumbel": ("gumbel_temperature", "gumbel_straight_through"),
-    "stochastic": ("stochastic_gate_sigma", "stochastic_gate_lambda"),
-}
 
 
 def _loss_options_section(config: Any) -> str:
     """The pretraining model's loss, gate and projector options (``SimLAPConfig`` fields) as a table."""
-    fields = LOSS_OPTION_FIELDS + GATE_OPTION_FIELDS.get(config.gate, ())
+    gate = GATE_KINDS.get(config.gate)
+    fields = LOSS_OPTION_FIELDS + (gate.option_fields if gate is not None else ())
     rows = {field: getattr(config, field) for field in fields if hasattr(config, field)}
     return "## SimLAP options\n\n" + _table("| config field | value |", rows)
 
 
 def _class_relations_section(output_dir: Path) -> str | None:
     """The summary of ``class_relations.json`` (and its heatmap) when the folder has one."""
-    relations_file = output_dir / "class_relations.json"
+    relations_file = output_dir / RELATIONS_FILE
     if not relations_file.is_file():
         return None
-    from .relations import HEATMAP_FILE, ClassRelations
-
     heatmap = HEATMAP_FILE if (output_dir / HEATMAP_FILE).is_file() else None
     return "## Class relations\n\n" + ClassRelations.load(relations_file).summary_markdown(heatmap=heatmap)
 
@@ -345,7 +351,8 @@ def build_model_card(
         task: ``"pretrain"``, ``"finetune"`` or ``"fuse"``.
         config: the model's ``SimLAPConfig``.
         results: metrics (``eval_top1``, ``eval_top5``, ``eval_knn_top1`` as percentages, and any others).
-        hyperparameters: flat mapping of the run's options (the hub token must not be in it).
+        hyperparameters: flat mapping of the run's options (the hub token must not be in it); its ``knn_k`` names
+            the kNN setting of ``eval_knn_top1``.
         dataset_name: the ``--dataset_name`` of the run.
         repo_id: Hub repository id used in the snippet (default: the local folder).
         base_model: the model fine-tuned from (a Hub id or a local folder).
@@ -356,7 +363,7 @@ def build_model_card(
     output_dir = Path(output_dir)
     repo = repo_id or str(output_dir)
     name = Path(repo).name
-    card_data = _card_data(task, config, results, dataset_name, base_model, name)
+    card_data = _card_data(task, config, results, hyperparameters, dataset_name, base_model, name)
     processor = _read_preprocessing(output_dir)
     sections = [
         f"# {name}",

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 
-from .configuration_simlap import SimLAPConfig, SimLAPFuseConfig
+from .configuration_simlap import GATE_KINDS, GateKind, SimLAPConfig, SimLAPFuseConfig, gate_has_filter
 from .distributed import distributed_mean, gather_labels, gather_with_grad, is_distributed
 from .losses import (
     arcgrad_logits,
@@ -93,15 +93,19 @@ def reject_unknown_arguments(forward: Callable, kwargs: dict) -> None:
         )
 
 
-# The gates g(y1, y2) of the feature filter, by config.gate ('open' has no filter: g = 1). A new kind registers a
-# function (filter, labels (B,), pair_labels (B,)) -> (B, K) gates, or -> ((B, K) gates, scalar regulariser), here
-# and adds its name to configuration_simlap.GATE_KINDS. A gate with noise draws it only in training mode
-# (``filter.training``): in evaluation mode every gate is deterministic.
+# The gates g(y1, y2) of the feature filter, by config.gate ('open' has no filter: g = 1). A kind is a function
+# (filter, labels (B,), pair_labels (B,)) -> (B, K) gates, or -> ((B, K) gates, scalar regulariser), registered with
+# ``register_gate``, which also enters a new kind into the gate registry ``configuration_simlap.GATE_KINDS``. A gate
+# with noise draws it only in training mode (``filter.training``): in evaluation mode every gate is deterministic.
 GATE_FUNCTIONS: dict[str, Callable[[SimLAPFeatureFilter, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]] = {}
 
 
-def register_gate(name: str) -> Callable:
-    """Decorator: register a gate function under ``name``."""
+def register_gate(name: str, kind: GateKind | None = None) -> Callable:
+    """Decorator: register a gate function under ``name``; ``kind`` describes a kind new to
+    :data:`~simlap_hf.configuration_simlap.GATE_KINDS` (default: a plain filter gate without options)."""
+    if kind is not None and name in GATE_KINDS and GATE_KINDS[name] != kind:
+        raise ValueError(f"Gate kind {name!r} is already registered as {GATE_KINDS[name]}.")
+    GATE_KINDS.setdefault(name, kind or GateKind())
 
     def register(function: Callable) -> Callable:
         GATE_FUNCTIONS[name] = function
@@ -455,9 +459,7 @@ class SimLAPModel(SimLAPPreTrainedModel):
         self.projector = SimLAPProjector(feature_dim, config.mlp_dim, config.out_dim, config.projector_norm)
         # The open gate has no filter at all: unused parameters would break data-parallel training.
         self.feature_filter = (
-            None
-            if config.gate == "open"
-            else SimLAPFeatureFilter(
+            SimLAPFeatureFilter(
                 config.num_classes,
                 config.filter_embed_dim,
                 config.filter_hidden_dim,
@@ -467,6 +469,8 @@ class SimLAPModel(SimLAPPreTrainedModel):
                 gumbel_straight_through=config.gumbel_straight_through,
                 stochastic_gate_sigma=config.stochastic_gate_sigma,
             )
+            if gate_has_filter(config.gate)
+            else None
         )
         self.online_head = nn.Linear(feature_dim, config.num_classes)
         # The authors' later form: a learnable logit scale s = exp(scale_logit) and a learnable alpha, each only when
@@ -482,7 +486,7 @@ class SimLAPModel(SimLAPPreTrainedModel):
             logged.append("alpha")
         else:
             self.register_parameter("alpha", None)
-        if config.gate == "stochastic":
+        if GATE_KINDS[config.gate].regularizer_weight is not None:
             logged.append("gate_regularizer_loss")
         self.logged_outputs = tuple(logged)
         self.post_init()
@@ -572,7 +576,9 @@ class SimLAPModel(SimLAPPreTrainedModel):
         penalty = config.gate_penalty * entropy
         output.loss = contrastive + head_loss + penalty
         if regularizer is not None:
-            output.gate_regularizer_loss = config.stochastic_gate_lambda * regularizer
+            weight_field = GATE_KINDS[config.gate].regularizer_weight
+            weight = getattr(config, weight_field) if weight_field is not None else 1.0
+            output.gate_regularizer_loss = weight * regularizer
             output.loss = output.loss + output.gate_regularizer_loss
         if logit_scale is not None:
             output.logit_scale = logit_scale.detach()

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .configuration_simlap import gate_has_filter
+from .utils import bernoulli_entropy, eval_mode, model_device, unwrap_model
+
 RELATIONS_FILE = "class_relations.json"
 HEATMAP_FILE = "class_relations.png"
+#: Gate values at or above this count as an "open" dimension.
 DEFAULT_THRESHOLD = 0.5
+#: The gate kind of SimLAP-Fuse classifiers: binary gates from the signs of the class weights (no feature filter, so
+#: not a ``SimLAPConfig.gate`` value).
+SIGN_GATE = "sign"
+_DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
+# Clamp of the gate values before their entropy is taken: float64 keeps 1 - 1e-7 apart from 1.
+_ENTROPY_EPS = 1e-7
 
 # name: (matrix it is computed from, sign: +1 when a larger value means more related, description)
 MEASURES: dict[str, tuple[str, float, str]] = {
@@ -51,14 +62,90 @@ MEASURES: dict[str, tuple[str, float, str]] = {
 DEFAULT_MEASURE = "gate_entropy"
 
 
+def gate_kind(model: nn.Module) -> str | None:
+    """The gate kind of a model: its ``config.gate`` (a kind of the gate registry
+    :data:`~simlap_hf.configuration_simlap.GATE_KINDS`) for a SimLAP pretraining model, :data:`SIGN_GATE` for
+    SimLAP-Fuse (gates from the signs of the class weights), ``None`` for a model without class-pair gates."""
+    model = unwrap_model(model)
+    if callable(getattr(model, "gate", None)) and hasattr(getattr(model, "config", None), "gate"):
+        return str(model.config.gate)
+    if callable(getattr(model, "class_gate", None)):
+        return SIGN_GATE
+    return None
+
+
+def has_class_gates(kind: str | None) -> bool:
+    """Whether a model of gate kind ``kind`` (:func:`gate_kind`) has gates that differ between class pairs: a
+    registered kind with a feature filter, or SimLAP-Fuse's sign gates."""
+    return kind == SIGN_GATE or gate_has_filter(kind)
+
+
+def gate_function(model: nn.Module) -> tuple[nn.Module, str, Callable[[Tensor, Tensor], Tensor], int]:
+    """``(unwrapped model, gate kind, gate function, C)``: the function maps (P,) first and (P,) second classes to
+    the (P, K) gates g(first, second). A ValueError for a model without class-pair gates."""
+    model = unwrap_model(model)
+    kind = gate_kind(model)
+    if kind is None:
+        raise ValueError(
+            f"{type(model).__name__} has no class-pair gates: gate analysis needs a SimLAPModel (model.gate) or a "
+            f"SimLAPFuseForImageClassification (model.class_gate)."
+        )
+    function = model.class_gate if kind == SIGN_GATE else model.gate
+    return model, kind, function, int(model.config.num_labels)
+
+
+@torch.no_grad()
+def iter_gate_rows(
+    model: nn.Module, batch_size: int = 65536, show_progress: bool = False
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(first_row, gates)`` blocks of the C x C x K gate tensor: gates (R, C, K) float32 on the CPU hold
+    g(y1, y2) for y1 in [first_row, first_row + R) and every y2. Eval mode, no gradient, at most about
+    ``batch_size`` pairs per forward pass; the train/eval flags of the model are restored afterwards."""
+    from tqdm.auto import tqdm
+
+    inner, _, function, num_classes = gate_function(model)
+    device = model_device(inner)
+    rows = max(1, int(batch_size) // max(num_classes, 1))
+    with eval_mode(inner):
+        partners = torch.arange(num_classes, device=device)
+        starts = range(0, num_classes, rows)
+        for start in tqdm(starts, desc="Class-pair gates", disable=not show_progress or len(starts) < 2):
+            stop = min(start + rows, num_classes)
+            first = torch.arange(start, stop, device=device).repeat_interleave(num_classes)  # (R*C,)
+            second = partners.repeat(stop - start)  # (R*C,)
+            gates = function(first, second).float().cpu()  # (R*C, K)
+            yield start, gates.reshape(stop - start, num_classes, -1)
+
+
+def pair_statistics(gates: Tensor, threshold: float) -> dict[str, Tensor]:
+    """Per-pair statistics of a (R, C, K) block of gates, each (R, C) float64: ``mean_activation`` (mean over K),
+    ``open_fraction`` (share of the K dimensions with g >= threshold), ``entropy`` (mean Bernoulli entropy, nats)."""
+    return {
+        "mean_activation": gates.double().mean(dim=2),
+        "open_fraction": (gates >= threshold).double().mean(dim=2),
+        "entropy": bernoulli_entropy(gates.double(), _ENTROPY_EPS).mean(dim=2),
+    }
+
+
+def class_names(model: nn.Module, num_classes: int, label_names: Sequence[str] | None) -> list[str]:
+    """Class names for the gate indices: the model's own ``id2label`` when it holds real names (the gates are indexed
+    by the model's classes), else ``label_names`` when they fit, else ``class i``."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(num_classes)]
+    if all(name and not _DEFAULT_LABEL.match(name) for name in names):
+        return names
+    if label_names is not None and len(label_names) == num_classes:
+        return [str(name) for name in label_names]
+    return [f"class {i}" for i in range(num_classes)]
+
+
 def gate_matrices(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Tensor]:
     """The C x C matrices of every gate statistic: ``mean_activation``, ``open_fraction`` (share of dimensions with
     g >= threshold), ``entropy`` (mean Bernoulli entropy, nats); and ``open`` (C, C, K) bool masks. Eval mode, no
     gradient (the model's train/eval flags are restored)."""
-    from .analysis.gates import gate_kind, iter_gate_rows, pair_statistics
-
-    if gate_kind(model) == "open":
-        raise ValueError("The model has the open gate (no feature filter): there are no class relations to read.")
+    kind = gate_kind(model)
+    if not has_class_gates(kind):
+        raise ValueError(f"The model has the {kind} gate (no feature filter): there are no class relations to read.")
     blocks: dict[str, list[Tensor]] = {"mean_activation": [], "open_fraction": [], "entropy": [], "open": []}
     for _, gates in iter_gate_rows(model):  # (R, C, K)
         for name, values in pair_statistics(gates, threshold).items():
@@ -144,8 +231,6 @@ class ClassRelations:
         label_names: Sequence[str] | None = None,
     ) -> ClassRelations:
         """Read the relations from a SimLAPModel's gates (or a SimLAP-Fuse classifier's sign gates)."""
-        from .analysis.gates import class_names, gate_function
-
         inner, _, _, num_classes = gate_function(model)
         names = class_names(inner, num_classes, label_names)
         matrices = gate_matrices(model, threshold)
@@ -284,14 +369,11 @@ class ClassRelations:
 def save_class_relations(model: nn.Module, output_dir: str | os.PathLike, measure: str = DEFAULT_MEASURE) -> bool:
     """Write ``class_relations.json`` and its heatmap beside a saved model; False (nothing written) for a model
     without a feature filter (open gate) or without gates."""
-    from .analysis.gates import gate_kind
-    from .configuration_simlap import FILTER_GATE_KINDS
-
     try:
         kind = gate_kind(model)
     except (TypeError, ValueError, AttributeError):
         return False
-    if kind not in FILTER_GATE_KINDS:  # no filter (open), none at all, or Fuse's binary sign gates
+    if not gate_has_filter(kind):  # no filter (open), none at all, or Fuse's binary sign gates
         return False
     relations = ClassRelations.from_model(model, measure)
     relations.save(Path(output_dir) / RELATIONS_FILE)

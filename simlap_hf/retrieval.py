@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .configuration_simlap import GATE_KINDS
+from .data import DataArguments, load_image_dataset
+from .embed import encode_batch, load_processor
 from .errors import UsageError
 from .losses import gated_cosine
+from .relations import DEFAULT_THRESHOLD
+from .saved_model import load_saved_model
 
 INDEX_FILE = "index.json"
 COLUMNS = ("features", "embeddings")
@@ -207,10 +213,6 @@ class EmbeddingIndex:
                 f"The index does not record its data, so row {index_id} ({row['source']}) cannot be shown."
             )
         if self._data is None:
-            from dataclasses import fields
-
-            from .data import DataArguments, load_image_dataset
-
             known = {f.name for f in fields(DataArguments)}
             values = {key: value for key, value in source["data_args"].items() if key in known}
             self._data = load_image_dataset(DataArguments(**values), seed=source["seed"])
@@ -325,8 +327,6 @@ class Retriever:
         backend: str = "torch",
         allow_other_model: bool = False,
     ) -> None:
-        from .embed import load_model, load_processor
-
         self.index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex(index, device=device)
         recorded = self.index.info.get("model_name_or_path")
         if model_name_or_path is not None and recorded and not allow_other_model:
@@ -340,7 +340,7 @@ class Retriever:
                 )
         model_path = model_name_or_path or recorded
         self.model_dir = str(model_path)
-        self.model = load_model(model_path, device)
+        self.model = load_saved_model(model_path, device=device)
         self.processor = load_processor(model_path)
         if self.processor is None:
             raise ValueError(
@@ -369,8 +369,6 @@ class Retriever:
     def encode(self, image: Any) -> dict[str, Tensor]:
         """One image (PIL or array) -> ``features`` (D,), and ``embeddings`` (K,) and ``probabilities`` (C,) for a
         pretrained model."""
-        from .embed import encode_batch
-
         pixel_values = self.processor(image)["pixel_values"].to(self.device)
         encoded = encode_batch(self.model, pixel_values)
         out = {"features": encoded["features"][0].cpu()}
@@ -406,10 +404,10 @@ class Retriever:
         "target_class", "open_dimensions", "hits": [...]}``; scores are the gated cosine of the training loss."""
         if getattr(self.model, "feature_filter", None) is None:
             raise ValueError(
-                "Pair-conditioned search needs a pretrained SimLAP model with a feature filter (gate 'fused' or "
-                f"'product'); {str(self.index.info.get('model_name_or_path'))!r} is a "
-                f"{type(self.model).__name__}"
-                + (" with the open gate" if hasattr(self.model, "projector") else "")
+                "Pair-conditioned search needs a pretrained SimLAP model with a feature filter (gate "
+                + ", ".join(repr(name) for name, kind in GATE_KINDS.items() if kind.has_filter)
+                + f"); {str(self.index.info.get('model_name_or_path'))!r} is a {type(self.model).__name__}"
+                + (f" with the {self.model.config.gate} gate" if hasattr(self.model, "projector") else "")
                 + ". Use plain search (no --target_class)."
             )
         if not self.index.has_embeddings:
@@ -427,7 +425,7 @@ class Retriever:
         return {
             "query_class": query_class,
             "target_class": target_class,
-            "open_dimensions": int((gate > 0.5).sum()),
+            "open_dimensions": int((gate >= DEFAULT_THRESHOLD).sum()),
             "hits": self._hits(scores[0], ids[0]),
         }
 

@@ -62,7 +62,7 @@ def worker_knn(output_dir: Path) -> dict:
     top = sims.topk(k + 1, dim=1).values
     report["kth_margin"] = (top[:, k - 1] - top[:, k]).min().item()
 
-    single = knn_classify(train, train_labels, queries, classes, k=k, temperature=temperature)[my_queries]
+    single = knn_classify(train, train_labels, queries, classes, knn_k=k, knn_temperature=temperature)[my_queries]
     errors = []
     for batch_size, block in ((None, 1 << 24), (7, 1 << 24), (None, 2 * 161 * 3)):  # 1 chunk, 7 queries, 3 queries
         sharded = knn_classify(
@@ -70,8 +70,8 @@ def worker_knn(output_dir: Path) -> dict:
             train_labels[mine],
             queries[my_queries],
             classes,
-            k=k,
-            temperature=temperature,
+            knn_k=k,
+            knn_temperature=temperature,
             batch_size=batch_size,
             sharded=True,
             max_block_elements=block,
@@ -85,13 +85,13 @@ def worker_knn(output_dir: Path) -> dict:
         queries[my_queries],
         query_labels[my_queries],
         classes,
-        k=k,
-        temperature=temperature,
+        knn_k=k,
+        knn_temperature=temperature,
         batch_size=5,
         sharded=True,
     )
     report["accuracy_single"] = knn_accuracy(
-        train, train_labels, queries, query_labels, classes, k=k, temperature=temperature
+        train, train_labels, queries, query_labels, classes, knn_k=k, knn_temperature=temperature
     )
 
     # Exact cosines (+-1 vectors in 16 dimensions: multiples of 1/16) with duplicates across the two shards:
@@ -102,14 +102,14 @@ def worker_knn(output_dir: Path) -> dict:
     tie_queries = torch.cat([base[:3], torch.randint(0, 2, (5, 16), generator=gen).float() * 2 - 1])
     tie_mine = slice(0, 11) if rank == 0 else slice(11, 24)
     tie_my_queries = slice(0, 3) if rank == 0 else slice(3, 8)
-    expected = knn_classify(tie_train, tie_labels, tie_queries, 4, k=5, temperature=0.5)[tie_my_queries]
+    expected = knn_classify(tie_train, tie_labels, tie_queries, 4, knn_k=5, knn_temperature=0.5)[tie_my_queries]
     got = knn_classify(
         tie_train[tie_mine],
         tie_labels[tie_mine],
         tie_queries[tie_my_queries],
         4,
-        k=5,
-        temperature=0.5,
+        knn_k=5,
+        knn_temperature=0.5,
         batch_size=2,
         sharded=True,
     )
@@ -122,11 +122,11 @@ def worker_knn(output_dir: Path) -> dict:
         train_labels[:2] if rank == 0 else train_labels[2:9],
         queries[my_queries],
         classes,
-        k=5,
-        temperature=temperature,
+        knn_k=5,
+        knn_temperature=temperature,
         sharded=True,
     )
-    small_expected = knn_classify(train[:9], train_labels[:9], queries, classes, k=5, temperature=temperature)
+    small_expected = knn_classify(train[:9], train_labels[:9], queries, classes, knn_k=5, knn_temperature=temperature)
     report["small_shard_max_rel_error"] = (
         ((small - small_expected[my_queries]).abs() / small_expected[my_queries].abs().clamp_min(1e-30)).max().item()
     )

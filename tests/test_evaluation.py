@@ -28,6 +28,8 @@ from simlap_hf.evaluation import (
     metric_path,
     normalized_embedding_std,
     singular_values,
+    top_k_accuracy,
+    top_k_hits,
 )
 
 # --------------------------------------------------------------------------------------------------------------
@@ -182,26 +184,26 @@ def test_knn_classify_matches_definition_and_batching():
     assert kth_margin(train, queries, k) > 1e-4  # far above the rounding of a cosine: same neighbours everywhere
 
     expected = direct_knn_scores(train, train_labels, queries, 4, k, temperature).float()
-    scores = knn_classify(train, train_labels, queries, num_classes=4, k=k, temperature=temperature)
+    scores = knn_classify(train, train_labels, queries, num_classes=4, knn_k=k, knn_temperature=temperature)
     assert scores.shape == (7, 4) and scores.dtype == torch.float32
     # Classes without a neighbour score exactly 0 in both, so no absolute tolerance is needed.
     torch.testing.assert_close(scores, expected, rtol=rtol, atol=0.0)
     for batch_size in (1, 2, 7):  # chunks of queries: the matmul blocking changes, the neighbours do not
         chunked = knn_classify(
-            train, train_labels, queries, num_classes=4, k=k, temperature=temperature, batch_size=batch_size
+            train, train_labels, queries, num_classes=4, knn_k=k, knn_temperature=temperature, batch_size=batch_size
         )
         torch.testing.assert_close(chunked, scores, rtol=rtol, atol=0.0)
     # A bound on the similarity block gives the same chunks as the explicit batch size.
     bounded = knn_classify(
-        train, train_labels, queries, num_classes=4, k=k, temperature=temperature, max_block_elements=2 * 50
+        train, train_labels, queries, num_classes=4, knn_k=k, knn_temperature=temperature, max_block_elements=2 * 50
     )
     torch.testing.assert_close(bounded, scores, rtol=rtol, atol=0.0)
 
     # k > N is clamped to N: every train sample votes.
-    all_votes = knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=100, temperature=0.1)
+    all_votes = knn_classify(train[:3], train_labels[:3], queries, num_classes=4, knn_k=100, knn_temperature=0.1)
     torch.testing.assert_close(
         all_votes,
-        knn_classify(train[:3], train_labels[:3], queries, num_classes=4, k=3, temperature=0.1),
+        knn_classify(train[:3], train_labels[:3], queries, num_classes=4, knn_k=3, knn_temperature=0.1),
         rtol=rtol,
         atol=0.0,
     )
@@ -224,7 +226,7 @@ def test_knn_classify_ties_go_to_the_lower_train_index_in_any_chunking():
     assert (top[:, k - 1] == top[:, k]).sum() >= 5  # most queries have a tie across the k-th neighbour
     for batch_size in (None, 1, 3):
         scores = knn_classify(
-            train, train_labels, queries, num_classes=5, k=k, temperature=temperature, batch_size=batch_size
+            train, train_labels, queries, num_classes=5, knn_k=k, knn_temperature=temperature, batch_size=batch_size
         )
         torch.testing.assert_close(scores, expected, rtol=2 * k * U32, atol=0.0)
 
@@ -234,7 +236,7 @@ def test_knn_and_linear_probe_are_perfect_on_separable_blobs():
     test, test_labels = _blobs(num_classes=5, per_class=40, dim=32, seed=8)
 
     assert knn_accuracy(train, train_labels, test, test_labels, num_classes=5) == 100.0
-    assert knn_accuracy(train, train_labels, test, test_labels, num_classes=5, k=1000) == 100.0  # k clamped to N
+    assert knn_accuracy(train, train_labels, test, test_labels, num_classes=5, knn_k=1000) == 100.0  # k clamped to N
 
     result = linear_probe(train, train_labels, test, test_labels, Cs=(0.01, 0.1, 1.0), seed=0)
     assert result["top1"] == 100.0
@@ -314,6 +316,23 @@ def test_top_k_accuracy_metric_offline(offline):
     # k=1 equals the accuracy of argmax predictions, ties included.
     argmax = np.asarray(scores).argmax(axis=1)
     assert load_metric("accuracy").compute(predictions=argmax, references=labels) == {"accuracy": 0.2}
+
+
+def test_the_evaluate_metric_modules_agree_with_top_k_accuracy(offline):
+    """The metric modules are single files for ``evaluate.load`` and carry their own copy of the rank rule."""
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 4, (400, 9), generator=generator).float()  # many ties
+    labels = torch.randint(0, 9, (400,), generator=generator)
+    top_k = load_metric("top_k_accuracy")
+    for k in (1, 2, 5, 9, 20):
+        expected = top_k.compute(predictions=scores.numpy(), references=labels.numpy(), k=k)["top_k_accuracy"]
+        assert top_k_accuracy(scores, labels, k) == pytest.approx(expected, abs=1e-12)
+    argmax = scores.argmax(dim=1).numpy()
+    accuracy = load_metric("accuracy").compute(predictions=argmax, references=labels.numpy())["accuracy"]
+    assert top_k_accuracy(scores, labels, 1) == pytest.approx(accuracy, abs=1e-12)
+    assert classification_metrics(scores, labels)["top5"] == pytest.approx(100.0 * top_k_accuracy(scores, labels, 5))
+    outside = top_k_hits(scores[:3], torch.tensor([0, -1, 9]), 9)  # a class outside [0, C) is never a hit
+    assert outside.tolist() == [True, False, False]
 
 
 def test_classification_metrics_agree_with_torch(offline):
@@ -518,7 +537,7 @@ def _expected_representation(model: _TinyPretrainer, validation: DataLoader, tra
     with torch.no_grad():
         logits = model.online_head(val_features)
     metrics = classification_metrics(logits, val_labels)
-    knn = knn_accuracy(train_features, train_labels, val_features, val_labels, 3, k=3, temperature=0.5)
+    knn = knn_accuracy(train_features, train_labels, val_features, val_labels, 3, knn_k=3, knn_temperature=0.5)
     return {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_knn_top1": knn}
 
 

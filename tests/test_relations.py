@@ -136,3 +136,57 @@ def test_relations_from_class_mean_features():
     assert relations.measure == "class_mean_cosine"
     assert [name for name, _ in relations.related_classes("a", 2)] == ["b", "e"]
     assert relations.most_related_pairs(1)[0][:2] == ("c", "d")
+
+
+@pytest.fixture
+def dummy_gate():
+    """A gate kind registered for one test only: the registry and the gate functions are restored afterwards."""
+    from simlap_hf.configuration_simlap import GATE_KINDS, GateKind
+    from simlap_hf.modeling_simlap import GATE_FUNCTIONS, register_gate
+
+    name = "dummy_difference"
+    kind = GateKind(option_fields=("gumbel_temperature",), regularizer_weight="stochastic_gate_lambda")
+
+    @register_gate(name, kind)
+    def difference_gate(feature_filter, labels, pair_labels):
+        """sigmoid(mlp(E[y1]) - mlp(E[y2])) / tau, (B, K), and the mean gate as its regulariser."""
+        both = feature_filter.mlp(feature_filter.label_embedding(torch.cat([labels, pair_labels])))
+        first, second = both.chunk(2)
+        gates = torch.sigmoid((first - second) / feature_filter.gumbel_temperature)
+        return gates, gates.mean()
+
+    try:
+        yield name
+    finally:
+        GATE_KINDS.pop(name, None)
+        GATE_FUNCTIONS.pop(name, None)
+
+
+def test_a_gate_registered_in_one_place_gets_relations_analysis_and_a_card(dummy_gate, tmp_path):
+    from simlap_hf.analysis import analyze_gates
+    from simlap_hf.configuration_simlap import GATE_KINDS, gate_has_filter
+
+    assert gate_has_filter(dummy_gate)
+    model = tiny_model(dummy_gate)
+    model.config.stochastic_gate_lambda = 0.25
+    # Training: the kind's regulariser is weighted by the field the registry names and logged.
+    model.train()
+    out = model(pixel_values=torch.randn(6, 3, 16, 16), labels=torch.tensor([0, 1, 2, 3, 4, 0]))
+    assert "gate_regularizer_loss" in model.logged_outputs
+    with torch.no_grad():
+        regularizer = model.feature_filter.gates_and_regularizer(torch.tensor([0, 1, 2, 3, 4, 0]), out.pair_labels)[1]
+    assert float(out.gate_regularizer_loss) == pytest.approx(0.25 * float(regularizer), rel=1e-4, abs=1e-6)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert save_class_relations(model, tmp_path)
+    saved = json.loads((tmp_path / "class_relations.json").read_text())
+    assert saved["label_names"] == NAMES and len(saved["relatedness"]) == len(NAMES)
+    report = analyze_gates(model)
+    assert (
+        report["gate"] == dummy_gate and report["has_filter"] and report["relation_measure"]["name"] == DEFAULT_MEASURE
+    )
+    card = build_model_card(tmp_path, "pretrain", model.config, {"eval_top1": 50.0}, {"seed": 0}, "digits")
+    assert "## Class relations" in card.text
+    for field in GATE_KINDS[dummy_gate].option_fields:
+        assert f"| {field} |" in card.text
+    assert f"| gate | {dummy_gate} |" in card.text

@@ -22,6 +22,7 @@ Modules: ``gates`` (class-pair gates), ``representations`` (features, probes, :f
 Shapes: C classes, K gate / embedding dimensions, D backbone features, N samples.
 """
 
+from ..relations import DEFAULT_THRESHOLD, gate_kind
 from .figures import (
     embedding_map,
     plot_embedding_map,
@@ -29,14 +30,7 @@ from .figures import (
     plot_gate_histogram,
     plot_singular_values,
 )
-from .gates import (
-    DEFAULT_NEAR_BINARY_MARGIN,
-    DEFAULT_THRESHOLD,
-    OPEN_GATE_NOTE,
-    analyze_gates,
-    gate_kind,
-    gate_matrix,
-)
+from .gates import DEFAULT_NEAR_BINARY_MARGIN, OPEN_GATE_NOTE, analyze_gates, gate_matrix
 from .report import render_markdown, summary_markdown, to_jsonable
 from .representations import analyze_model, extract_representations, probe_features
 

@@ -7,75 +7,33 @@ Shapes: C classes, K gate (embedding) dimensions, R rows of a streamed block.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..utils import bernoulli_entropy, eval_mode, model_device, unwrap_model
+from ..relations import (
+    DEFAULT_MEASURE,
+    DEFAULT_THRESHOLD,
+    MEASURES,
+    SIGN_GATE,
+    class_names,
+    gate_function,
+    has_class_gates,
+    iter_gate_rows,
+    pair_statistics,
+    ranked_pairs,
+    relatedness_from,
+)
 
-#: Gate values at or above this count as an "open" dimension.
-DEFAULT_THRESHOLD = 0.5
 #: Gate values within this distance of 0 or 1 count as near-binary.
 DEFAULT_NEAR_BINARY_MARGIN = 0.05
 OPEN_GATE_NOTE = (
     "open gate: the model has no feature filter (g = 1 for every class pair), so its gates carry no information "
     "about class relationships"
 )
-_DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
-# Clamp of the gate values before their entropy is taken: float64 keeps 1 - 1e-7 apart from 1.
-_ENTROPY_EPS = 1e-7
-
-
-def gate_kind(model: nn.Module) -> str | None:
-    """``"fused"``, ``"product"`` or ``"open"`` for a SimLAP pretraining model, ``"fuse"`` for SimLAP-Fuse (gates from
-    the signs of the class weights), ``None`` for a model without class-pair gates."""
-    model = unwrap_model(model)
-    if callable(getattr(model, "gate", None)) and hasattr(getattr(model, "config", None), "gate"):
-        return str(model.config.gate)
-    if callable(getattr(model, "class_gate", None)):
-        return "fuse"
-    return None
-
-
-def gate_function(model: nn.Module) -> tuple[nn.Module, str, Callable[[Tensor, Tensor], Tensor], int]:
-    """``(unwrapped model, gate kind, gate function, C)``: the function maps (P,) first and (P,) second classes to
-    the (P, K) gates g(first, second). A ValueError for a model without class-pair gates."""
-    model = unwrap_model(model)
-    kind = gate_kind(model)
-    if kind is None:
-        raise ValueError(
-            f"{type(model).__name__} has no class-pair gates: gate analysis needs a SimLAPModel (model.gate) or a "
-            f"SimLAPFuseForImageClassification (model.class_gate)."
-        )
-    function = model.gate if kind != "fuse" else model.class_gate
-    return model, kind, function, int(model.config.num_labels)
-
-
-@torch.no_grad()
-def iter_gate_rows(
-    model: nn.Module, batch_size: int = 65536, show_progress: bool = False
-) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(first_row, gates)`` blocks of the C x C x K gate tensor: gates (R, C, K) float32 on the CPU hold
-    g(y1, y2) for y1 in [first_row, first_row + R) and every y2. Eval mode, no gradient, at most about
-    ``batch_size`` pairs per forward pass; the train/eval flags of the model are restored afterwards."""
-    from tqdm.auto import tqdm
-
-    inner, _, function, num_classes = gate_function(model)
-    device = model_device(inner)
-    rows = max(1, int(batch_size) // max(num_classes, 1))
-    with eval_mode(inner):
-        partners = torch.arange(num_classes, device=device)
-        starts = range(0, num_classes, rows)
-        for start in tqdm(starts, desc="Class-pair gates", disable=not show_progress or len(starts) < 2):
-            stop = min(start + rows, num_classes)
-            first = torch.arange(start, stop, device=device).repeat_interleave(num_classes)  # (R*C,)
-            second = partners.repeat(stop - start)  # (R*C,)
-            gates = function(first, second).float().cpu()  # (R*C, K)
-            yield start, gates.reshape(stop - start, num_classes, -1)
 
 
 def gate_matrix(model: nn.Module, batch_size: int = 65536, show_progress: bool = False) -> Tensor:
@@ -91,28 +49,6 @@ def gate_matrix(model: nn.Module, batch_size: int = 65536, show_progress: bool =
     """
     blocks = [gates for _, gates in iter_gate_rows(model, batch_size, show_progress)]
     return torch.cat(blocks)
-
-
-def pair_statistics(gates: Tensor, threshold: float) -> dict[str, Tensor]:
-    """Per-pair statistics of a (R, C, K) block of gates, each (R, C) float64: ``mean_activation`` (mean over K),
-    ``open_fraction`` (share of the K dimensions with g >= threshold), ``entropy`` (mean Bernoulli entropy, nats)."""
-    return {
-        "mean_activation": gates.double().mean(dim=2),
-        "open_fraction": (gates >= threshold).double().mean(dim=2),
-        "entropy": bernoulli_entropy(gates.double(), _ENTROPY_EPS).mean(dim=2),
-    }
-
-
-def class_names(model: nn.Module, num_classes: int, label_names: Sequence[str] | None) -> list[str]:
-    """Class names for the gate indices: the model's own ``id2label`` when it holds real names (the gates are indexed
-    by the model's classes), else ``label_names`` when they fit, else ``class i``."""
-    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(num_classes)]
-    if all(name and not _DEFAULT_LABEL.match(name) for name in names):
-        return names
-    if label_names is not None and len(label_names) == num_classes:
-        return [str(name) for name in label_names]
-    return [f"class {i}" for i in range(num_classes)]
 
 
 class _GateTally:
@@ -194,14 +130,12 @@ def _related_pairs(
     tally: _GateTally, jaccard: np.ndarray, kind: str, names: Sequence[str], top_k: int
 ) -> dict[str, Any]:
     """The relation measure and the ``top_k`` most / least related unordered class pairs under it."""
-    from ..relations import DEFAULT_MEASURE, MEASURES, ranked_pairs, relatedness_from
-
     act, opn = tally.matrices["mean_activation"].numpy(), tally.matrices["open_fraction"].numpy()
     ent = tally.matrices["entropy"].numpy()
     symmetric = (act + act.T) / 2
     C = act.shape[0]
     pairs = C * (C - 1) // 2
-    measure = "high_activation" if kind == "fuse" else DEFAULT_MEASURE
+    measure = "high_activation" if kind == SIGN_GATE else DEFAULT_MEASURE
     relatedness = relatedness_from({"mean_activation": act, "open_fraction": opn, "entropy": ent}, measure)
     ranked = ranked_pairs(relatedness)
     k = min(int(top_k), max(1, pairs // 2))  # the two lists do not overlap when there are enough pairs
@@ -268,13 +202,13 @@ def analyze_gates(
         raise ValueError(f"near_binary_margin must lie in [0, 0.5); got {near_binary_margin}")
     report: dict[str, Any] = {
         "gate": kind,
-        "has_filter": kind != "open",
+        "has_filter": has_class_gates(kind),
         "num_classes": num_classes,
         "label_names": names,
         "threshold": threshold,
         "near_binary_margin": near_binary_margin,
     }
-    if kind == "open":
+    if not has_class_gates(kind):
         report.update(dim=int(inner.config.out_dim), note=OPEN_GATE_NOTE)
         return report
     tally = _GateTally(num_classes, threshold, near_binary_margin, bins)

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers import AutoConfig, AutoModel
 
+from ..configuration_simlap import check_timm_model_name, gate_has_filter
+from ..data import create_eval_dataloader, get_label_names, load_image_dataset, with_image_transforms
+from ..modeling_simlap import SimLAPModel
+from ..saved_model import CONFIG_CLASSES, load_saved_model
 from ..utils import find_weights_file
 
 #: Weights files looked for, in this order, in a folder given as timm weights.
@@ -44,8 +49,6 @@ def load_timm_model(spec: str, kwargs: dict[str, Any] | None = None) -> LoadedMo
     (``num_classes=0``). The classifier weights of the file are dropped; nothing is downloaded."""
     import timm
 
-    from ..configuration_simlap import check_timm_model_name
-
     name, _, weights = spec.partition("=")
     name = name.strip()
     check_timm_model_name(name, field="timm_model")
@@ -77,10 +80,6 @@ def load_timm_model(spec: str, kwargs: dict[str, Any] | None = None) -> LoadedMo
 def load_pretrained_model(path: str) -> LoadedModel:
     """Load a local model folder: a SimLAP model (its ``architectures`` entry picks the class), any transformers model
     (``AutoModel``: the base model, whose output has ``pooler_output``), or a timm ``save_for_hf`` folder."""
-    from transformers import AutoConfig, AutoModel
-
-    from .. import SimLAPForImageClassification, SimLAPFuseForImageClassification, SimLAPModel
-
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -94,21 +93,16 @@ def load_pretrained_model(path: str) -> LoadedModel:
         loaded = load_timm_model(f"{raw['architecture']}={folder}", kwargs)
         loaded.name, loaded.source = f"{base} (timm {raw['architecture']})", str(path)
         return loaded
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    classes = {
-        cls.__name__: cls for cls in (SimLAPModel, SimLAPForImageClassification, SimLAPFuseForImageClassification)
-    }
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    cls = classes.get(architecture)
-    if cls is None and config.model_type == "simlap":
-        cls = SimLAPModel
-    elif cls is None and config.model_type == "simlap_fuse":
-        cls = SimLAPFuseForImageClassification
-    model = (cls or AutoModel).from_pretrained(folder, local_files_only=True)
+    if raw.get("model_type") in CONFIG_CLASSES:
+        model = load_saved_model(folder)
+        config = model.config
+    else:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
     kind = type(model).__name__
     if isinstance(model, SimLAPModel):
         gate = model.config.gate
-        name = f"{base} (SupCon: open gate)" if gate == "open" else f"{base} (SimLAP, {gate} gate)"
+        name = f"{base} (SimLAP, {gate} gate)" if gate_has_filter(gate) else f"{base} (SupCon: {gate} gate)"
     else:
         name = f"{base} ({kind})"
     return LoadedModel(
@@ -120,8 +114,6 @@ class EvalData:
     """The train (eval transform) and validation loaders of one data set, built per number of input channels."""
 
     def __init__(self, data_args: Any, batch_size: int, seed: int, description: str) -> None:
-        from ..data import get_label_names, load_image_dataset
-
         self.args = data_args
         self.batch_size = batch_size
         self.description = description
@@ -132,9 +124,7 @@ class EvalData:
     def loaders(self, num_channels: int) -> tuple[Any, Any]:
         """``(train_eval_loader, validation_loader)`` for models with ``num_channels`` input channels."""
         if num_channels not in self._loaders:
-            from datasets import DatasetDict
-
-            from ..data import create_eval_dataloader, with_image_transforms
+            from datasets import DatasetDict  # the optional data sets library, only needed for evaluation data
 
             # Only a split named "train" is augmented: "train_eval" gets the evaluation transform.
             views = with_image_transforms(

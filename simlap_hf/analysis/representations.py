@@ -14,8 +14,10 @@ from torch import Tensor, nn
 
 from ..evaluation import collapse_report, extract_features, knn_accuracy, linear_probe
 from ..evaluation.features import takes_pixel_values
+from ..evaluation.knn import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
+from ..relations import DEFAULT_THRESHOLD, gate_kind
 from ..utils import unwrap_model
-from .gates import DEFAULT_NEAR_BINARY_MARGIN, DEFAULT_THRESHOLD, analyze_gates, gate_kind
+from .gates import DEFAULT_NEAR_BINARY_MARGIN, analyze_gates
 from .report import to_jsonable
 
 
@@ -78,8 +80,8 @@ def probe_features(
     query_features: Tensor,
     query_labels: Tensor,
     num_classes: int,
-    knn_k: int = 20,
-    knn_temperature: float = 0.07,
+    knn_k: int = DEFAULT_KNN_K,
+    knn_temperature: float = DEFAULT_KNN_TEMPERATURE,
     run_linear_probe: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -96,8 +98,8 @@ def probe_features(
             query_features,
             query_labels,
             num_classes,
-            k=knn_k,
-            temperature=knn_temperature,
+            knn_k=knn_k,
+            knn_temperature=knn_temperature,
         ),
         "knn_k": int(knn_k),
         "linear_probe_top1": None,
@@ -122,9 +124,9 @@ def analyze_model(
     validation_loader: Iterable[Any],
     label_names: Sequence[str],
     accelerator: Any | None = None,
-    knn_k: int = 20,
+    knn_k: int = DEFAULT_KNN_K,
     *,
-    knn_temperature: float = 0.07,
+    knn_temperature: float = DEFAULT_KNN_TEMPERATURE,
     run_linear_probe: bool = True,
     gate_threshold: float = DEFAULT_THRESHOLD,
     near_binary_margin: float = DEFAULT_NEAR_BINARY_MARGIN,

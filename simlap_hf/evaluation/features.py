@@ -12,6 +12,9 @@ from torch import Tensor, nn
 from ..utils import eval_mode, model_device, unwrap_model
 from ._arrays import to_tensor
 
+#: Images per forward pass when features are extracted for evaluation, embedding or analysis.
+DEFAULT_EVAL_BATCH_SIZE = 256
+
 
 def takes_pixel_values(model: nn.Module) -> bool:
     """True when the model's ``forward`` has a ``pixel_values`` parameter (transformers vision models)."""

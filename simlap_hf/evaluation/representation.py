@@ -11,7 +11,7 @@ from torch import nn
 
 from ..utils import unwrap_model
 from .features import extract_features
-from .knn import knn_accuracy
+from .knn import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE, knn_accuracy
 from .metrics import classification_metrics
 
 
@@ -21,8 +21,8 @@ def evaluate_representation(
     train_eval_loader: Iterable[Any],
     accelerator: Any | None,
     num_classes: int,
-    knn_k: int = 20,
-    knn_temperature: float = 0.07,
+    knn_k: int = DEFAULT_KNN_K,
+    knn_temperature: float = DEFAULT_KNN_TEMPERATURE,
 ) -> dict[str, float]:
     """``eval_top1`` / ``eval_top5`` of the model's online head and ``eval_knn_top1`` of its backbone features.
 
@@ -61,8 +61,8 @@ def evaluate_representation(
         val_features[rank::world].to(train_features.device),
         val_labels[rank::world],
         num_classes,
-        k=knn_k,
-        temperature=knn_temperature,
+        knn_k=knn_k,
+        knn_temperature=knn_temperature,
         sharded=world > 1,
     )
     return {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_knn_top1": knn}

@@ -19,8 +19,12 @@ from typing import Any
 
 import yaml
 
+from ..configuration_simlap import DEFAULT_GATE, GATE_KINDS
 from ..data import DataArguments
 from ..errors import UsageError, raise_usage_error
+from ..evaluation import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
+from ..evaluation.features import DEFAULT_EVAL_BATCH_SIZE
+from ..losses import DEFAULT_TEMPERATURE
 from .backbones import RESNET_OUTPUT_STRIDE_HELP, RESNET_STEM_HELP
 from .flag_groups import GroupedArgumentParser, field_names, resolve_aliases
 
@@ -52,7 +56,9 @@ class TrainingArguments:
     per_device_train_batch_size: int = field(
         default=256, metadata={"help": "Images per process and step, repeated-augmentation copies included."}
     )
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per process in evaluation."})
+    per_device_eval_batch_size: int = field(
+        default=DEFAULT_EVAL_BATCH_SIZE, metadata={"help": "Images per process in evaluation."}
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (after warmup)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (none on biases and 1-D parameters)."})
     opt: str = field(
@@ -100,8 +106,10 @@ class TrainingArguments:
         default="all", metadata={"help": "Tracker(s) for accelerate: all, tensorboard, wandb, ... (comma-separated)."}
     )
     sync_bn: bool = field(default=False, metadata={"help": "Convert BatchNorm to SyncBatchNorm in multi-process runs."})
-    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN evaluation."})
-    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the cosine-weighted kNN vote."})
+    knn_k: int = field(default=DEFAULT_KNN_K, metadata={"help": "Neighbours of the kNN evaluation."})
+    knn_temperature: float = field(
+        default=DEFAULT_KNN_TEMPERATURE, metadata={"help": "Temperature of the cosine-weighted kNN vote."}
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model and card to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id (user/name)."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / saved login)."})
@@ -180,14 +188,15 @@ class PretrainModelArguments(BackboneArguments):
     """The SimLAP model: timm backbone, projector, feature filter and loss."""
 
     gate: str = field(
-        default="fused",
+        default=DEFAULT_GATE,
         metadata={
-            "help": "Feature filter: fused, product, open (SupCon), gumbel (Gumbel-sigmoid) or stochastic "
-            "(stochastic gates); gumbel and stochastic draw noise in training only."
+            "help": "Feature filter: " + "; ".join(f"{name}: {kind.description}" for name, kind in GATE_KINDS.items())
         },
     )
     pair_mode: str = field(default="arbitrary", metadata={"help": "Partner classes: arbitrary, identical, distinct."})
-    temperature: float = field(default=0.1, metadata={"help": "Temperature of the gated cosine logits."})
+    temperature: float = field(
+        default=DEFAULT_TEMPERATURE, metadata={"help": "Temperature of the gated cosine logits."}
+    )
     out_dim: int = field(default=256, metadata={"help": "Projection size K."})
     mlp_dim: int = field(default=2048, metadata={"help": "Hidden size of the projector."})
     gate_penalty: float = field(default=0.0, metadata={"help": "Weight of the gate entropy penalty."})
@@ -260,7 +269,7 @@ class FuseModelArguments(BackboneArguments):
     arc_scale: float = field(default=10.0, metadata={"help": "Scale s of the ArcGrad logits s * (pi - arccos)."})
     iter_num: int = field(default=1, metadata={"help": "Pair draws averaged in the SimLAP term."})
     pair_mode: str = field(default="arbitrary", metadata={"help": "Partner classes: arbitrary, identical, distinct."})
-    temperature: float = field(default=0.1, metadata={"help": "Temperature of the SimLAP term."})
+    temperature: float = field(default=DEFAULT_TEMPERATURE, metadata={"help": "Temperature of the SimLAP term."})
     simlap_weight: float = field(default=1.0, metadata={"help": "Weight of the SimLAP term."})
 
 

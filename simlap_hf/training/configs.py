@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..configuration_simlap import SimLAPConfig, SimLAPFuseConfig
-from ..errors import UsageError
 from ..modeling_simlap import SimLAPForImageClassification
+from ..saved_model import load_saved_config
 from .backbones import backbone_kwargs_of, check_backbone, check_model_source
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def check_finetune_arguments(model_args: FinetuneModelArguments, data_args: Data
         raise ValueError("Pass --model_name_or_path (a pretrained SimLAP model) or --model_name NAME --from_scratch.")
     else:
         check_model_source(model_args.model_name_or_path)
-        pretrained = load_pretrained_config(model_args.model_name_or_path)
+        pretrained = load_saved_config(model_args.model_name_or_path)
         if pretrained.image_size != data_args.input_size and fixed_input_size(
             pretrained.backbone, pretrained.backbone_kwargs
         ):
@@ -149,25 +149,11 @@ def check_finetune_arguments(model_args: FinetuneModelArguments, data_args: Data
             )
 
 
-def load_pretrained_config(name_or_path: str, flag: str = "--model_name_or_path") -> SimLAPConfig:
-    """The SimLAP config of the model ``name_or_path`` (a folder or a Hub id) given with ``flag``; a folder whose
-    config.json cannot be read, or a Hub id that cannot be reached, is a :class:`~simlap_hf.errors.UsageError`."""
-
-    try:
-        return SimLAPConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:  # unreadable config.json, no such id, offline and not cached
-        reason = " ".join(str(error).split()).rstrip(".") or type(error).__name__
-        raise UsageError(
-            f"{flag} {name_or_path!r}: its SimLAP config could not be read ({reason}). Pass a model folder saved by "
-            "train_pretrain.py (with its config.json), or a Hub id that exists and, offline, is in the cache."
-        ) from error
-
-
 def finetune_num_channels(model_args: FinetuneModelArguments) -> int:
     """Input channels of the fine-tuned model: ``--num_channels`` for a new model, else the pretrained model's."""
     if model_args.from_scratch or not model_args.model_name_or_path:
         return model_args.num_channels
-    return load_pretrained_config(model_args.model_name_or_path).num_channels
+    return load_saved_config(model_args.model_name_or_path).num_channels
 
 
 def build_finetune_model(
@@ -178,7 +164,7 @@ def build_finetune_model(
     labels = label_mappings(label_names)
     if model_args.from_scratch:
         return SimLAPForImageClassification(build_scratch_config(model_args, data_args, label_names))
-    pretrained = load_pretrained_config(model_args.model_name_or_path)
+    pretrained = load_saved_config(model_args.model_name_or_path)
     if model_args.model_name and model_args.model_name != pretrained.backbone:
         raise ValueError(
             f"--model_name {model_args.model_name!r} differs from the backbone of {model_args.model_name_or_path!r} "
