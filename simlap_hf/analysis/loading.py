@@ -126,7 +126,7 @@ class EvalData:
         if num_channels not in self._loaders:
             from datasets import DatasetDict  # the optional data sets library, only needed for evaluation data
 
-            # Only a split named "train" is augmented: "train_eval" gets the evaluation transform.
+            # No augmented split: both views get the evaluation transform.
             views = with_image_transforms(
                 DatasetDict(train_eval=self.dataset["train"], validation=self.dataset["validation"]),
                 self.args,
