@@ -96,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "collate_fn": "loaders",
     "create_eval_dataloader": "loaders",
     "create_train_dataloader": "loaders",
+    "prepare_own_part_loader": "loaders",
     "restore_rng_state": "loaders",
     "StreamingRepeatedAugmentation": "streaming",
     "expand_shard_patterns": "stream_sources",

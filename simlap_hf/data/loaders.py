@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
 from .arguments import DataArguments
@@ -286,4 +288,18 @@ def create_eval_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, n
         collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
+    )
+
+
+def prepare_own_part_loader(accelerator: Accelerator, loader: DataLoader) -> DataLoader:
+    """Device placement for a loader whose dataset already reads only this process's part: accelerate's own
+    preparation of an iterable loader would read everything on the main process and dispatch it, or have every
+    process read the whole stream, so the loader is prepared as a single process's."""
+    return prepare_data_loader(
+        loader,
+        device=accelerator.device,
+        num_processes=1,
+        process_index=0,
+        put_on_device=True,
+        non_blocking=accelerator.dataloader_config.non_blocking,
     )

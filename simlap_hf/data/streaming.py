@@ -16,8 +16,7 @@ import datasets
 import PIL.Image
 import pyarrow
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.data_loader import prepare_data_loader
+from accelerate import PartialState
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
@@ -32,7 +31,7 @@ from .samplers import RepeatedAugmentationBatchSampler, copies_per_image
 from .sources import resolve_stream_sources
 from .stream_sources import StandardStream, collect_split, hub_validation_split, open_stream
 
-__all__ = ["StreamReader", "StreamingRepeatedAugmentation", "prepare_own_part_loader"]
+__all__ = ["StreamReader", "StreamingRepeatedAugmentation"]
 
 logger = logging.getLogger("simlap_hf")
 
@@ -244,17 +243,3 @@ class StreamReader(Reader):
 
     def evaluation_rows(self, split: str, transform: ImageTransformFn) -> datasets.Dataset:
         return image_rows(self.splits[split], transform, self.args.skip_corrupt_images)
-
-
-def prepare_own_part_loader(accelerator: Accelerator, loader: DataLoader) -> DataLoader:
-    """Device placement for a loader whose dataset already reads only this process's part: accelerate's own
-    preparation of an iterable loader would read everything on the main process and dispatch it, or have every
-    process read the whole stream, so the loader is prepared as a single process's."""
-    return prepare_data_loader(
-        loader,
-        device=accelerator.device,
-        num_processes=1,
-        process_index=0,
-        put_on_device=True,
-        non_blocking=accelerator.dataloader_config.non_blocking,
-    )

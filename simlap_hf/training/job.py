@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from ..data import DataArguments, DataBundle, image_file_checks_done, prepare_data
-from ..data.streaming import prepare_own_part_loader
+from ..data import DataArguments, DataBundle, image_file_checks_done, prepare_data, prepare_own_part_loader
 from ..hub import create_hub_repo, push_checkpoint
 from .arguments import TrainingArguments
 from .checkpoints import PreviousRun, writes_checkpoint_files
