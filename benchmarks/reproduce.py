@@ -337,20 +337,36 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
         ("transfer_probe_top1", "digits probe"),
     ]
     figure, (bars, spectra) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [3, 2]})
+    # One colour per variant, also beyond the 10 of the default cycle.
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    colours = {name: palette[index % len(palette)] for index, name in enumerate(names)}
     width = 0.8 / len(names)
+    lowest = 100.0
     positions = np.arange(len(metrics))
     for index, name in enumerate(names):
         means = [summary[name].get(m, {}).get("mean", np.nan) for m, _ in metrics]
         errors = [summary[name].get(m, {}).get("std", 0.0) for m, _ in metrics]
-        bars.bar(positions + index * width, means, width, yerr=errors, capsize=3, label=summary[name]["label"])
+        bars.bar(
+            positions + index * width,
+            means,
+            width,
+            yerr=errors,
+            capsize=3,
+            label=summary[name]["label"],
+            color=colours[name],
+        )
+        lowest = min([lowest, *(mean for mean in means if np.isfinite(mean))])
     bars.set_xticks(positions + width * (len(names) - 1) / 2, [label for _, label in metrics])
     bars.set_ylabel("top-1 accuracy (%)")
-    bars.set_ylim(0, 100)
+    # From 10 points below the lowest bar: differences of a point between variants stay visible.
+    bars.set_ylim(max(0.0, 10 * np.floor(lowest / 10) - 10), 100)
     bars.set_title("Fashion-MNIST test and transfer to digits (mean ± std over seeds)")
     bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     for name in names:
         spectrum = np.asarray(summary[name]["spectrum"])
-        spectra.semilogy(np.arange(1, len(spectrum) + 1), spectrum / spectrum[0], label=summary[name]["label"])
+        spectra.semilogy(
+            np.arange(1, len(spectrum) + 1), spectrum / spectrum[0], label=summary[name]["label"], color=colours[name]
+        )
     spectra.set_xlabel("singular value index")
     spectra.set_ylabel("singular value / largest (log)")
     # LayerNorm centres each embedding, so the last singular value is ~0: show the informative range only.
