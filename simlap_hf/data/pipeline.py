@@ -3,7 +3,7 @@ builds the run's loaders from any reader (:func:`build_data_bundle`); :func:`pre
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,11 +37,14 @@ class DataBundle:
 
 
 def datasets_installed() -> bool:
-    """Whether the optional ``datasets`` library can be imported (without it, only array sources train)."""
+    """Whether the optional ``datasets`` library can be imported (without it, only array sources train).
+
+    Imported, not only looked up: an installation that is present but fails to import counts as missing."""
     try:
-        return importlib.util.find_spec("datasets") is not None
-    except ValueError:  # sys.modules["datasets"] is None: made unimportable on purpose
+        importlib.import_module("datasets")
+    except ImportError:
         return False
+    return True
 
 
 def create_reader(data_args: DataArguments, seed: int) -> Reader:
