@@ -1,8 +1,10 @@
 """Test-wide settings: no test may reach the network; caches go to a temporary folder."""
 
+import gzip
 import os
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +33,17 @@ def write_image_folder(root, images_per_class: int = 12, size: int = 16, seed: i
             pixels = np.clip(np.array(colours[name]) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{index}.png")
     return str(root)
+
+
+def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
+    """An IDX file of ``array`` (two zero bytes, the type code, the number of dimensions, big-endian uint32 sizes,
+    big-endian data), gzip-compressed when ``compress``."""
+    codes = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype(">i4"): 0x0C}
+    big_endian = array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
+    code = codes[np.dtype(big_endian.dtype)]
+    payload = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload += big_endian.tobytes()
+    Path(path).write_bytes(gzip.compress(payload) if compress else payload)
 
 
 @pytest.fixture

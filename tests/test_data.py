@@ -3,7 +3,6 @@
 All fixtures are written into ``tmp_path``; the ``datasets`` cache is redirected there too. Runs offline.
 """
 
-import gzip
 import io
 import logging
 import os
@@ -16,6 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import write_idx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import BatchSampler
@@ -99,20 +99,6 @@ def _image_dataset(
     return datasets.Dataset.from_dict(columns, features=inferred)
 
 
-def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    """Write an IDX file (2 zero bytes, type code, ndim, big-endian uint32 dims, big-endian data)."""
-    codes = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype(">i4"): 0x0C}
-    big_endian = array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
-    code = codes[np.dtype(big_endian.dtype)]
-    payload = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload += big_endian.tobytes()
-    if compress:
-        with gzip.open(path, "wb") as handle:
-            handle.write(payload)
-    else:
-        path.write_bytes(payload)
-
-
 def _write_idx_folder(folder: Path, compress: bool, n_train: int = 30, n_test: int = 10, classes: int = 4) -> dict:
     """Write train/t10k IDX image+label pairs (6x5 uint8 images) into ``folder``; return the arrays."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,8 +108,8 @@ def _write_idx_folder(folder: Path, compress: bool, n_train: int = 30, n_test: i
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, size=(n, 6, 5), dtype=np.uint8)
         labels = (np.arange(n) % classes).astype(np.uint8)
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
         arrays[prefix] = (images, labels)
     return arrays
 

@@ -4,7 +4,6 @@ split is augmented is an argument."""
 
 import io
 import random
-import struct
 import tarfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import write_idx
 
 from simlap_hf.data import (
     ArrayReader,
@@ -39,10 +39,8 @@ def _images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _write_idx(folder: Path, prefix: str, count: int, seed: int) -> None:
     images, labels = _images(count, seed)
-    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
-        struct.pack(">IIII", 0x803, count, SIZE, SIZE) + images.tobytes()
-    )
-    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, count) + labels.tobytes())
+    write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
 
 
 def _write_shard(path: Path, count: int, seed: int) -> None:

@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # a torchrun worker: this checkout's package, not an installed one
     sys.path.insert(0, str(ROOT))
 else:
-    from conftest import tiny_config, two_process_command
+    from conftest import tiny_config, two_process_command, write_idx
 
 from simlap_hf import SimLAPModel  # noqa: E402
+from simlap_hf.data import FASHION_MNIST_LABEL_NAMES  # noqa: E402
 from simlap_hf.losses import sample_pair_labels, simlap_contrastive_terms, simlap_loss  # noqa: E402
 from simlap_hf.modeling_simlap import gumbel_gate, stochastic_gate  # noqa: E402
 
@@ -491,27 +492,6 @@ def test_training_with_every_option_keeps_one_host_sync_per_step(tmp_path, monke
 # The ablation in benchmarks/reproduce.py, without the datasets library
 # ----------------------------------------------------------------------------------------------------------------
 
-FASHION_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
-
-def write_idx(path: Path, array: numpy.ndarray) -> None:
-    """A gzip IDX file of a uint8 array (magic: two zero bytes, type 0x08, the number of dimensions)."""
-    import gzip
-
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(numpy.uint8).tobytes()))
-
 
 def write_fashion_standin(folder: Path, train_per_class: int = 12, test_per_class: int = 4) -> Path:
     """Fashion-MNIST's IDX layout: 28 x 28 grey images whose mean level depends on the class."""
@@ -520,8 +500,8 @@ def write_fashion_standin(folder: Path, train_per_class: int = 12, test_per_clas
     for prefix, per_class in (("train", train_per_class), ("t10k", test_per_class)):
         labels = numpy.repeat(numpy.arange(10), per_class)
         images = numpy.clip(20 * labels[:, None, None] + rng.integers(0, 60, (len(labels), 28, 28)), 0, 255)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(numpy.uint8), compress=True)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(numpy.uint8), compress=True)
     return folder
 
 
@@ -586,7 +566,7 @@ def test_relation_precision_of_a_model_with_the_garment_classes():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import reproduce
 
-    names = dict(enumerate(FASHION_NAMES))
+    names = dict(enumerate(FASHION_MNIST_LABEL_NAMES))
     garments = dict(num_classes=None, id2label=names, label2id={v: k for k, v in names.items()})
     model = SimLAPModel(tiny_config(**garments))
     precisions = reproduce.relation_precisions(model)

@@ -26,24 +26,14 @@ import yaml
 from conftest import free_port
 from PIL import Image
 
+from simlap_hf.data import FASHION_MNIST_LABEL_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 TIMEOUT = 900  # seconds per command; generous for two busy cores
 
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-FASHION_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 # README command (as shlex tokens joined back) -> the test that runs it. Install and test commands are what CI runs
 # itself (`.ci/run` runs `make test`, which creates the venv with the README's install commands), checked by
@@ -457,7 +447,7 @@ def fashion_standin(tmp_path_factory) -> tuple[list[str], str]:
     """Overrides that put reproduce.py on a Fashion-MNIST stand-in (10 x 12 training images, 1 epoch of 96) with a
     digits stand-in (90 images) as the transfer set; and the stand-in's folder."""
     folder = tmp_path_factory.mktemp("fashion")
-    standin = write_standin(folder / "fmnist", FASHION_NAMES, "image", "label", 28, "L", 12, 6)
+    standin = write_standin(folder / "fmnist", FASHION_MNIST_LABEL_NAMES, "image", "label", 28, "L", 12, 6)
     transfer = write_standin(folder / "digits", tuple(str(i) for i in range(10)), "image", "label", 8, "L", 6, 3)
     overrides = [
         "--override",
