@@ -35,7 +35,7 @@ demo: install
 	$(PYTHON) -c "from simlap_hf import SimLAPModel; model = SimLAPModel.from_pretrained('$(OUTPUT_DIR)'); print(type(model).__name__, model.config.backbone, model.config.id2label)"
 
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The unit tests only (marker `unit`, see tests/conftest.py): a check of one change in under a minute.
 test-fast: install

@@ -151,6 +151,7 @@ UNIT_MODULES = frozenset(
         "test_modeling",
         "test_preprocessing",
         "test_relations",
+        "test_reproduce",
         "test_upstream_apis",
     }
 )
@@ -164,3 +165,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.unit)
         elif item.get_closest_marker("e2e") is None:
             item.add_marker(pytest.mark.e2e)
+    # Longest first: in a parallel run (make test: pytest-xdist, --dist loadgroup) the quick unit tests then fill the
+    # gaps at the end, and no worker is left with a long test while the others have finished.
+    items.sort(key=run_order)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup`` the tests of one ``xdist_group`` share a worker, and with it the module fixtures
+    that build their data once (a reproduction, a pretrained model); a pytest-xdist that no longer groups would
+    build them once per worker, silently."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"pytest-xdist does not group {item.nodeid} with --dist loadgroup under this pytest; install the "
+                "versions of setup.cfg's dev extra (pip install -e '.[dev]')"
+            )
+
+
+def run_order(item: pytest.Item) -> int:
+    """0 for slow tests, 1 for the other end-to-end tests, 2 for unit tests (the sort keeps file order within)."""
+    if item.get_closest_marker("slow") is not None:
+        return 0
+    return 2 if item.get_closest_marker("unit") is not None else 1

@@ -505,6 +505,7 @@ def write_fashion_standin(folder: Path, train_per_class: int = 12, test_per_clas
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_reproduce_runs_the_ablation_without_datasets(tmp_path):
     """The shipped budget file with a short override, Fashion-MNIST from IDX files and digits, and the libraries

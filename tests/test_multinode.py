@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import free_port, torchrun_executable
 
@@ -105,6 +106,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_two_machines_without_shared_files_stop_and_resume_exactly(tmp_path):
     straight = tmp_path / "straight"
     run_machines(straight, SMALL_RUN)

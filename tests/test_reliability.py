@@ -243,6 +243,7 @@ def assert_same_losses(expected_dir: Path, actual_dir: Path, until_step: int) ->
 # Killed, stopped, interrupted
 
 
+@pytest.mark.xdist_group("reliability_reference")
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(image_folder, reference, scripts, tmp_path):
     output_dir = tmp_path / "killed"
     run = scripts("killed", flags(image_folder, output_dir))
@@ -264,6 +265,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(image_folder, re
     assert_same_run(reference_dir(reference), output_dir)
 
 
+@pytest.mark.xdist_group("reliability_reference")
 def test_sigkill_while_writing_a_checkpoint_falls_back_to_previous(image_folder, reference, scripts, tmp_path, caplog):
     output_dir = tmp_path / "killed_saving"
     run = scripts("killed_saving", flags(image_folder, output_dir), code=SLOW_SECOND_SAVE)
@@ -290,6 +292,7 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_previous(image_folder,
     assert_same_run(reference_dir(reference), output_dir)
 
 
+@pytest.mark.xdist_group("reliability_reference")
 def test_sigterm_saves_mid_epoch_checkpoint_exits_143_and_resumes(image_folder, reference, scripts, tmp_path):
     output_dir = tmp_path / "preempted"
     run = scripts("preempted", flags(image_folder, output_dir))
@@ -327,6 +330,7 @@ def test_sigint_saves_checkpoint_and_exits_130(image_folder, scripts, tmp_path):
     assert state["global_step"] >= 2 and not (output_dir / "model.safetensors").exists()
 
 
+@pytest.mark.xdist_group("reliability_reference")
 def test_overwrite_then_ctrl_c_then_resume_continues_the_new_run(image_folder, reference, scripts, tmp_path):
     """--overwrite_output_dir over a finished run, Ctrl-C, then the printed resume command: the new run continues
     (not the old one, whose checkpoints would otherwise be the newest) and ends with the uninterrupted run's weights."""
@@ -348,6 +352,7 @@ def test_overwrite_then_ctrl_c_then_resume_continues_the_new_run(image_folder, r
     assert_same_run(reference_dir(reference), output_dir)
 
 
+@pytest.mark.xdist_group("reliability_reference")
 def test_auto_resume_restarts_a_run_killed_before_its_first_checkpoint(image_folder, reference, scripts, tmp_path):
     """A requeued job runs the same command with --resume_from_checkpoint auto: killed before its first complete
     checkpoint, it starts fresh; later it continues; finished, it only re-saves. Every time the same final run."""
@@ -441,6 +446,7 @@ STOP_AT_THIRD_STEP = (
 )
 
 
+@pytest.mark.slow
 def test_two_processes_mid_epoch_resume_equals_uninterrupted_two_process_run(image_folder, tmp_path):
     """Each process replays its own augmentation RNG state: the resumed 2-process run ends with the weights of an
     uninterrupted 2-process run."""

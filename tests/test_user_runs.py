@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -273,6 +274,7 @@ def seed_pretrain(workdir, cifar10, tmp_path_factory) -> tuple[Path, subprocess.
     return workdir / "outputs" / "simlap" / "cifar10_resnet18", result
 
 
+@pytest.mark.xdist_group("cifar10_seed_pretrain")
 def test_seed_pretrain_command(seed_pretrain):
     output_dir, result = seed_pretrain
     config = json.loads((output_dir / "config.json").read_text())
@@ -287,6 +289,7 @@ def test_seed_pretrain_command(seed_pretrain):
     assert any("eval_top1" in record for record in log)
 
 
+@pytest.mark.xdist_group("cifar10_seed_pretrain")
 def test_seed_finetune_command(seed_pretrain, workdir, cifar10, tmp_path):
     (command,) = command_for("test_seed_finetune_command")
     run_command(command, workdir, "--dataset_name", cifar10, "--num_train_epochs", "1", env=accelerate_env(tmp_path))
@@ -341,6 +344,7 @@ def test_fastssl_pretrain_config(workdir, tmp_path):
 # Several processes and machines (the CIFAR-10 recipe; 180 images: 2 batches, one per process)
 
 
+@pytest.mark.slow
 def test_multi_process_commands(workdir, cifar10, tmp_path):
     """2 processes on one machine (without GPUs, accelerate's --multi_gpu starts CPU processes), then 2 machines
     (the README's command on machine 0 and the same with --machine_rank 1), each in its own folder: nothing shared,
@@ -379,6 +383,7 @@ def test_multi_process_commands(workdir, cifar10, tmp_path):
         assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_slurm_command(workdir, cifar10, tmp_path):
     """The SLURM script as written, as a job of 2 machines that share the submit folder (a stand-in srun starts one
     task per machine), then requeued with a longer schedule: it continues from the checkpoint."""
@@ -430,6 +435,7 @@ def test_make_demo(tmp_path):
 # Analysis and the reproduction
 
 
+@pytest.mark.xdist_group("cifar10_seed_pretrain")
 def test_analyze_command(seed_pretrain, workdir, cifar10, cifar100, tmp_path):
     """The SupCon baseline run, then the analysis of both runs (the SimLAP one is the seed pretrain command's)."""
     supcon, analyze = command_for("test_analyze_command")
@@ -462,15 +468,29 @@ def fashion_standin(tmp_path_factory) -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
-def test_relations_embed_search_demo(workdir, fashion_standin, tiny_image_folder):
+@pytest.mark.xdist_group("fashion_reproduction")
+def test_relations_embed_search_demo(workdir, fashion_standin, fashion_reproduction, tiny_image_folder):
     """The relation measurement (reproduce.py on the stand-in, then relations_fmnist.py on 200 real Fashion-MNIST
-    test images), then embedding, search and the web demo on its SimLAP model."""
+    test images), then embedding, search and the web demo on its SimLAP model. The measurement's 4 runs are those
+    of the reproduction's seed commands (same budget, variants and seeds), copied into its folder: reproduce.py
+    reuses them, as it reuses any finished run (the seed commands trained and evaluated them)."""
     import urllib.request
 
     commands = command_for("test_relations_embed_search_demo")
     overrides, standin = fashion_standin
+    tokens = shlex.split(commands[0])
+    variants = tokens[tokens.index("--variants") + 1 : tokens.index("--seeds")]
+    seeds = tokens[tokens.index("--seeds") + 1 : tokens.index("--threads")]
+    relations_runs = workdir / "outputs" / "relations_8ep"
+    for variant in variants:
+        for seed in seeds:
+            shutil.copytree(fashion_reproduction / f"{variant}_seed{seed}", relations_runs / f"{variant}_seed{seed}")
+    copied = weight_files(relations_runs)
     run_command(commands[0], workdir, *overrides)
-    model_dir = workdir / "outputs" / "relations_8ep" / "simlap_fused_arbitrary_seed0"
+    assert weight_files(relations_runs) == copied and len(copied) == len(variants) * len(seeds)
+    report = json.loads((relations_runs / "results.json").read_text())
+    assert [(run["variant"], run["seed"]) for run in report["runs"]] == [(v, int(s)) for s in seeds for v in variants]
+    model_dir = relations_runs / "simlap_fused_arbitrary_seed0"
     assert (model_dir / "class_relations.json").is_file()
     run_command(commands[1], workdir, "--max_test_samples", "200")
     run_command(commands[2], workdir, "--dataset_name", standin)
@@ -517,19 +537,59 @@ def test_relations_embed_search_demo(workdir, fashion_standin, tiny_image_folder
         demo.wait(timeout=30)
 
 
-@pytest.mark.slow
-def test_reproduce_commands(workdir, fashion_standin):
-    """The reproduction's four commands in README order (two seeds, the gathering call, the 3-epoch budget) on a
-    Fashion-MNIST stand-in of 10 x 12 images, 1 epoch of 96 images, and a digits stand-in (90 images) as the
-    transfer set."""
+@pytest.fixture(scope="module")
+def fashion_reproduction(workdir, fashion_standin) -> Path:
+    """The README's reproduction commands of seed 0 and seed 1 (every variant of the paper, trained and evaluated) on
+    the stand-in: outputs/reproduce_8ep. The relation measurement starts from 4 of its runs."""
     overrides, _ = fashion_standin
     for command in command_for("test_reproduce_commands"):
-        run_command(command, workdir, *overrides)
-    report = json.loads((workdir / "outputs" / "reproduce_8ep" / "results.json").read_text())
+        if "--seeds" in shlex.split(command) and "--override" not in command:
+            run_command(command, workdir, *overrides)
+    return workdir / "outputs" / "reproduce_8ep"
+
+
+def weight_files(folder: Path) -> dict[str, int]:
+    """Every run's model.safetensors under ``folder`` and its modification time (ns)."""
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.glob("*/model.safetensors")}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("fashion_reproduction")
+def test_reproduce_commands(fashion_reproduction, workdir, fashion_standin):
+    """The reproduction's four commands in README order (two seeds, the gathering call, the 3-epoch budget) on a
+    Fashion-MNIST stand-in of 10 x 12 images, 1 epoch of 96 images, and a digits stand-in (90 images) as the
+    transfer set. The gathering call reuses every finished run and trains nothing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce
+
+    overrides, _ = fashion_standin
+    seed_runs, gather, short_budget = (
+        fashion_reproduction,
+        *[command for command in command_for("test_reproduce_commands") if "--threads" not in command],
+    )
+    trained = weight_files(seed_runs)
+    run_command(gather, workdir, *overrides)
+    assert weight_files(seed_runs) == trained  # nothing trained again
+    report = json.loads((seed_runs / "results.json").read_text())
     budget = yaml.safe_load((ROOT / "benchmarks" / "configs" / "reproduce_fmnist_cpu_8ep.yaml").read_text())
-    assert sorted({run["seed"] for run in report["runs"]}) == [0, 1]
-    assert len(report["runs"]) == 2 * len({run["variant"] for run in report["runs"]})
+    paper = reproduce.VARIANT_GROUPS["paper"]
+    assert [(run["seed"], run["variant"]) for run in report["runs"]] == [(s, v) for s in (0, 1) for v in paper]
+    for run in report["runs"]:  # the gathering call reads each run's stored evaluation
+        stored = json.loads((seed_runs / f"{run['variant']}_seed{run['seed']}" / "reproduce_metrics.json").read_text())
+        assert run == stored
+        for metric in ("knn_top1", "probe_top1", "transfer_knn_top1", "transfer_probe_top1"):
+            assert 0.0 <= run[metric] <= 100.0, (run["variant"], metric)
+        assert len(run["spectrum"]) == 60  # 256-d projections and 512-d features of 60 test images
+        assert ("online_top1" in run) == (run["variant"] != "cross_entropy")
+    assert report["summary"]["untrained"]["online_top1"]["mean"] < 35.0  # an untrained head: near chance (10 classes)
+    assert not (seed_runs / "untrained_seed0" / "model.safetensors").exists()  # evaluated, never trained
     assert report["budget"]["train"]["per_device_train_batch_size"] == budget["train"]["per_device_train_batch_size"]
+    table = (seed_runs / "results.md").read_text()
+    for name in paper:
+        assert f"| {reproduce.LABELS[name]} |" in table
+    assert (seed_runs / "results.png").stat().st_size > 10_000
+
+    run_command(short_budget, workdir, *overrides)
     short = json.loads((workdir / "outputs" / "reproduce_os32_3ep" / "results.json").read_text())
     assert [run["variant"] for run in short["runs"]] == ["simlap_fused_arbitrary", "supcon_open_arbitrary", "untrained"]
     assert short["budget"]["train"]["num_train_epochs"] == 1 and short["budget"]["train"]["eval_every"] == 1

@@ -118,6 +118,7 @@ def test_metrics_do_not_need_evaluate(monkeypatch):
     assert metrics.classification_metrics(few_classes, labels % 3)["top5"] == 100.0
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_part_on_the_cpu_without_datasets(tmp_path):
     """benchmarks/gpu_check.sh --cpu-smoke: the real training scripts (SimLAP and plain cross-entropy, bf16 and fp16,
     torch.compile), the throughput report and the loss benchmark, all with datasets and evaluate unimportable."""
