@@ -170,19 +170,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=run_order)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session: pytest.Session) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
     """Under ``--dist loadgroup`` the tests of one ``xdist_group`` share a worker, and with it the module fixtures
-    that build their data once (a reproduction, a pretrained model); a pytest-xdist that no longer groups would
-    build them once per worker, silently."""
-    if not getattr(session.config.option, "loadgroup", False):
-        return
-    for item in session.items:
-        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid:
-            raise pytest.UsageError(
-                f"pytest-xdist does not group {item.nodeid} with --dist loadgroup under this pytest; install the "
-                "versions of setup.cfg's dev extra (pip install -e '.[dev]')"
-            )
+    that build their data once (a reproduction, a pretrained model). A pytest-xdist that no longer groups would build
+    them once per worker, silently: such a test fails here instead, before its fixtures start."""
+    grouped = item.get_closest_marker("xdist_group") is not None
+    if grouped and getattr(item.config.option, "loadgroup", False) and "@" not in item.nodeid:
+        pytest.fail(
+            "pytest-xdist did not group this test with --dist loadgroup under this pytest (pytest-dev/pytest-xdist"
+            "#1386); install the versions of setup.cfg's dev extra: pip install -e '.[dev]'",
+            pytrace=False,
+        )
 
 
 def run_order(item: pytest.Item) -> int:
