@@ -510,7 +510,6 @@ def write_fashion_standin(folder: Path, train_per_class: int = 12, test_per_clas
 def test_reproduce_runs_the_ablation_without_datasets(tmp_path):
     """The shipped budget file with a short override, Fashion-MNIST from IDX files and digits, and the libraries
     ``datasets`` and ``evaluate`` unimportable in every process (as on a GPU machine without them)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import reproduce
 
     ablation = reproduce.expand_variants(["ablation"])
@@ -564,7 +563,6 @@ def test_reproduce_runs_the_ablation_without_datasets(tmp_path):
 
 
 def test_relation_precision_of_a_model_with_the_garment_classes():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import reproduce
 
     names = dict(enumerate(FASHION_MNIST_LABEL_NAMES))

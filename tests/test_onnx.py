@@ -2,7 +2,6 @@
 feature extraction, SimLAP-Fuse, the dynamic batch axis, the processor beside the model and the user's mistakes."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from simlap_hf.image_processing_simlap import SimLAPImageProcessor
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_onnx  # noqa: E402
+import bench_onnx  # noqa: E402  (after the skips: it needs onnxruntime)
 
 
 def test_digits_classifier_onnx_top1_equals_pytorch(capsys):

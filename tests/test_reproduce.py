@@ -1,16 +1,13 @@
 """benchmarks/reproduce.py's budget handling. Its runs end to end are the README's commands, in
 tests/test_user_runs.py::test_reproduce_commands."""
 
-import sys
 from pathlib import Path
 
 import pytest
+import reproduce
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import reproduce  # noqa: E402
 
 
 def test_budget_flags_leave_pretraining_model_flags_out_of_fine_tuning():

@@ -23,6 +23,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import reproduce
 import yaml
 from conftest import free_port
 from PIL import Image
@@ -543,9 +544,14 @@ def fashion_reproduction(workdir, fashion_standin) -> Path:
     the stand-in: outputs/reproduce_8ep. The relation measurement starts from 4 of its runs."""
     overrides, _ = fashion_standin
     for command in command_for("test_reproduce_commands"):
-        if "--threads" in shlex.split(command):  # the two seed commands, run side by side in the README
+        if is_seed_command(command):
             run_command(command, workdir, *overrides)
     return workdir / "outputs" / "reproduce_8ep"
+
+
+def is_seed_command(command: str) -> bool:
+    """The reproduction's per-seed commands (run side by side in the README) carry ``--threads``."""
+    return "--threads" in shlex.split(command)
 
 
 def weight_files(folder: Path) -> dict[str, int]:
@@ -559,14 +565,11 @@ def test_reproduce_commands(fashion_reproduction, workdir, fashion_standin):
     """The reproduction's four commands in README order (two seeds, the gathering call, the 3-epoch budget) on a
     Fashion-MNIST stand-in of 10 x 12 images, 1 epoch of 96 images, and a digits stand-in (90 images) as the
     transfer set. The gathering call reuses every finished run and trains nothing."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import reproduce
-
     overrides, _ = fashion_standin
-    seed_runs, gather, short_budget = (
-        fashion_reproduction,
-        *[command for command in command_for("test_reproduce_commands") if "--threads" not in command],
-    )
+    seed_runs = fashion_reproduction
+    gather, short_budget = [
+        command for command in command_for("test_reproduce_commands") if not is_seed_command(command)
+    ]
     trained = weight_files(seed_runs)
     run_command(gather, workdir, *overrides)
     assert weight_files(seed_runs) == trained  # nothing trained again
